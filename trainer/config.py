@@ -281,7 +281,7 @@ class DynamicRewardScaling(Model):
 class DpoStage(_Optimization):
     model_config = ConfigDict(
         json_schema_extra=_rules(
-            ("self.loss != 'beta-dpo' || !has(self.dynamicRewardScaling)",
+            ("!has(self.loss) || self.loss != 'beta-dpo' || !has(self.dynamicRewardScaling)",
              "dynamicRewardScaling applies to loss mm-dpo; beta-dpo scales β per batch instead"),
         )
     )

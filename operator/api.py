@@ -1,0 +1,81 @@
+"""The AlignmentJob custom resource: status models and the CRD's identity.
+
+The spec models live in `mmalign.trainer.config` (the trainer reads them too, and must not import the
+operator); the status is the operator's alone and lives here. `crdgen.py` turns both into the CRD.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from mmalign.trainer.config import API_GROUP, API_VERSION, KIND
+
+PLURAL = "alignmentjobs"
+SINGULAR = "alignmentjob"
+SHORT_NAMES = ["aj"]
+CRD_NAME = f"{PLURAL}.{API_GROUP}"
+API_VERSION_FULL = f"{API_GROUP}/{API_VERSION}"
+
+JobPhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+StagePhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Skipped"]
+ConditionType = Literal["Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class StatusModel(BaseModel):
+    # Status is read back from the API server, which may hold fields of a newer operator: ignore them.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Condition(StatusModel):
+    type: ConditionType = Field(description="Created, Running, Restarting, Suspended, Succeeded or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="One CamelCase word for machines.")
+    message: str = Field(default="", description="What happened, for humans.")
+    last_transition_time: str = Field(
+        default="", description="When status last flipped (RFC 3339); kept while it does not change."
+    )
+
+
+class StageProgress(StatusModel):
+    step: int = Field(default=0, description="Optimizer steps (or scored pairs) done.")
+    total: int = Field(default=0, description="Steps (or pairs) in the stage.")
+    eta_seconds: int | None = Field(default=None, description="Estimated seconds left.")
+    updated: str = Field(default="", description="When the trainer last reported (RFC 3339).")
+
+
+class StageStatus(StatusModel):
+    phase: StagePhase = Field(default="Pending", description="The stage's phase.")
+    attempt: int = Field(default=0, description="Gang attempt (0 = first); each restart adds one.")
+    restarts: int = Field(default=0, description="Gang restarts so far (bounded by runPolicy.backoffLimit).")
+    start_time: str | None = Field(default=None, description="When the stage first started.")
+    completion_time: str | None = Field(default=None, description="When the stage finished.")
+    last_checkpoint: str | None = Field(default=None, description="URI of the last complete checkpoint.")
+    artifact: str | None = Field(default=None, description="URI of the stage's output.")
+    progress: StageProgress | None = Field(default=None, description="Live progress from rank 0.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Latest metrics (loss, acc, ...).")
+    message: str = Field(default="", description="Why the stage is in this phase.")
+
+
+class StagesStatus(StatusModel):
+    reward: StageStatus | None = Field(default=None, description="Reward-model training.")
+    score: StageStatus | None = Field(default=None, description="Critique scoring.")
+    dpo: StageStatus | None = Field(default=None, description="MM-DPO.")
+
+
+class AlignmentJobStatus(StatusModel):
+    phase: JobPhase = Field(default="Pending", description="The job's phase.")
+    stage: str = Field(default="", description="The active (or last) stage.")
+    progress: str = Field(default="", description="Active stage progress, e.g. `120/400 (30%)`.")
+    message: str = Field(default="", description="Why the job is in this phase.")
+    conditions: list[Condition] = Field(default_factory=list, description="Kubernetes-style conditions.")
+    stages: StagesStatus = Field(default_factory=StagesStatus, description="One entry per stage.")
+    observed_generation: int = Field(default=0, description="The spec generation this status reflects.")
+    start_time: str | None = Field(default=None, description="When the job started running.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+
+    def to_k8s(self) -> dict:
+        """The dict written to the status subresource (camelCase, no nulls)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
