@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from mmalign.trainer.config import API_GROUP, API_VERSION, KIND
+from mmalign.trainer.config import API_GROUP, API_VERSION
 
 PLURAL = "alignmentjobs"
 SINGULAR = "alignmentjob"

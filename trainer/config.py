@@ -102,14 +102,8 @@ class DataSource(Model):
 
 
 class StorageSpec(Model):
-    model_config = ConfigDict(
-        json_schema_extra=_rules(
-            ("self.uri.startsWith('s3://') || self.uri.startsWith('file://')", "uri must be s3:// or file://"),
-        )
-    )
-
     uri: str = Field(
-        min_length=1,
+        pattern=r"^(s3|file)://.+",
         description="Prefix for everything the job writes: checkpoints, the reward model, scored data, "
         "the final policy. s3://bucket/prefix/ or file:///path/ (local runs, shared filesystems).",
     )
