@@ -1,0 +1,665 @@
+"""Object storage for everything the trainer reads and writes: `s3://bucket/key`, `file:///abs/path`
+and plain local paths, behind one set of functions.
+
+    from mmalign.trainer import storage
+    storage.configure(endpoint=spec.storage.endpoint, region=spec.storage.region,
+                      path_style=spec.storage.path_style)        # once per process (optional)
+    for line in storage.open_lines("s3://bucket/data/pairs.jsonl"): ...
+    storage.write_json("s3://bucket/run/score/manifest.json", {...})
+    storage.upload_file("/tmp/shard.pt", "s3://bucket/run/ckpt/step-5/shard.pt")  # -> ObjectInfo
+    storage.download_prefix("s3://bucket/run/reward/model/", "/tmp/rm")
+
+S3 client: endpoint from `configure(endpoint=...)` or `AWS_ENDPOINT_URL`; keys from
+`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (or the pod's cloud identity through the SDK's chain);
+region from `configure(region=...)` or `AWS_DEFAULT_REGION`/`AWS_REGION`; path-style addressing by
+default. Credentials are never logged or put into an error message.
+
+Integrity: uploads send SHA-256 checksums (the server rejects a corrupted part) and, afterwards, the
+object's size and the checksum the server stored are compared with the local file (the composite
+"sha-of-part-shas-N" form for multipart uploads). Every upload returns the file's whole-file SHA-256,
+which callers record (the checkpoint marker does) and `download_file(..., sha256=)` verifies.
+
+Transient errors (connection refused/reset, timeouts, 5xx, throttling) are retried with exponential
+backoff for `MMALIGN_STORAGE_RETRY_SECONDS` (default 60) in total; then, and for any permanent error
+(missing bucket, access denied), a `StorageError` is raised. Stages map it to ExitCode.STORAGE_ERROR,
+which the operator treats as retryable.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Multipart: parts of this size, this many in flight per file. S3 allows at most 10,000 parts, so the
+# chunk grows for files over 10,000 x 64 MiB (see _chunk_size_for).
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+DEFAULT_CONCURRENCY = 8
+_MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum size for every part but the last
+
+
+class StorageError(Exception):
+    """Storage failed after retries, or permanently (no such bucket, access denied, bad checksum)."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed URI: `scheme` is "s3" (bucket + key) or "file" (an absolute local `path`)."""
+
+    scheme: str
+    bucket: str = ""
+    key: str = ""
+    path: str = ""
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.scheme == "s3" else Path(self.path).as_uri()
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One stored object. `relative` is its name below the listed prefix; `sha256` is hex, when known."""
+
+    uri: str
+    relative: str
+    size: int
+    sha256: str | None = None
+
+
+@dataclass
+class _Settings:
+    endpoint: str | None = None
+    region: str | None = None
+    path_style: bool = True
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    concurrency: int = DEFAULT_CONCURRENCY
+
+
+_settings = _Settings()
+_client_lock = threading.Lock()
+_client: Any = None
+
+
+def configure(
+    endpoint: str | None = None,
+    region: str | None = None,
+    path_style: bool = True,
+    chunk_bytes: int | None = None,
+    concurrency: int | None = None,
+) -> None:
+    """Set the S3 endpoint/region/addressing (the job's `storage:` block) and transfer sizes.
+
+    `endpoint`/`region` left None fall back to AWS_ENDPOINT_URL / AWS_DEFAULT_REGION.
+    """
+    global _client
+    with _client_lock:
+        _settings.endpoint = endpoint
+        _settings.region = region
+        _settings.path_style = path_style
+        if chunk_bytes is not None:
+            _settings.chunk_bytes = max(int(chunk_bytes), _MIN_PART_BYTES)
+        if concurrency is not None:
+            _settings.concurrency = max(1, int(concurrency))
+        _client = None
+
+
+def configure_from_spec(storage_spec: Any) -> None:
+    """`configure` from a `config.StorageSpec` (duck-typed: endpoint, region, path_style)."""
+    configure(endpoint=storage_spec.endpoint, region=storage_spec.region, path_style=storage_spec.path_style)
+
+
+# ------------------------------------------------------------------------------------------ URIs
+
+
+def parse(uri: str | os.PathLike[str]) -> Location:
+    """`s3://bucket/key`, `file:///abs/path` (or `file://./rel`), or a plain path."""
+    text = os.fspath(uri)
+    if text.startswith("s3://"):
+        parsed = urlparse(text)
+        if not parsed.netloc:
+            raise StorageError(f"{text}: an s3:// URI needs a bucket (s3://bucket/key)")
+        return Location("s3", bucket=parsed.netloc, key=parsed.path.lstrip("/"))
+    if text.startswith("file://"):
+        rest = unquote(text[len("file://"):])
+        # file:///abs -> /abs ; file://./rel and file://rel -> relative to the working directory
+        path = rest if rest.startswith("/") else os.path.join(os.getcwd(), rest)
+        return Location("file", path=_keep_slash(os.path.abspath(path), rest))
+    if "://" in text:
+        raise StorageError(f"{text}: unsupported URI scheme (use s3://, file:// or a local path)")
+    return Location("file", path=_keep_slash(os.path.abspath(text), text))
+
+
+def _keep_slash(path: str, original: str) -> str:
+    # abspath drops a trailing slash; prefixes keep it so that join() behaves the same for both schemes.
+    return path + "/" if original.endswith("/") and not path.endswith("/") else path
+
+
+def join(prefix: str, *parts: str) -> str:
+    """Join URI segments with single slashes: join("s3://b/run/", "ckpt", "x") == "s3://b/run/ckpt/x"."""
+    out = prefix
+    for part in parts:
+        out = out.rstrip("/") + "/" + part.lstrip("/")
+    return out
+
+
+def is_remote(uri: str) -> bool:
+    return os.fspath(uri).startswith("s3://")
+
+
+def local_path(uri: str) -> Path:
+    """The local path of a file:// URI or plain path (StorageError for s3://)."""
+    location = parse(uri)
+    if location.scheme != "file":
+        raise StorageError(f"{uri}: not a local path")
+    return Path(location.path)
+
+
+# ------------------------------------------------------------------------------------------ S3 client
+
+
+def _s3() -> Any:
+    global _client
+    with _client_lock:
+        if _client is None:
+            import boto3
+            from botocore.config import Config
+
+            endpoint = _settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+                "AWS_ENDPOINT_URL"
+            )
+            region = _settings.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get(
+                "AWS_REGION"
+            ) or "us-east-1"
+            config = Config(
+                s3={"addressing_style": "path" if _settings.path_style else "virtual"},
+                retries={"mode": "standard", "max_attempts": 3},
+                connect_timeout=10,
+                read_timeout=120,
+                max_pool_connections=max(16, 2 * _settings.concurrency),
+                request_checksum_calculation="when_supported",
+                response_checksum_validation="when_supported",
+            )
+            # Keys come from the environment / the SDK's provider chain; they never pass through here.
+            _client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint, region_name=region, config=config
+            )
+        return _client
+
+
+_TRANSIENT_CODES = {
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "SlowDown",
+    "Throttling", "ThrottlingException", "RequestLimitExceeded", "503", "500", "502", "504",
+}
+
+
+def _is_transient(error: BaseException) -> bool:
+    """Connection trouble, timeouts, 5xx and throttling: worth retrying. Follows wrapped causes
+    (boto3's transfer manager re-raises as S3UploadFailedError with the real error as context)."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    seen = 0
+    current: BaseException | None = error
+    while current is not None and seen < 8:
+        if isinstance(current, EndpointConnectionError | ConnectionClosedError | ConnectTimeoutError
+                      | ReadTimeoutError | ConnectionError | TimeoutError):
+            return True
+        if isinstance(current, ClientError):
+            code = str(current.response.get("Error", {}).get("Code", ""))
+            status = current.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return code in _TRANSIENT_CODES or status >= 500
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+def _retry_seconds() -> float:
+    return float(os.environ.get("MMALIGN_STORAGE_RETRY_SECONDS", "60"))
+
+
+def _with_retries(what: str, fn: Callable[[], T]) -> T:
+    """Run `fn`, retrying transient S3 errors with jittered exponential backoff; else StorageError."""
+    deadline = time.monotonic() + _retry_seconds()
+    delay = 0.5
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as error:  # noqa: BLE001 - classified below, re-raised as StorageError
+            if not _is_transient(error) or time.monotonic() + delay > deadline:
+                raise StorageError(f"{what}: {_describe(error)}") from error
+            log.warning("storage: %s failed (%s), retry %d in %.1fs", what, _describe(error), attempt, delay)
+            time.sleep(delay * (0.75 + 0.5 * random.random()))
+            delay = min(delay * 2, 10.0)
+
+
+def _describe(error: BaseException) -> str:
+    # botocore messages name the operation and the server's error code; never the keys.
+    return f"{type(error).__name__}: {error}"
+
+
+def _not_found(error: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    if isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
+    return False
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def exists(uri: str) -> bool:
+    location = parse(uri)
+    if location.scheme == "file":
+        return os.path.exists(location.path)
+
+    def head() -> bool:
+        try:
+            _s3().head_object(Bucket=location.bucket, Key=location.key)
+            return True
+        except Exception as error:
+            if _not_found(error):
+                return False
+            raise
+
+    return _with_retries(f"head {uri}", head)
+
+
+def read_bytes(uri: str) -> bytes:
+    """A small object's bytes. FileNotFoundError when it does not exist."""
+    location = parse(uri)
+    if location.scheme == "file":
+        with open(location.path, "rb") as f:
+            return f.read()
+
+    def get() -> bytes:
+        try:
+            body = _s3().get_object(Bucket=location.bucket, Key=location.key)["Body"]
+            return body.read()
+        except Exception as error:
+            if _not_found(error):
+                raise FileNotFoundError(uri) from error
+            raise
+
+    try:
+        return _with_retries(f"read {uri}", get)
+    except StorageError as error:
+        if isinstance(error.__cause__, FileNotFoundError):
+            raise error.__cause__ from None
+        raise
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+@contextlib.contextmanager
+def open_lines(uri: str) -> Iterator[Iterator[str]]:
+    """Stream a text object line by line (newline kept), without reading it whole into memory.
+
+        with storage.open_lines(uri) as lines:
+            for number, line in enumerate(lines, 1): ...
+
+    S3 objects are streamed from one GET; a connection failure mid-stream raises StorageError.
+    """
+    location = parse(uri)
+    if location.scheme == "file":
+        if not os.path.exists(location.path):
+            raise FileNotFoundError(uri)
+        with open(location.path, encoding="utf-8") as f:
+            yield iter(f)
+        return
+
+    def get() -> Any:
+        try:
+            return _s3().get_object(Bucket=location.bucket, Key=location.key)["Body"]
+        except Exception as error:
+            if _not_found(error):
+                raise FileNotFoundError(uri) from error
+            raise
+
+    try:
+        body = _with_retries(f"open {uri}", get)
+    except StorageError as error:
+        if isinstance(error.__cause__, FileNotFoundError):
+            raise error.__cause__ from None
+        raise
+    try:
+        yield _stream_lines(uri, body)
+    finally:
+        body.close()
+
+
+def _stream_lines(uri: str, body: Any) -> Iterator[str]:
+    try:
+        for raw in body.iter_lines(keepends=True):
+            yield raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise StorageError(f"reading {uri}: {_describe(error)}") from error
+
+
+def list_prefix(uri: str) -> list[ObjectInfo]:
+    """Every object below a prefix (recursively), sorted by name; [] when there is none.
+
+    For S3 the prefix is used as given ("run/ckpt" also matches "run/ckpt2/x"); end it with "/" to
+    list a folder. Local prefixes are folders.
+    """
+    location = parse(uri)
+    if location.scheme == "file":
+        root = Path(location.path)
+        if not root.is_dir():
+            return []
+        out = []
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")):
+            relative = path.relative_to(root).as_posix()
+            out.append(ObjectInfo(path.as_uri(), relative, path.stat().st_size))
+        return out
+
+    def list_all() -> list[ObjectInfo]:
+        paginator = _s3().get_paginator("list_objects_v2")
+        found = []
+        for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key):
+            for item in page.get("Contents", []):
+                relative = item["Key"][len(location.key):].lstrip("/")
+                found.append(ObjectInfo(f"s3://{location.bucket}/{item['Key']}", relative, item["Size"]))
+        return sorted(found, key=lambda info: info.relative)
+
+    return _with_retries(f"list {uri}", list_all)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a small object at once (local files atomically: temp file + rename)."""
+    location = parse(uri)
+    if location.scheme == "file":
+        _atomic_local_write(location.path, data)
+        return
+    digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    _with_retries(
+        f"write {uri}",
+        lambda: _s3().put_object(Bucket=location.bucket, Key=location.key, Body=data, ChecksumSHA256=digest),
+    )
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, value: Any) -> None:
+    write_bytes(uri, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def put_if_absent(uri: str, data: bytes) -> bool:
+    """Create the object only if nothing is there yet (S3 `If-None-Match: *`). True if this call wrote it."""
+    location = parse(uri)
+    if location.scheme == "file":
+        os.makedirs(os.path.dirname(location.path), exist_ok=True)
+        tmp = _write_temp_beside(location.path, data)
+        try:
+            os.link(tmp, location.path)  # atomic, and fails if the target exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    from botocore.exceptions import ClientError
+
+    def put() -> bool:
+        try:
+            _s3().put_object(Bucket=location.bucket, Key=location.key, Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    return _with_retries(f"conditional write {uri}", put)
+
+
+def delete(uri: str) -> None:
+    """Delete one object (missing is fine)."""
+    location = parse(uri)
+    if location.scheme == "file":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(location.path)
+        return
+    _with_retries(f"delete {uri}", lambda: _s3().delete_object(Bucket=location.bucket, Key=location.key))
+
+
+def delete_prefix(uri: str) -> int:
+    """Delete every object below a prefix; returns how many."""
+    location = parse(uri)
+    if location.scheme == "file":
+        root = Path(location.path)
+        if not root.exists():
+            return 0
+        count = sum(1 for p in root.rglob("*") if p.is_file())
+        shutil.rmtree(root, ignore_errors=True)
+        return count
+    objects = list_prefix(uri)
+    for start in range(0, len(objects), 1000):
+        batch = [{"Key": parse(info.uri).key} for info in objects[start:start + 1000]]
+        _with_retries(
+            f"delete {uri}",
+            lambda batch=batch: _s3().delete_objects(
+                Bucket=location.bucket, Delete={"Objects": batch, "Quiet": True}
+            ),
+        )
+    return len(objects)
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 * 1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunk_size_for(size: int) -> int:
+    chunk = _settings.chunk_bytes
+    while size > chunk * 10_000:
+        chunk *= 2
+    return chunk
+
+
+def _expected_s3_checksum(path: str, size: int, chunk: int) -> tuple[str, str]:
+    """(whole-file sha256 hex, the ChecksumSHA256 S3 stores: base64, composite "-N" when multipart)."""
+    whole = hashlib.sha256()
+    parts: list[bytes] = []
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            whole.update(block)
+            parts.append(hashlib.sha256(block).digest())
+    if size >= chunk and len(parts) > 1:
+        composite = hashlib.sha256(b"".join(parts)).digest()
+        return whole.hexdigest(), f"{base64.b64encode(composite).decode()}-{len(parts)}"
+    return whole.hexdigest(), base64.b64encode(whole.digest()).decode()
+
+
+def upload_file(path: str | os.PathLike[str], uri: str) -> ObjectInfo:
+    """Upload a local file (parallel multipart for large files) and verify size + checksum.
+
+    Returns its ObjectInfo with the whole-file sha256. A failure after retries raises StorageError.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    location = parse(uri)
+    if location.scheme == "file":
+        sha = file_sha256(path)
+        os.makedirs(os.path.dirname(location.path) or ".", exist_ok=True)
+        tmp = location.path + f".tmp-{os.getpid()}-{threading.get_ident()}"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, location.path)
+        return ObjectInfo(uri, os.path.basename(location.path), size, sha)
+
+    from boto3.s3.transfer import TransferConfig
+
+    chunk = _chunk_size_for(size)
+    sha, expected = _expected_s3_checksum(path, size, chunk)
+    transfer = TransferConfig(
+        multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=_settings.concurrency
+    )
+
+    def upload() -> None:
+        _s3().upload_file(
+            path, location.bucket, location.key, Config=transfer, ExtraArgs={"ChecksumAlgorithm": "SHA256"}
+        )
+
+    _with_retries(f"upload {path} -> {uri}", upload)
+    head = _with_retries(
+        f"verify {uri}",
+        lambda: _s3().head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED"),
+    )
+    if head["ContentLength"] != size:
+        raise StorageError(f"upload {uri}: stored size {head['ContentLength']} != local size {size}")
+    stored = head.get("ChecksumSHA256")
+    if stored is not None and stored != expected:
+        raise StorageError(f"upload {uri}: stored SHA-256 {stored} != local {expected}")
+    return ObjectInfo(uri, os.path.basename(location.key), size, sha)
+
+
+def upload_folder(folder: str | os.PathLike[str], uri: str) -> list[ObjectInfo]:
+    """Upload every file below `folder` to `uri/<relative path>`, files in parallel."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if not files:
+        return []
+    workers = min(len(files), max(1, _settings.concurrency // 2)) if is_remote(uri) else 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(upload_file, p, join(uri, p.relative_to(root).as_posix())) for p in files]
+        infos = [f.result() for f in futures]
+    return [
+        ObjectInfo(info.uri, p.relative_to(root).as_posix(), info.size, info.sha256)
+        for p, info in zip(files, infos, strict=True)
+    ]
+
+
+def download_file(uri: str, path: str | os.PathLike[str], sha256: str | None = None) -> Path:
+    """Download one object to a local path (atomically); verify its sha256 when given."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    location = parse(uri)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        if location.scheme == "file":
+            if not os.path.exists(location.path):
+                raise FileNotFoundError(uri)
+            shutil.copyfile(location.path, tmp)
+        else:
+            from boto3.s3.transfer import TransferConfig
+
+            transfer = TransferConfig(
+                multipart_threshold=_settings.chunk_bytes,
+                multipart_chunksize=_settings.chunk_bytes,
+                max_concurrency=_settings.concurrency,
+            )
+
+            def download() -> None:
+                try:
+                    _s3().download_file(location.bucket, location.key, str(tmp), Config=transfer)
+                except Exception as error:
+                    if _not_found(error):
+                        raise FileNotFoundError(uri) from error
+                    raise
+
+            try:
+                _with_retries(f"download {uri}", download)
+            except StorageError as error:
+                if isinstance(error.__cause__, FileNotFoundError):
+                    raise error.__cause__ from None
+                raise
+        if sha256 is not None:
+            actual = file_sha256(tmp)
+            if actual != sha256:
+                raise StorageError(f"download {uri}: sha256 {actual} != expected {sha256}")
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return target
+
+
+def download_prefix(
+    uri: str, folder: str | os.PathLike[str], checksums: dict[str, str] | None = None
+) -> list[Path]:
+    """Download every object below `uri` into `folder` (same relative layout), files in parallel.
+
+    `checksums` maps relative name -> sha256 to verify. Returns the local paths.
+    """
+    objects = list_prefix(uri if uri.endswith("/") or not is_remote(uri) else uri + "/")
+    root = Path(folder)
+    checksums = checksums or {}
+    workers = min(len(objects), _settings.concurrency) if objects else 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [
+            pool.submit(download_file, info.uri, root / info.relative, checksums.get(info.relative))
+            for info in objects
+        ]
+        return [f.result() for f in futures]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _write_temp_beside(path: str, data: bytes) -> str:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _atomic_local_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _write_temp_beside(path, data)
+    os.replace(tmp, path)
+
+
+def open_bytes(uri: str) -> io.BytesIO:
+    """A small object as a seekable file object (images, JSON, torch.load)."""
+    return io.BytesIO(read_bytes(uri))
