@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from tests.s3_server import S3Server, weed_binary  # noqa: E402
-
 from mmalign.trainer import storage  # noqa: E402
+from tests.s3_server import S3Server, weed_binary  # noqa: E402
 
 
 @pytest.fixture(scope="module")
