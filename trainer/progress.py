@@ -1,0 +1,132 @@
+"""Progress: the channel to the operator, and a bar for people.
+
+Rank 0 prints one line to stdout per report; the operator tails the node-0 pod's log and parses them:
+
+    mmalign-progress {"stage": "dpo", "step": 12, "total": 40, "loss": 0.61, "eta_seconds": 31.5,
+                      "epoch": 0, "event": "step", "metrics": {"reward_accuracy": 0.75, ...}}
+
+`event` is "start", "step" (at most every `interval` seconds, default 10), "checkpoint" (with
+`"checkpoint": "<uri of the committed step>"`), "eval" or "end" (with the final metrics). Keys are
+always present; `loss`/`eta_seconds` may be null. When stderr is a terminal, a one-line bar is
+redrawn there too (no dependency). Other ranks report nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+PREFIX = "mmalign-progress "
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """The report in a log line, or None (the operator's side of the channel; tests use it too)."""
+    index = line.find(PREFIX)
+    if index < 0:
+        return None
+    try:
+        value = json.loads(line[index + len(PREFIX):])
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Progress:
+    def __init__(self, stage: str, total: int, enabled: bool, start_step: int = 0, interval: float = 10.0,
+                 out: TextIO | None = None, bar: TextIO | None = None) -> None:
+        self.stage = stage
+        self.total = total
+        self.enabled = enabled
+        self.interval = interval
+        self.out = out or sys.stdout
+        tty = bar or sys.stderr
+        self.bar = tty if enabled and hasattr(tty, "isatty") and tty.isatty() else None
+        self.start_step = start_step
+        self.started = time.monotonic()
+        self.last_report = 0.0
+        self.step = start_step
+        self.loss: float | None = None
+        self.epoch: int | None = None
+        self.metrics: dict[str, Any] = {}
+        self._report("start")
+
+    def eta_seconds(self) -> float | None:
+        done = self.step - self.start_step  # steps of THIS run (a resumed run's ETA ignores old steps)
+        if done <= 0 or self.total <= 0:
+            return None
+        rate = (time.monotonic() - self.started) / done
+        return round(rate * max(0, self.total - self.step), 1)
+
+    def update(self, step: int, loss: float | None = None, epoch: int | None = None,
+               metrics: dict[str, Any] | None = None) -> None:
+        self.step = step
+        if loss is not None:
+            self.loss = loss
+        if epoch is not None:
+            self.epoch = epoch
+        if metrics:
+            self.metrics.update(metrics)
+        now = time.monotonic()
+        if now - self.last_report >= self.interval:
+            self._report("step")
+        self._draw()
+
+    def checkpoint(self, step: int, uri: str) -> None:
+        self.step = step
+        self._report("checkpoint", checkpoint=uri)
+
+    def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
+        self.step = step
+        self.metrics.update(metrics)
+        self._report("eval")
+
+    def finish(self, metrics: dict[str, Any] | None = None) -> None:
+        if metrics:
+            self.metrics.update(metrics)
+        self._report("end")
+        if self.bar is not None:
+            self.bar.write("\n")
+            self.bar.flush()
+
+    # ------------------------------------------------------------------------------ output
+
+    def _report(self, event: str, **extra: Any) -> None:
+        self.last_report = time.monotonic()
+        if not self.enabled:
+            return
+        record = {
+            "stage": self.stage,
+            "step": self.step,
+            "total": self.total,
+            "loss": _finite(self.loss),
+            "eta_seconds": self.eta_seconds(),
+            "epoch": self.epoch,
+            "event": event,
+            "metrics": {k: _finite(v) if isinstance(v, float) else v for k, v in self.metrics.items()},
+            **extra,
+        }
+        self.out.write(PREFIX + json.dumps(record, sort_keys=True) + "\n")
+        self.out.flush()
+
+    def _draw(self) -> None:
+        if self.bar is None:
+            return
+        width = 30
+        fraction = self.step / self.total if self.total else 1.0
+        filled = int(round(width * min(1.0, fraction)))
+        eta = self.eta_seconds()
+        loss = f" loss {self.loss:.4f}" if self.loss is not None and math.isfinite(self.loss) else ""
+        eta_text = f" eta {int(eta) // 60}m{int(eta) % 60:02d}s" if eta is not None else ""
+        line = f"\r{self.stage} |{'#' * filled}{'-' * (width - filled)}| {self.step}/{self.total}{loss}{eta_text}"
+        self.bar.write(line)
+        self.bar.flush()
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
