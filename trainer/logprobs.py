@@ -1,0 +1,120 @@
+"""Per-sequence response log-probabilities without full-vocabulary float32 logits.
+
+    hidden = logprobs.forward_hidden(model, batch)                    # (R, T, H), vision once per pair
+    out = logprobs.sequence_logprobs(model, hidden, batch)            # out.logps (R,), out.tokens (R,)
+
+The naive way (TRL, the MM-RLHF reference loop) computes `model(...).logits.float()`: R·T·V floats
+(2 rows x 2048 tokens x 152k vocab = 2.5 GB in float32 per pair) and keeps them for backward. Here the
+LM head runs on chunks of `chunk_size` positions; each chunk's logits live only inside a
+`torch.utils.checkpoint` region, so backward recomputes them chunk by chunk: peak extra memory is
+R·chunk_size·V floats. Only positions whose NEXT token is a response (or critique) token are computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from mmalign.trainer.collate import Batch
+
+
+def _backbone(model: Any) -> Any:
+    """The decoder stack without the LM head (HF: `model.model` for every supported class)."""
+    return model.model
+
+
+def encode_vision(model: Any, batch: Batch) -> dict[str, Any] | None:
+    """Run the vision encoder ONCE per pair; repeat its features for every row of the pair."""
+    if not batch.vision:
+        return None
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    backbone = _backbone(model)
+    if batch.kind == "qwen":
+        out = backbone.get_image_features(batch.vision["pixel_values"], batch.vision["image_grid_thw"],
+                                          return_dict=True)
+    else:
+        config = model.config
+        out = backbone.get_image_features(
+            batch.vision["pixel_values"], batch.vision["image_sizes"],
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+            batch_num_images=batch.vision.get("batch_num_images"),
+        )
+    per_image = list(out.pooler_output)  # one (tokens, H) tensor per image, pair order
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(per_image * batch.repeats))}
+
+
+def forward_hidden(model: Any, batch: Batch) -> torch.Tensor:
+    """(R, T, H) last hidden states of every row; the vision tower runs once per pair."""
+    kwargs: dict[str, Any] = batch.text_inputs()
+    features = encode_vision(model, batch)
+    if features is not None:
+        kwargs["mm_encoder_outputs"] = features
+        if batch.kind == "qwen":
+            kwargs["image_grid_thw"] = torch.cat([batch.vision["image_grid_thw"]] * batch.repeats)
+    kwargs["use_cache"] = False
+    return _backbone(model)(**kwargs).last_hidden_state
+
+
+@dataclasses.dataclass
+class SequenceLogprobs:
+    logps: torch.Tensor  # (R,) summed log p(token) over masked tokens, float32
+    tokens: torch.Tensor  # (R,) number of masked tokens
+
+
+def _chunk_logps(head_weight: torch.Tensor, head_bias: torch.Tensor | None, hidden: torch.Tensor,
+                 targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for one chunk: (N, H) hidden, (N,) targets -> (N,) float32."""
+    logits = torch.nn.functional.linear(hidden, head_weight, head_bias).float()  # (N, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """(R, T) log p(input_ids[:, t] | < t) at positions where `mask` is set, 0 elsewhere.
+
+    Position t's token is predicted from hidden[:, t-1]; position 0 is never scored."""
+    head = model.get_output_embeddings()
+    target_mask = mask.clone()
+    target_mask[:, 0] = False
+    rows, cols = target_mask.nonzero(as_tuple=True)  # (N,), (N,) only the scored positions
+    states = hidden[rows, cols - 1]  # (N, H)
+    targets = input_ids[rows, cols]  # (N,)
+    pieces = []
+    for start in range(0, targets.shape[0], chunk_size):
+        piece = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and states.requires_grad:
+            # Recompute the (chunk, V) logits in backward instead of keeping them.
+            pieces.append(checkpoint(_chunk_logps, head.weight, head.bias, states[piece], targets[piece],
+                                     use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(head.weight, head.bias, states[piece], targets[piece]))
+    out = torch.zeros(target_mask.shape, dtype=torch.float32, device=hidden.device)
+    if pieces:
+        out = out.index_put((rows, cols), torch.cat(pieces))
+    return out
+
+
+def sequence_logprobs(model: Any, hidden: torch.Tensor, batch: Batch, mask: torch.Tensor | None = None,
+                      chunk_size: int = 1024) -> SequenceLogprobs:
+    """Summed log-probs of each row's response tokens (or of `mask`'s tokens, e.g. the critique)."""
+    mask = batch.response_mask if mask is None else mask
+    per_token = token_logprobs(model, hidden, batch.input_ids, mask, chunk_size)  # (R, T)
+    return SequenceLogprobs(logps=per_token.sum(dim=1), tokens=mask[:, 1:].sum(dim=1))
+
+
+def naive_sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(R,) the reference computation from full (R, T, V) logits; for tests and debugging only."""
+    logps = torch.log_softmax(logits[:, :-1].double(), dim=-1)  # (R, T-1, V)
+    picked = logps.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (R, T-1)
+    return (picked * mask[:, 1:]).sum(dim=1)
+
+
+def policy_logprobs(model: Any, batch: Batch, chunk_size: int = 1024) -> SequenceLogprobs:
+    """forward_hidden + sequence_logprobs: what the DPO stage calls for policy and reference."""
+    return sequence_logprobs(model, forward_hidden(model, batch), batch, chunk_size=chunk_size)
