@@ -1,0 +1,88 @@
+# syntax=docker/dockerfile:1
+# The one mmalign image: `mmalign operator` (the Helm chart's Deployment) and `mmalign launch` / `train`
+# (every trainer pod) run from it. No machine of this project runs a Docker engine, so it is not built
+# by the tests: tests/unit/test_chart_image.py lints it with hadolint and checks the rules below.
+#
+#   docker build -t ghcr.io/mmalign/mmalign:0.1.0 .
+#
+# Two stages: `build` makes a virtual environment with the pinned stack (pyproject.toml is the one
+# place the pins live; the ARGs below must match it, a test checks), `runtime` copies only that
+# environment onto the same CUDA runtime base. Same base in both, so the venv's interpreter path holds.
+
+ARG CUDA_BASE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+
+# ---------------------------------------------------------------- build
+FROM ${CUDA_BASE} AS build
+
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.2
+ARG DEEPSPEED_VERSION=0.19.8
+ARG SETUPTOOLS_VERSION=84.2.1
+ARG WHEEL_VERSION=0.48.0
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# Ubuntu's archive replaces patch releases, so apt packages are not pinned (hadolint DL3008);
+# the Python stack, which decides behaviour, is.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# torch first; deepspeed is an sdist that must build against THAT torch: no build isolation, and no
+# ops compiled ahead of time (DS_BUILD_OPS=0: they JIT-compile on first use if a config needs one).
+RUN pip install "setuptools==${SETUPTOOLS_VERSION}" "wheel==${WHEEL_VERSION}" \
+    && pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+    && DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
+
+# The package itself, without the dev extra (no pytest, dev-cluster tools or linters in the image).
+# Its dependencies are pinned in pyproject.toml; hadolint cannot see that through ".[...]".
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY mmalign/ mmalign/
+COPY operator/ operator/
+COPY trainer/ trainer/
+COPY devcluster/ devcluster/
+# hadolint ignore=DL3013
+RUN DS_BUILD_OPS=0 pip install --no-build-isolation ".[operator,trainer]" \
+    && mmalign --version
+
+# ---------------------------------------------------------------- runtime
+FROM ${CUDA_BASE} AS runtime
+
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="mmalign" \
+      org.opencontainers.image.description="MM-RLHF alignment on Kubernetes: the operator and the trainer" \
+      org.opencontainers.image.source="https://github.com/mmalign/mmalign" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV DEBIAN_FRONTEND=noninteractive
+# python3 for the venv's interpreter; ca-certificates for S3 over TLS.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+# UID/GID 1000, the numbers the chart's securityContext runs as (runAsNonRoot needs a numeric USER).
+RUN (userdel --remove ubuntu 2>/dev/null || true) \
+    && groupadd --gid 1000 mmalign \
+    && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mmalign
+
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+USER 1000:1000
+WORKDIR /tmp
+ENTRYPOINT ["mmalign"]
+CMD ["--help"]
