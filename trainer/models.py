@@ -1,0 +1,188 @@
+"""Load and save policy models and the critique-based reward model.
+
+    model, processor = models.load_model("s3://bucket/models/qwen2-vl-7b/")     # or a folder, builtin://
+    reward, processor = models.load_reward_model("builtin://tiny-qwen2-vl", seed=0)
+    out = reward(batch)                     # batch from collate.collate_reward: scores + critique log-probs
+    reward.save("/tmp/rm", processor)       # HF folder + score_head.safetensors; load_reward_model reads it
+    models.save_model(model, processor, "/tmp/policy")
+
+Sources: a local Hugging Face folder, an `s3://` prefix holding one (downloaded ONCE per node into
+`$MMALIGN_CACHE/models/<hash>/`: the first process takes a file lock, the others wait and reuse it), or
+`builtin://tiny-*` (tiny.py). Supported: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision (image-text-to-text) and
+causal text LMs; models load in float32 unless `dtype` says otherwise (the engine casts for bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmalign.trainer import builtin, logprobs, storage
+from mmalign.trainer.collate import Batch, end_of_turn_ids
+
+SCORE_HEAD_FILE = "score_head.safetensors"
+VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+
+
+def model_dir(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A local folder holding the model at `uri`: the folder itself, or the node's download of it."""
+    if not storage.is_remote(uri):
+        path = storage.local_path(uri)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{uri}: no config.json; expected a Hugging Face model folder")
+        return path
+    root = Path(cache_dir) if cache_dir else builtin.cache_dir() / "models"
+    target = root / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other local ranks wait here for the first download
+        if not (target / ".complete").exists():
+            scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+            storage.download_prefix(uri if uri.endswith("/") else uri + "/", scratch)
+            if not (scratch / "config.json").exists():
+                shutil.rmtree(scratch, ignore_errors=True)
+                raise FileNotFoundError(f"{uri}: no config.json below this prefix; expected a model folder")
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(scratch, target)
+            (target / ".complete").touch()
+    return target
+
+
+def load_model(uri: str, *, seed: int = 0, dtype: torch.dtype | None = None,
+               cache_dir: str | os.PathLike[str] | None = None) -> tuple[nn.Module, Any]:
+    """(model, processor-or-tokenizer) from a folder, an s3:// prefix or builtin://."""
+    if builtin.is_builtin(uri):
+        model, processor = builtin.load_model(uri, seed=seed)
+        return (model.to(dtype) if dtype else model), processor
+    import transformers
+
+    folder = model_dir(uri, cache_dir)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if config.model_type in VISION_MODEL_TYPES:
+        model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype or torch.float32)
+        processor = transformers.AutoProcessor.from_pretrained(folder)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+        processor = transformers.AutoTokenizer.from_pretrained(folder)
+    return model, processor
+
+
+def save_model(model: nn.Module, processor: Any, folder: str | os.PathLike[str],
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an HF folder (safetensors weights + config + processor/tokenizer) that load_model reads.
+
+    `state_dict`: full weights gathered by the engine (ZeRO-3 shards parameters)."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, state_dict=state_dict)  # type: ignore[operator]
+    processor.save_pretrained(path)
+    return path
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = model.config  # type: ignore[attr-defined]
+    return int(getattr(config, "text_config", config).hidden_size)
+
+
+class ScoreHead(nn.Module):
+    """Two-layer MLP with tanh on one hidden state -> a scalar reward, as the MM-RLHF reference
+    (`RewardHead` in llava/model/language_model/llava_qwen.py: dense -> tanh -> out_proj)."""
+
+    def __init__(self, hidden: int, seed: int = 0) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden, hidden)
+        self.out_proj = nn.Linear(hidden, 1)
+        generator = torch.Generator().manual_seed(seed + 7919)  # same head on every rank
+        with torch.no_grad():
+            for layer in (self.dense, self.out_proj):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.02)
+                layer.bias.zero_()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (R, H) -> (R,)
+        return self.out_proj(torch.tanh(self.dense(hidden))).squeeze(-1)
+
+
+@dataclasses.dataclass
+class RewardOutput:
+    scores: torch.Tensor  # (R,) reward per row, float32
+    critique: logprobs.SequenceLogprobs | None  # summed critique-token log-probs per row (teacher forced)
+
+
+class RewardModel(nn.Module):
+    """Critique-based reward model: a VLM (`base`, its LM head writes critiques) + `score_head`
+    reading the hidden state at the last non-pad token of (prompt, response[, critique])."""
+
+    def __init__(self, base: nn.Module, score_head: ScoreHead | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.base = base
+        self.score_head = score_head or ScoreHead(hidden_size(base), seed)
+        self.score_head.to(next(base.parameters()).dtype)
+
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    def forward(self, batch: Batch, chunk_size: int = 1024) -> RewardOutput:
+        """One forward pass: vision once per pair, scores at each row's last token, and the critique
+        log-probs when the batch has a critique_mask (collate_reward(critique=True))."""
+        hidden = logprobs.forward_hidden(self.base, batch)  # (R, T, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, batch.last_token_index()]  # (R, H)
+        scores = self.score_head(last.to(self.score_head.dense.weight.dtype)).float()
+        critique = None
+        if batch.critique_mask is not None:
+            critique = logprobs.sequence_logprobs(self.base, hidden, batch, batch.critique_mask, chunk_size)
+        return RewardOutput(scores=scores, critique=critique)
+
+    @torch.no_grad()
+    def generate_critiques(self, batch: Batch, processor: Any, max_new_tokens: int = 256,
+                           temperature: float = 0.0) -> list[str]:
+        """Critique text per row of a collate_generation batch (greedy when temperature == 0)."""
+        tokenizer = getattr(processor, "tokenizer", processor)
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        out = self.base.generate(  # type: ignore[operator]
+            **batch.model_inputs(), max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_ids(processor),
+            pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling,
+        )
+        new_tokens = out[:, batch.input_ids.shape[1]:]  # (R, new)
+        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def save(self, folder: str | os.PathLike[str], processor: Any,
+             state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """HF folder of the base model + `score_head.safetensors`. `state_dict`: this module's full
+        state dict (keys `base.*`, `score_head.*`) when the engine gathered it (ZeRO-3)."""
+        from safetensors.torch import save_file
+
+        base_state = head_state = None
+        if state_dict is not None:
+            base_state = {k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")}
+            head_state = {k[len("score_head."):]: v for k, v in state_dict.items() if k.startswith("score_head.")}
+        path = save_model(self.base, processor, folder, base_state)
+        head = head_state or self.score_head.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(path / SCORE_HEAD_FILE))
+        return path
+
+
+def load_reward_model(uri: str, *, seed: int = 0, dtype: torch.dtype | None = None,
+                      cache_dir: str | os.PathLike[str] | None = None) -> tuple[RewardModel, Any]:
+    """A RewardModel from a saved reward-model folder/prefix (score head restored), or from any policy
+    source (a fresh, seeded score head: the start of the reward stage)."""
+    base, processor = load_model(uri, seed=seed, dtype=dtype, cache_dir=cache_dir)
+    head = None
+    if not builtin.is_builtin(uri):
+        head_file = model_dir(uri, cache_dir) / SCORE_HEAD_FILE
+        if head_file.exists():
+            from safetensors.torch import load_file
+
+            head = ScoreHead(hidden_size(base), seed)
+            head.load_state_dict(load_file(str(head_file)))
+    return RewardModel(base, head, seed), processor
