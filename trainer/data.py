@@ -76,6 +76,8 @@ class PreferencePair:
     chosen_reward: float | None = None
     rejected_reward: float | None = None
     delta: float | None = None
+    source: str = ""  # the file (path or URI) the pair was read from
+    line: int = 0  # its 1-based line in `source` (expanded ranked pairs share their row's line)
 
 
 @dataclasses.dataclass
@@ -311,7 +313,7 @@ def _iter_file(file: str, base: str, on_bad_line: str, fmt: str, stats: ReadStat
                     "to skip malformed lines (they are counted)."
                 ) from None
             for pair in pairs:
-                pair.media_base = base
+                pair.media_base, pair.source, pair.line = base, file, number
                 stats.pairs += 1
                 yield pair
 
