@@ -1,0 +1,318 @@
+"""The Helm chart without a cluster: `helm lint`, `helm template` goldens, RBAC modes, names, values docs.
+
+helm is the dev cluster's cached, pinned binary (`make binaries` puts it in
+`${MMALIGN_CACHE:-~/.cache/mmalign}/bin`); `HELM=/path/to/helm` overrides it.
+
+Refresh the goldens after an intended chart change:
+
+    MMALIGN_UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_chart_render.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts/mmalign"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+CUSTOM_VALUES = GOLDEN / "chart-custom-values.yaml"
+RELEASE, NAMESPACE = "mmalign", "mmalign-system"
+
+
+def helm_binary() -> str:
+    if os.environ.get("HELM"):
+        return os.environ["HELM"]
+    from mmalign.devcluster.binaries import bin_dir
+
+    cached = bin_dir() / "helm"
+    if cached.exists():
+        return str(cached)
+    found = shutil.which("helm")
+    if not found:
+        pytest.skip("helm is not built yet: run `make binaries` (it caches the pinned helm)")
+    return found
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def template_text(*extra: str, release: str = RELEASE) -> str:
+    return helm("template", release, str(CHART), "--namespace", NAMESPACE, *extra).stdout
+
+
+def render(*extra: str, release: str = RELEASE) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(template_text(*extra, release=release)) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+# ---------------------------------------------------------------- lint and goldens
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(CUSTOM_VALUES)]], ids=["default", "custom"])
+def test_helm_lint_strict(values: list[str]) -> None:
+    out = helm("lint", "--strict", str(CHART), *values).stdout
+    assert "0 chart(s) failed" in out
+
+
+@pytest.mark.parametrize(
+    ("golden", "values"),
+    [("chart-default.yaml", []), ("chart-custom.yaml", ["-f", str(CUSTOM_VALUES)])],
+    ids=["default", "custom"],
+)
+def test_template_matches_golden(golden: str, values: list[str]) -> None:
+    text = template_text(*values)
+    path = GOLDEN / golden
+    if os.environ.get("MMALIGN_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing: run with MMALIGN_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{path.name} differs: review `helm template`, then MMALIGN_UPDATE_GOLDEN=1"
+
+
+# ---------------------------------------------------------------- what the defaults promise
+
+
+def test_chart_versions_follow_the_package() -> None:
+    from mmalign import __version__
+
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == __version__ == project["version"]
+    assert container(render())["image"] == f"ghcr.io/mmalign/mmalign:{__version__}"
+
+
+def test_operator_runs_hardened_as_its_service_account() -> None:
+    docs = render()
+    account = one(docs, "ServiceAccount")["metadata"]["name"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    main = pod["containers"][0]
+    assert main["command"] == ["mmalign", "operator"]
+    security = main["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert main["resources"]["requests"] and main["resources"]["limits"]["memory"]
+    # The read-only root needs somewhere to write: /tmp is an emptyDir.
+    assert {"name": "tmp", "mountPath": "/tmp"} in main["volumeMounts"]
+
+
+def test_probes_use_kopfs_health_endpoint() -> None:
+    main = container(render("--set", "operator.healthPort=8181"))
+    assert "--liveness-port=8181" in main["args"]
+    ports = {port["name"]: port["containerPort"] for port in main["ports"]}
+    assert ports["health"] == 8181
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert main[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_metrics_service_selects_the_operator_pod() -> None:
+    docs = render()
+    service = one(docs, "Service")
+    deployment = one(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert "--metrics-port=9090" in container(docs)["args"]
+    assert not by_kind(docs, "ServiceMonitor")
+    without = render("--set", "metrics.enabled=false")
+    assert not by_kind(without, "Service")
+    assert not any(arg.startswith("--metrics-port") for arg in container(without)["args"])
+
+
+def test_service_monitor_is_optional() -> None:
+    monitor = one(render("--set", "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+# ---------------------------------------------------------------- RBAC modes and peering
+
+
+def test_cluster_wide_mode_uses_a_cluster_role_and_cluster_peering() -> None:
+    docs = render()
+    assert {d["kind"] for d in docs} >= {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding") and not by_kind(docs, "KopfPeering")
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": one(docs, "ServiceAccount")["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    args = container(docs)["args"]
+    assert "--all-namespaces" in args
+    assert f"--peering={one(docs, 'ClusterKopfPeering')['metadata']['name']}" in args
+
+
+def test_watch_namespaces_mode_uses_a_role_per_namespace() -> None:
+    docs = render("--set", "operator.watchNamespaces={team-a,team-b}")
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    for kind in ("Role", "RoleBinding", "KopfPeering"):
+        assert sorted(d["metadata"]["namespace"] for d in by_kind(docs, kind)) == ["team-a", "team-b"]
+    args = container(docs)["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+    assert "--all-namespaces" not in args
+    role_resources = {r for role in by_kind(docs, "Role") for rule in role["rules"] for r in rule["resources"]}
+    assert "kopfpeerings" in role_resources and "clusterkopfpeerings" not in role_resources
+
+
+def test_standalone_without_peering_and_refused_with_replicas() -> None:
+    docs = render("--set", "operator.peering.enabled=false")
+    assert "--standalone" in container(docs)["args"]
+    assert not by_kind(docs, "ClusterKopfPeering")
+    rules = one(docs, "ClusterRole")["rules"]
+    assert not any("kopf.dev" in rule["apiGroups"] for rule in rules)
+    proc = helm("template", RELEASE, str(CHART), "--set", "operator.peering.enabled=false",
+                "--set", "operator.replicas=2", check=False)
+    assert proc.returncode != 0 and "needs operator.peering.enabled" in proc.stderr
+
+
+def test_rbac_grants_nothing_cluster_scoped_but_peering() -> None:
+    """Least privilege: no secrets, no wildcards, no cluster-scoped resources except kopf's peering."""
+    rules = one(render(), "ClusterRole")["rules"]
+    for rule in rules:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+    resources = {resource for rule in rules for resource in rule["resources"]}
+    assert "secrets" not in resources
+    assert resources - {"clusterkopfpeerings"} <= {
+        "alignmentjobs", "alignmentjobs/status", "pods", "pods/log", "services", "configmaps", "events",
+        "leases",
+    }
+
+
+def _rule_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+def test_rbac_matches_the_operators_own_manifest() -> None:
+    """manifests/rbac/ is the operator's list of what it calls; the chart grants the same, no more."""
+    manifests = sorted((REPO / "manifests/rbac").glob("*.yaml"))
+    if not manifests:
+        pytest.skip("manifests/rbac/ (the operator's ClusterRole) has not landed yet")
+    theirs: set[tuple[str, str, str]] = set()
+    for path in manifests:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "ClusterRole":
+                theirs |= _rule_set(doc["rules"])
+    ours = _rule_set(one(render(), "ClusterRole")["rules"])
+    assert ours == theirs, f"chart only: {sorted(ours - theirs)}; manifests only: {sorted(theirs - ours)}"
+
+
+# ---------------------------------------------------------------- names and values
+
+
+def test_long_names_are_cut_to_63_characters() -> None:
+    release = "a-release-name-of-fifty-three-characters-helm-s-limit"  # Helm refuses longer ones
+    assert len(release) == 53
+    docs = render("--set", "nameOverride=operator-for-alignment", release=release)
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        assert len(name) <= 63 and not name.endswith("-"), name
+        for key, value in doc["metadata"].get("labels", {}).items():
+            assert len(value) <= 63, f"label {key}={value}"
+    assert one(docs, "Service")["metadata"]["name"].endswith("-metrics")
+
+
+def test_custom_values_reach_the_operator() -> None:
+    docs = render("-f", str(CUSTOM_VALUES))
+    main = container(docs)
+    assert main["image"].startswith("registry.example.com/ml/mmalign@sha256:")
+    args = main["args"]
+    assert "--debug" in args and "--log-format=plain" in args
+    assert "--trainer-image=registry.example.com/ml/mmalign-trainer:0.1.0-cu130" in args
+    defaults = json.loads(next(a for a in args if a.startswith("--pod-defaults="))[len("--pod-defaults="):])
+    assert defaults["schedulerName"] == "volcano" and defaults["env"] == [{"name": "NCCL_DEBUG", "value": "WARN"}]
+    assert one(docs, "Deployment")["spec"]["replicas"] == 2
+
+
+def test_trainer_image_defaults_to_the_operator_image_and_pod_defaults_are_omitted_when_empty() -> None:
+    args = container(render())["args"]
+    assert "--trainer-image=ghcr.io/mmalign/mmalign:0.1.0" in args
+    assert not any(arg.startswith("--pod-defaults") for arg in args)
+
+
+def test_pod_defaults_have_the_fields_of_an_alignment_jobs_pod_template() -> None:
+    """The operator reads --pod-defaults with the same model as spec.podTemplate."""
+    from mmalign.trainer.config import PodTemplate
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    fields = set(PodTemplate.model_json_schema(by_alias=True)["properties"])
+    assert set(values["trainer"]["podDefaults"]) == fields
+    PodTemplate.model_validate(yaml.safe_load(CUSTOM_VALUES.read_text())["trainer"]["podDefaults"])
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]["trainer"]["properties"]["podDefaults"]["properties"]) == fields
+
+
+def test_every_value_is_documented() -> None:
+    """Each value has a `# --` comment; a documented block's children need none (helm-docs rules)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented: list[str] = []
+    documented_block_indent: int | None = None
+    comment: list[str] = []
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped)
+            continue
+        if not stripped:
+            comment = []
+            continue
+        indent = len(line) - len(line.lstrip())
+        if documented_block_indent is not None and indent > documented_block_indent:
+            continue
+        documented_block_indent = None
+        match = re.match(r"\s*([\w.-]+):\s*(.*)$", line)
+        if not match:
+            continue
+        key, inline = match.groups()
+        has_doc = any(c.startswith("# --") for c in comment)
+        is_section = inline == "" and not has_doc
+        if has_doc:
+            documented_block_indent = indent
+        elif not is_section:
+            undocumented.append(f"values.yaml:{number}: {key}")
+        comment = []
+    assert not undocumented, "values without a `# --` comment:\n" + "\n".join(undocumented)
+
+
+def test_schema_rejects_typos_and_bad_values() -> None:
+    for bad, message in [
+        (["--set", "operator.replicas=0"], "replicas"),
+        (["--set", "operator.typo=1"], "typo"),
+        (["--set", "operator.logFormat=xml"], "logFormat"),
+        (["--set", "image.digest=latest"], "digest"),
+    ]:
+        proc = helm("template", RELEASE, str(CHART), *bad, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr)
