@@ -21,7 +21,9 @@ API_VERSION_FULL = f"{API_GROUP}/{API_VERSION}"
 
 JobPhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 StagePhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Skipped"]
-ConditionType = Literal["Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+ConditionType = Literal[
+    "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "SpecChangeRefused"
+]
 
 
 class StatusModel(BaseModel):
@@ -30,7 +32,9 @@ class StatusModel(BaseModel):
 
 
 class Condition(StatusModel):
-    type: ConditionType = Field(description="Created, Running, Restarting, Suspended, Succeeded or Failed.")
+    type: ConditionType = Field(
+        description="Created, Running, Restarting, Suspended, Succeeded, Failed or SpecChangeRefused."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="One CamelCase word for machines.")
     message: str = Field(default="", description="What happened, for humans.")
@@ -50,9 +54,18 @@ class StageStatus(StatusModel):
     phase: StagePhase = Field(default="Pending", description="The stage's phase.")
     attempt: int = Field(default=0, description="Gang attempt (0 = first); each restart adds one.")
     restarts: int = Field(default=0, description="Gang restarts so far (bounded by runPolicy.backoffLimit).")
+    pods_created: bool = Field(
+        default=False,
+        description="All pods of the current attempt were created; a pod missing afterwards is a failure "
+        "(the gang restarts), never re-created alone.",
+    )
     start_time: str | None = Field(default=None, description="When the stage first started.")
     completion_time: str | None = Field(default=None, description="When the stage finished.")
-    last_checkpoint: str | None = Field(default=None, description="URI of the last complete checkpoint.")
+    last_checkpoint: str | None = Field(
+        default=None,
+        description="URI of the last complete checkpoint the trainer reported, or the `latest` marker a "
+        "restarted attempt resumes from.",
+    )
     artifact: str | None = Field(default=None, description="URI of the stage's output.")
     progress: StageProgress | None = Field(default=None, description="Live progress from rank 0.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Latest metrics (loss, acc, ...).")

@@ -1,0 +1,285 @@
+"""Pure builders: an AlignmentJob spec -> the complete Kubernetes objects one stage attempt needs.
+
+No API calls here (JobSet's `constructJob` style): every function takes the job and returns plain dicts
+ready for server-side apply, so tests compare them with golden YAML (tests/unit/golden/).
+
+What one attempt of a stage is:
+- a headless Service `<job>` (one per job, `publishNotReadyAddresses`) that gives every pod the DNS
+  name `<pod>.<service>.<namespace>.svc` as soon as it exists, before it is ready: torchrun's
+  rendezvous resolves node 0 while the gang is still starting (pytorch-operator#333);
+- a ConfigMap `<job>-config` with the whole AlignmentJob document as `job.yaml` (the trainer's input);
+- one Pod per node, `<job>-<stage>-<attempt>-<node>`, restartPolicy Never: a failure never restarts
+  one pod alone (that leaves NCCL peers hanging); the operator restarts the whole gang instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from mmalign.operator.api import API_VERSION_FULL
+from mmalign.trainer.config import KIND, AlignmentJobSpec, StageName
+
+FIELD_MANAGER = "mmalign-operator"
+MAX_NAME = 63  # DNS-1123 label: pod hostnames, Service names and label values are all limited to 63
+MASTER_PORT = 29500
+JOB_FILE_DIR = "/etc/mmalign"
+JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
+CONTAINER = "trainer"
+
+LABEL_JOB = "mmalign.io/job"
+LABEL_STAGE = "mmalign.io/stage"
+LABEL_ATTEMPT = "mmalign.io/attempt"
+LABEL_NODE_RANK = "mmalign.io/node-rank"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+
+# Environment the operator owns: the user's podTemplate.env cannot override these (a wrong
+# PET_NODE_RANK would hang the rendezvous).
+RESERVED_ENV = (
+    "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
+    "MASTER_ADDR", "MASTER_PORT", "MMALIGN_JOB", "MMALIGN_STAGE", "MMALIGN_ATTEMPT",
+)
+
+_INVALID = re.compile(r"[^a-z0-9-]+")
+
+
+def object_name(*parts: object, limit: int = MAX_NAME) -> str:
+    """`job-a-b` as a valid DNS-1123 label of at most `limit` characters.
+
+    When too long, the FIRST part (the job's name) is cut and an 8-hex-digit hash of the whole name is
+    added, so the stage/attempt/node suffix stays readable, two long names sharing a prefix never
+    collide, and the same input always gives the same name.
+    """
+    words = [_INVALID.sub("-", str(part).lower()).strip("-") for part in parts]
+    full = "-".join(w for w in words if w)
+    if len(full) <= limit:
+        return full
+    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
+    tail = "-".join(w for w in words[1:] if w)
+    keep = max(limit - len(digest) - len(tail) - 2, 1)
+    head = words[0][:keep].rstrip("-") or "x"
+    return "-".join(w for w in (head, digest, tail) if w)[:limit].rstrip("-")
+
+
+def service_name(job: str) -> str:
+    # Service names are DNS-1035 labels: they must start with a letter (job names may not).
+    name = object_name(job)
+    return name if name[:1].isalpha() else object_name("j", job)
+
+
+def config_map_name(job: str) -> str:
+    return object_name(job, "config")
+
+
+def pod_name(job: str, stage: str, attempt: int, node: int) -> str:
+    return object_name(job, stage, attempt, node)
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The AlignmentJob being built for: what the children's names, labels and owner reference need."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: AlignmentJobSpec
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The `mmalign.io/job` label value (label values are limited to 63 characters too)."""
+        return object_name(self.name)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Operator-wide settings the builders read (from `mmalign operator` flags)."""
+
+    # Replaces `mmalign launch` (tests use a stub trainer); `--job FILE --stage STAGE` follow it.
+    trainer_command: tuple[str, ...] = ("mmalign", "launch")
+
+    @classmethod
+    def from_command_line(cls, command: str | None) -> BuildOptions:
+        return cls(tuple(shlex.split(command))) if command else cls()
+
+
+def owner_reference(job: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION_FULL,
+        "kind": KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: JobRef, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER, LABEL_JOB: job.label, **(labels or {})},
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def build_service(job: JobRef) -> dict[str, Any]:
+    """Headless Service: stable per-pod DNS for the rendezvous, published before pods are ready."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, service_name(job.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job.label},
+            "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def job_document(job: JobRef) -> dict[str, Any]:
+    """The whole AlignmentJob as the trainer reads it with `load_job` (no status, no server fields)."""
+    return {
+        "apiVersion": API_VERSION_FULL,
+        "kind": KIND,
+        "metadata": {"name": job.name, "namespace": job.namespace},
+        "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }
+
+
+def build_config_map(job: JobRef) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.name)),
+        "data": {"job.yaml": yaml.safe_dump(job_document(job), sort_keys=False)},
+    }
+
+
+def master_address(job: JobRef, stage: str, attempt: int) -> str:
+    """Node 0's DNS name through the headless Service (hostname = pod name, subdomain = Service)."""
+    return f"{pod_name(job.name, stage, attempt, 0)}.{service_name(job.name)}.{job.namespace}.svc"
+
+
+def _env(job: JobRef, stage: StageName, attempt: int, node: int) -> list[dict[str, str]]:
+    spec = job.spec
+    master = master_address(job, stage, attempt)
+    ours: dict[str, str] = {
+        "PET_NNODES": str(spec.resources.nodes),
+        "PET_NPROC_PER_NODE": str(spec.resources.proc_per_node),
+        "PET_NODE_RANK": str(node),
+        "PET_MASTER_ADDR": master,
+        "PET_MASTER_PORT": str(MASTER_PORT),
+        "MASTER_ADDR": master,
+        "MASTER_PORT": str(MASTER_PORT),
+        "MMALIGN_JOB": job.name,
+        "MMALIGN_STAGE": stage,
+        "MMALIGN_ATTEMPT": str(attempt),
+        # Informational: the trainer derives these from the job file itself.
+        "MMALIGN_CHECKPOINT_URI": spec.checkpoint_uri(stage),
+        "MMALIGN_ARTIFACT_URI": spec.artifact_uri(stage),
+        "PYTHONUNBUFFERED": "1",  # progress lines reach the log (and the operator) at once
+    }
+    if stage == "score":
+        ours["MMALIGN_REWARD_MODEL_URI"] = spec.reward_model_uri()
+    if stage == "dpo":
+        ours["MMALIGN_DPO_DATA_URI"] = spec.dpo_data_uri()
+    if spec.storage.endpoint:
+        ours["AWS_ENDPOINT_URL"] = spec.storage.endpoint
+    if spec.storage.region:
+        ours["AWS_DEFAULT_REGION"] = spec.storage.region
+    merged = dict(ours)
+    for variable in spec.pod_template.env:
+        if variable.name not in RESERVED_ENV:
+            merged[variable.name] = variable.value
+    return [{"name": name, "value": value} for name, value in merged.items()]
+
+
+def _quantities(values: dict[str, int | str]) -> dict[str, str]:
+    return {key: str(value) for key, value in sorted(values.items())}
+
+
+def stage_labels(job: JobRef, stage: str, attempt: int) -> dict[str, str]:
+    return {LABEL_JOB: job.label, LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}
+
+
+def build_pod(
+    job: JobRef, stage: StageName, attempt: int, node: int, options: BuildOptions = BuildOptions()
+) -> dict[str, Any]:
+    spec = job.spec
+    template = spec.pod_template
+    name = pod_name(job.name, stage, attempt, node)
+    group = object_name(job.name, stage, attempt)
+    labels = {**template.labels, **stage_labels(job, stage, attempt), LABEL_NODE_RANK: str(node)}
+    annotations = dict(template.annotations)
+    queue = job.labels.get(KUEUE_QUEUE)
+    if queue:
+        # Kueue's pod-group integration admits the gang as one workload (all pods or none).
+        labels[KUEUE_QUEUE] = queue
+        labels[KUEUE_POD_GROUP] = group
+        annotations[KUEUE_POD_GROUP_COUNT] = str(spec.resources.nodes)
+    metadata = _metadata(job, name, labels)
+    if annotations:
+        metadata["annotations"] = annotations
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "command": [*options.trainer_command, "--job", JOB_FILE, "--stage", stage],
+        "env": _env(job, stage, attempt, node),
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True}],
+    }
+    if spec.storage.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.storage.credentials_secret}}]
+    resources = {}
+    if spec.resources.requests:
+        resources["requests"] = _quantities(spec.resources.requests)
+    if spec.resources.limits:
+        resources["limits"] = _quantities(spec.resources.limits)
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "hostname": name,  # pod names are cut to 63, so they are valid hostnames
+        "subdomain": service_name(job.name),
+        "containers": [container],
+        "volumes": [{"name": "job", "configMap": {"name": config_map_name(job.name)}}],
+    }
+    if template.service_account_name:
+        pod_spec["serviceAccountName"] = template.service_account_name
+    else:
+        # The trainer talks to S3, never to the API server (progress goes through its log).
+        pod_spec["automountServiceAccountToken"] = False
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in template.tolerations
+        ]
+    if template.priority_class_name:
+        pod_spec["priorityClassName"] = template.priority_class_name
+    if template.scheduler_name:
+        pod_spec["schedulerName"] = template.scheduler_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def build_gang(
+    job: JobRef, stage: StageName, attempt: int, options: BuildOptions = BuildOptions()
+) -> list[dict[str, Any]]:
+    """All pods of one stage attempt, node 0 first."""
+    return [build_pod(job, stage, attempt, node, options) for node in range(job.spec.resources.nodes)]
+
+
+def build_attempt(
+    job: JobRef, stage: StageName, attempt: int, options: BuildOptions = BuildOptions()
+) -> list[dict[str, Any]]:
+    """Everything one attempt needs, in apply order: Service, ConfigMap, then the pods."""
+    return [build_service(job), build_config_map(job), *build_gang(job, stage, attempt, options)]

@@ -1,0 +1,258 @@
+"""One AlignmentJob's control loop: observe -> reconcile (pure) -> act -> write status once -> events.
+
+It runs inside the job's kopf daemon (handlers.py), so exactly one loop acts on a job, and peering
+pauses it when another operator replica is active. The loop is the only writer of the job's status and
+keeps the last status it wrote in memory: a watch event that lags behind our own write can never make
+it count a restart twice. Pods are observed through a kopf index fed by a watch (no LIST per pass); a
+pod the index misses is confirmed with a GET before it is declared lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mmalign.operator import metrics, progress
+from mmalign.operator.api import AlignmentJobStatus, StageStatus
+from mmalign.operator.builders import (
+    BuildOptions,
+    JobRef,
+    build_config_map,
+    build_gang,
+    build_service,
+    config_map_name,
+    pod_name,
+    service_name,
+)
+from mmalign.operator.kube import Kube, error_summary
+from mmalign.operator.policy import PodView, observe_pod, spec_change
+from mmalign.operator.status import Event, Observation, Plan, reconcile, rfc3339, set_condition
+from mmalign.trainer.config import STAGE_ORDER, AlignmentJobSpec
+
+ACTIVE_PHASES = ("Pending", "Running", "Restarting")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    build: BuildOptions = field(default_factory=BuildOptions)
+    active_period: float = 5.0  # reconcile + progress poll period while a stage is active (<= 10 s)
+    idle_period: float = 60.0  # while suspended or finished (pod events and TTL wake it sooner)
+    progress_min_interval: float = 2.0  # at most one log read per this many seconds per job
+    debounce: float = 0.2  # after a wake-up, let a gang's burst of pod events arrive
+
+
+def _dump(spec: AlignmentJobSpec) -> dict[str, Any]:
+    return spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class JobController:
+    def __init__(self, kube: Kube, settings: LoopSettings, namespace: str, name: str, uid: str,
+                 logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        self.kube, self.settings = kube, settings
+        self.namespace, self.name, self.uid = namespace, name, uid
+        self.logger = logger
+        self.status: AlignmentJobStatus | None = None
+        self.written: dict[str, Any] | None = None
+        self.applied_spec: dict[str, Any] | None = None  # the spec in the ConfigMap (what pods run)
+        self.last_poll = 0.0
+        self.last_poll_key: tuple[str, str] | None = None
+        self.report: progress.ProgressReport | None = None
+
+    # ------------------------------------------------------------------------------ the loop
+
+    async def run(self, body: Mapping[str, Any], pods: Callable[[], Iterable[PodView]],
+                  emit: Callable[[Event], None], stopped: Any, wake: asyncio.Event) -> None:
+        backoff = 1.0
+        while not stopped.is_set():
+            wake.clear()
+            try:
+                plan = await self.reconcile_once(body, list(pods()), emit)
+                delay = plan.requeue_after if plan and plan.requeue_after is not None else self.period()
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any failure: log, count, retry with backoff
+                metrics.RECONCILE_ERRORS.inc()
+                self.logger.warning(f"reconcile failed, retrying in {backoff:.0f}s: {error_summary(error)}")
+                delay, backoff = backoff, min(backoff * 2, 30.0)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=max(delay, 0.05))
+                await asyncio.sleep(self.settings.debounce)
+            except TimeoutError:
+                pass
+
+    def period(self) -> float:
+        phase = self.status.phase if self.status else "Pending"
+        return self.settings.active_period if phase in ACTIVE_PHASES else self.settings.idle_period
+
+    # ------------------------------------------------------------------------------ one pass
+
+    async def reconcile_once(self, body: Mapping[str, Any], pods: list[PodView],
+                             emit: Callable[[Event], None]) -> Plan | None:
+        started = time.monotonic()
+        try:
+            return await self._reconcile(body, pods, emit)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+    async def _reconcile(self, body: Mapping[str, Any], pods: list[PodView],
+                         emit: Callable[[Event], None]) -> Plan | None:
+        metadata = body.get("metadata") or {}
+        if self.status is None:
+            self.status = AlignmentJobStatus.model_validate(body.get("status") or {})
+            self.written = self.status.to_k8s()
+            config_map = await self.kube.get_config_map(self.namespace, config_map_name(self.name))
+            if config_map is not None:
+                document = yaml.safe_load((config_map.get("data") or {}).get("job.yaml", "")) or {}
+                self.applied_spec = document.get("spec")
+        generation = int(metadata.get("generation") or 0)
+        try:
+            desired = AlignmentJobSpec.model_validate(body.get("spec") or {})
+        except ValidationError as error:
+            await self._invalid_spec(generation, error, emit)
+            return None
+
+        mine = [p for p in pods if p.owner_uid in ("", self.uid)]
+        spec = self._effective_spec(desired, mine)
+        refused = self._refused
+        job = JobRef(self.name, self.namespace, self.uid, spec, dict(metadata.get("labels") or {}))
+        mine = await self._confirm_missing(mine, spec)
+        report = await self._poll_progress(mine)
+        observation = Observation(
+            generation=generation, spec=spec, pods=tuple(mine), now=datetime.now(UTC), job_name=self.name,
+            progress=report, refused_paths=refused,
+        )
+        previous = self.status
+        plan = reconcile(observation, previous)
+        await self._act(plan, job)
+        new = plan.status.to_k8s()
+        if new != self.written:
+            await self.kube.apply_status(self.namespace, self.name, new)
+            self.written = new
+        self.status = plan.status
+        self._count(previous, plan.status)
+        for event in plan.events:  # only after the status write succeeded
+            self.logger.info(f"{event.reason}: {event.message}")
+            emit(event)
+        return plan
+
+    # ------------------------------------------------------------------------------ spec changes
+
+    _refused: tuple[str, ...] = ()
+
+    def _effective_spec(self, desired: AlignmentJobSpec, pods: list[PodView]) -> AlignmentJobSpec:
+        assert self.status is not None
+        stages = [getattr(self.status.stages, s) for s in STAGE_ORDER]
+        started = any(isinstance(s, StageStatus) and s.start_time for s in stages)
+        pods_active = any(not p.finished for p in pods)
+        wanted = _dump(desired)
+        verdict = spec_change(self.applied_spec, wanted, started=started, pods_active=pods_active)
+        self._refused = verdict.refused_paths
+        if verdict.accepted or self.applied_spec is None:
+            return desired
+        # Refused: keep running what the pods run; only the run policy (always safe) follows the spec.
+        return AlignmentJobSpec.model_validate({**self.applied_spec, "runPolicy": wanted["runPolicy"]})
+
+    async def _invalid_spec(self, generation: int, error: ValidationError,
+                            emit: Callable[[Event], None]) -> None:
+        # The API server validated the spec against the CRD; this only happens with an older CRD.
+        assert self.status is not None
+        status = self.status.model_copy(deep=True)
+        status.observed_generation = generation
+        message = "; ".join(
+            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
+        )[:1000]
+        if status.phase not in ("Succeeded", "Failed"):
+            status.phase = "Failed"
+            status.message = message
+            status.completion_time = rfc3339(datetime.now(UTC))
+            set_condition(status, "Failed", "True", "InvalidSpec", message, datetime.now(UTC))
+            emit(Event("Warning", "InvalidSpec", message))
+        new = status.to_k8s()
+        if new != self.written:
+            await self.kube.apply_status(self.namespace, self.name, new)
+            self.written = new
+        self.status = status
+
+    # ------------------------------------------------------------------------------ observe
+
+    async def _confirm_missing(self, pods: list[PodView], spec: AlignmentJobSpec) -> list[PodView]:
+        """The index is fed by a watch and may lag our own creates: GET a pod before calling it lost."""
+        assert self.status is not None
+        stage = self.status.stage
+        entry = getattr(self.status.stages, stage, None) if stage in STAGE_ORDER else None
+        if not isinstance(entry, StageStatus) or not entry.pods_created or self.status.phase not in ACTIVE_PHASES:
+            return pods
+        have = {p.name for p in pods}
+        expected = [pod_name(self.name, stage, entry.attempt, n) for n in range(spec.resources.nodes)]
+        missing = [n for n in expected if n not in have]
+        found = await asyncio.gather(*(self.kube.get_pod(self.namespace, n) for n in missing))
+        return pods + [observe_pod(p) for p in found if p is not None]
+
+    async def _poll_progress(self, pods: list[PodView]) -> progress.ProgressReport | None:
+        """The last `mmalign-progress` line of the active gang's node-0 pod (rate-limited)."""
+        assert self.status is not None
+        stage = self.status.stage
+        entry = getattr(self.status.stages, stage, None) if stage in STAGE_ORDER else None
+        if not isinstance(entry, StageStatus):
+            return None
+        name = pod_name(self.name, stage, entry.attempt, 0)
+        node0 = next((p for p in pods if p.name == name), None)
+        if node0 is None or node0.phase not in ("Running", "Succeeded", "Failed"):
+            return None
+        key = (name, node0.phase)
+        now = time.monotonic()
+        if key == self.last_poll_key and now - self.last_poll < self.settings.progress_min_interval:
+            return self.report
+        self.last_poll, self.last_poll_key = now, key
+        try:
+            log = await self.kube.pod_log_tail(self.namespace, name, progress.TAIL_LINES, progress.LIMIT_BYTES)
+        except Exception as error:  # noqa: BLE001 - progress is best effort; never block the reconcile
+            self.logger.debug(f"no log from {name}: {error_summary(error)}")
+            return self.report if self.report and self.report.stage in ("", stage) else None
+        report = progress.last_report(log, stage)
+        if report is not None:
+            self.report = report
+        return self.report if self.report and self.report.stage in ("", stage) else None
+
+    # ------------------------------------------------------------------------------ act
+
+    async def _act(self, plan: Plan, job: JobRef) -> None:
+        deletes = [a for a in plan.actions if a.kind == "delete_pods"]
+        if deletes:
+            await self.kube.delete_pods(self.namespace, [n for a in deletes for n in a.pods])
+        for action in plan.actions:
+            if action.kind == "create_gang":
+                # Service and ConfigMap first (the pods mount one and resolve through the other), then
+                # every pod of the gang at once.
+                config_map = build_config_map(job)
+                await self.kube.gather([self.kube.apply(build_service(job)), self.kube.apply(config_map)])
+                self.applied_spec = _dump(job.spec)
+                pods = build_gang(job, action.stage, action.attempt, self.settings.build)  # type: ignore[arg-type]
+                await self.kube.gather(self.kube.apply(pod) for pod in pods)
+                self.logger.info(f"stage {action.stage}: created {len(pods)} pods of attempt {action.attempt}")
+            elif action.kind == "delete_service":
+                await self.kube.delete_service(self.namespace, service_name(self.name))
+            elif action.kind == "delete_job":
+                self.logger.info(f"deleting the job: {action.reason}")
+                await self.kube.delete_job(self.namespace, self.name)
+
+    def _count(self, old: AlignmentJobStatus, new: AlignmentJobStatus) -> None:
+        metrics.track_phase(self.uid, new.phase)
+        for stage in STAGE_ORDER:
+            before, after = getattr(old.stages, stage), getattr(new.stages, stage)
+            if after is None:
+                continue
+            if before is None or before.phase != after.phase:
+                metrics.STAGE_TRANSITIONS.labels(stage=stage, phase=after.phase).inc()
+            if before is not None and after.restarts > before.restarts:
+                reason = next((c.reason for c in new.conditions if c.type == "Restarting"), "")
+                metrics.RESTARTS.labels(stage=stage, reason=reason).inc()

@@ -1,0 +1,100 @@
+"""Thin kopf handlers. The work lives in controller.py (I/O) over status.py/builders.py (pure).
+
+- a daemon per AlignmentJob runs its control loop (the only writer of its status);
+- create/resume/update handlers and every pod event only wake that loop;
+- an index of the operator's pods (watched with a server-side label selector) is what the loop observes;
+- the delete handler removes the children at once (garbage collection would too, more slowly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from mmalign.operator import metrics
+from mmalign.operator.api import PLURAL
+from mmalign.operator.builders import LABEL_JOB, config_map_name, object_name, service_name
+from mmalign.operator.controller import JobController, LoopSettings
+from mmalign.operator.kube import Kube
+from mmalign.operator.policy import PodView, observe_pod
+from mmalign.operator.status import Event
+from mmalign.trainer.config import API_GROUP, API_VERSION
+
+REGISTRY = kopf.OperatorRegistry()
+JOBS = dict(group=API_GROUP, version=API_VERSION, plural=PLURAL)
+OUR_PODS = dict(labels={LABEL_JOB: kopf.PRESENT})
+
+
+@dataclass
+class Runtime:
+    """Operator-wide state shared by all handlers (kopf's memo holds it)."""
+
+    kube: Kube
+    settings: LoopSettings
+    wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
+
+    def wake(self, namespace: str | None, job_label: str) -> None:
+        event = self.wakeups.get((namespace or "", job_label))
+        if event is not None:
+            event.set()
+
+
+def _runtime(memo: Any) -> Runtime:
+    return memo["runtime"]  # type: ignore[no-any-return]
+
+
+@kopf.on.login(registry=REGISTRY)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # In a pod: its ServiceAccount; elsewhere: the kubeconfig (`--kubeconfig` sets KUBECONFIG).
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.index("", "v1", "pods", registry=REGISTRY, **OUR_PODS)
+def pods_by_job(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, PodView]:
+    return {(namespace, labels[LABEL_JOB]): observe_pod(body)}
+
+
+@kopf.on.event("", "v1", "pods", registry=REGISTRY, **OUR_PODS)
+def pod_changed(namespace: str, labels: kopf.Labels, memo: Any, **_: Any) -> None:
+    _runtime(memo).wake(namespace, labels[LABEL_JOB])
+
+
+@kopf.on.create(**JOBS, registry=REGISTRY)
+@kopf.on.resume(**JOBS, registry=REGISTRY)
+@kopf.on.update(**JOBS, field="spec", registry=REGISTRY)
+def spec_seen(namespace: str, name: str, memo: Any, **_: Any) -> None:
+    # The job's daemon reconciles; a new generation only needs to wake it up.
+    _runtime(memo).wake(namespace, object_name(name))
+
+
+@kopf.on.delete(**JOBS, registry=REGISTRY)
+async def job_deleted(namespace: str, name: str, uid: str, memo: Any, pods_by_job: kopf.Index[Any, PodView],
+                      **_: Any) -> None:
+    runtime = _runtime(memo)
+    pods = [p.name for p in pods_by_job.get((namespace, object_name(name)), []) if p.owner_uid in ("", uid)]
+    await runtime.kube.delete_pods(namespace, pods)
+    await runtime.kube.delete_service(namespace, service_name(name))
+    await runtime.kube.delete_config_map(namespace, config_map_name(name))
+    metrics.track_phase(uid, None)
+
+
+@kopf.daemon(**JOBS, registry=REGISTRY, cancellation_timeout=2.0)
+async def job_loop(namespace: str, name: str, uid: str, body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped,
+                   logger: logging.Logger, pods_by_job: kopf.Index[Any, PodView], **_: Any) -> None:
+    runtime = _runtime(memo)
+    key = (namespace, object_name(name))
+    wake = runtime.wakeups.setdefault(key, asyncio.Event())
+    controller = JobController(runtime.kube, runtime.settings, namespace, name, uid, logger)
+
+    def emit(event: Event) -> None:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+    try:
+        await controller.run(body, lambda: list(pods_by_job.get(key, [])), emit, stopped, wake)
+    finally:
+        if runtime.wakeups.get(key) is wake:
+            del runtime.wakeups[key]

@@ -1,0 +1,141 @@
+"""Kubernetes I/O for the controller: server-side apply under one field manager, deletes, log tails.
+
+The official (synchronous) client runs in worker threads so that a gang's pods are applied in
+parallel. Every call counts its failures in `mmalign_operator_api_errors_total`. Nothing here logs
+object bodies (a pod's env could hold values a user considers secret; Secrets are never read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from mmalign.operator import metrics
+from mmalign.operator.api import PLURAL
+from mmalign.operator.builders import FIELD_MANAGER
+from mmalign.trainer.config import API_GROUP, API_VERSION
+
+APPLY = "application/apply-patch+yaml"
+PARALLEL_CALLS = 32  # concurrent API calls per batch (a 256-node gang is 8 rounds, not 256)
+
+T = TypeVar("T")
+
+
+def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
+    """In-cluster config when running in a pod (and no kubeconfig given), else the kubeconfig."""
+    configuration = client.Configuration()
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(context=context, client_configuration=configuration)
+    else:
+        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+    configuration.connection_pool_maxsize = PARALLEL_CALLS
+    return client.ApiClient(configuration)
+
+
+def is_status(error: BaseException, *codes: int) -> bool:
+    return isinstance(error, ApiException) and error.status in codes
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self._limit = asyncio.Semaphore(PARALLEL_CALLS)
+
+    async def _call(self, verb: str, resource: str, function: Callable[..., T], *args: Any,
+                    missing_ok: bool = False, **kwargs: Any) -> T | None:
+        async with self._limit:
+            try:
+                return await asyncio.to_thread(function, *args, **kwargs)
+            except ApiException as error:
+                if missing_ok and error.status == 404:
+                    return None
+                metrics.API_ERRORS.labels(verb=verb, resource=resource, code=str(error.status)).inc()
+                raise
+            except Exception:
+                metrics.API_ERRORS.labels(verb=verb, resource=resource, code="network").inc()
+                raise
+
+    async def gather(self, calls: Iterable[Awaitable[Any]]) -> None:
+        """Run calls concurrently; raise the first error after all have finished (none is lost)."""
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------------------------ apply
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        """Server-side apply (force: this operator owns these fields): a retry never 409s or duplicates."""
+        kind, name, namespace = body["kind"], body["metadata"]["name"], body["metadata"]["namespace"]
+        function = {
+            "Pod": self.core.patch_namespaced_pod,
+            "Service": self.core.patch_namespaced_service,
+            "ConfigMap": self.core.patch_namespaced_config_map,
+        }[kind]
+        await self._call("apply", kind.lower() + "s", function, name, namespace, body,
+                         field_manager=FIELD_MANAGER, force=True, _content_type=APPLY)
+
+    async def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        body = {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": "AlignmentJob",
+                "metadata": {"name": name, "namespace": namespace}, "status": status}
+        await self._call("apply", f"{PLURAL}/status", self.custom.patch_namespaced_custom_object_status,
+                         API_GROUP, API_VERSION, namespace, PLURAL, name, body,
+                         field_manager=FIELD_MANAGER, force=True, _content_type=APPLY)
+
+    # ------------------------------------------------------------------------------ read
+
+    async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        pod = await self._call("get", "pods", self.core.read_namespaced_pod, name, namespace, missing_ok=True)
+        return None if pod is None else self.api_client.sanitize_for_serialization(pod)
+
+    async def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
+        found = await self._call("get", "configmaps", self.core.read_namespaced_config_map, name, namespace,
+                                 missing_ok=True)
+        return None if found is None else self.api_client.sanitize_for_serialization(found)
+
+    async def pod_log_tail(self, namespace: str, name: str, lines: int, limit_bytes: int) -> str:
+        text = await self._call("get", "pods/log", self.core.read_namespaced_pod_log, name, namespace,
+                                tail_lines=lines, limit_bytes=limit_bytes, missing_ok=True)
+        return text or ""
+
+    # ------------------------------------------------------------------------------ delete
+
+    async def delete_pods(self, namespace: str, names: Iterable[str]) -> None:
+        await self.gather(
+            self._call("delete", "pods", self.core.delete_namespaced_pod, name, namespace, missing_ok=True,
+                       propagation_policy="Background")
+            for name in names
+        )
+
+    async def delete_service(self, namespace: str, name: str) -> None:
+        await self._call("delete", "services", self.core.delete_namespaced_service, name, namespace,
+                         missing_ok=True)
+
+    async def delete_config_map(self, namespace: str, name: str) -> None:
+        await self._call("delete", "configmaps", self.core.delete_namespaced_config_map, name, namespace,
+                         missing_ok=True)
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        await self._call("delete", PLURAL, self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION,
+                         namespace, PLURAL, name, missing_ok=True, propagation_policy="Background")
+
+
+def error_summary(error: BaseException) -> str:
+    """A one-line description of an API error for logs and conditions (reason + message, no bodies)."""
+    if isinstance(error, ApiException):
+        try:
+            message = json.loads(error.body or "{}").get("message", "")
+        except (ValueError, AttributeError):
+            message = ""
+        return f"HTTP {error.status} {error.reason}: {message}".strip()
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,141 @@
+"""`mmalign operator`: run the AlignmentJob operator against the current kubeconfig or in-cluster config.
+
+    mmalign operator --all-namespaces                        # cluster-wide, standalone
+    mmalign operator --namespace team-a --namespace team-b   # only these namespaces
+    mmalign operator --all-namespaces --peering mmalign      # N replicas: only one acts at a time
+
+The Helm chart's Deployment runs exactly this command. kopf runs in-process; its liveness endpoint
+serves GET /healthz, prometheus-client serves /metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+TRAINER_COMMAND_ENV = "MMALIGN_TRAINER_COMMAND"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mmalign operator", description=__doc__.split("\n")[0])
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
+                       help="watch this namespace (repeatable; globs like team-* work)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true",
+                       help="watch every namespace (the default when no --namespace is given)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG)")
+    parser.add_argument("--context", help="kubeconfig context")
+    parser.add_argument("--peering", metavar="NAME",
+                        help="kopf peering object: replicas sharing it elect one active operator "
+                        "(created if missing). Without it the operator runs standalone.")
+    parser.add_argument("--priority", type=int, default=0, help="peering priority (higher wins)")
+    parser.add_argument("--liveness-port", type=int, default=8080,
+                        help="serve kopf's liveness probe on http://0.0.0.0:PORT/healthz (0: off)")
+    parser.add_argument("--metrics-port", type=int, default=9090,
+                        help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (0: off)")
+    parser.add_argument("--resync-seconds", type=float, default=5.0,
+                        help="reconcile (and read progress) this often while a stage is active (<= 10)")
+    parser.add_argument("--log-format", choices=("json", "plain", "full"), default="json",
+                        help="json: one structured object per line (default)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    parser.add_argument("--trainer-command", default=os.environ.get(TRAINER_COMMAND_ENV),
+                        help=argparse.SUPPRESS)  # tests only: replaces `mmalign launch` in the pods
+    args = parser.parse_args(argv)
+    if not 0 < args.resync_seconds <= 10:
+        parser.error("--resync-seconds must be in (0, 10]: progress must reach the status within 30 s")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
+    try:
+        asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
+              ready_flag: asyncio.Event | None = None) -> None:
+    import kopf
+
+    from mmalign.operator import handlers
+    from mmalign.operator.builders import BuildOptions
+    from mmalign.operator.controller import LoopSettings
+    from mmalign.operator.kube import Kube, load_api_client
+
+    kopf.configure(verbose=args.verbose, log_format={
+        "json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
+    }[args.log_format], log_refkey="object")
+    logger = logging.getLogger("mmalign.operator")
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=40, thread_name_prefix="k8s"))
+
+    api_client = load_api_client(args.kubeconfig, args.context)
+    settings = LoopSettings(build=BuildOptions.from_command_line(args.trainer_command),
+                            active_period=args.resync_seconds)
+    if args.trainer_command:
+        logger.warning("trainer command overridden (tests only): %s", args.trainer_command)
+    runtime = handlers.Runtime(kube=Kube(api_client), settings=settings)
+
+    operator_settings = kopf.OperatorSettings()
+    operator_settings.persistence.finalizer = "mmalign.io/finalizer"
+    operator_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="mmalign.io")
+    operator_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="mmalign.io", key="last-handled-configuration")
+    operator_settings.watching.label_selectors["", "v1", "pods"] = handlers.LABEL_JOB  # server-side filter
+    # Kubernetes Events: the transitions the controller sends, plus kopf's own warnings and errors, not
+    # an event per handler run.
+    operator_settings.posting.level = logging.WARNING
+    clusterwide = args.all_namespaces or not args.namespace
+    if args.peering:
+        operator_settings.peering.name = args.peering
+        operator_settings.peering.priority = args.priority
+        operator_settings.peering.mandatory = True
+        await _ensure_peering(api_client, args.peering, [] if clusterwide else args.namespace)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+    logger.info("starting: %s, %s", "all namespaces" if clusterwide else f"namespaces {args.namespace}",
+                f"peering {args.peering!r}" if args.peering else "standalone")
+    await kopf.operator(
+        registry=handlers.REGISTRY,
+        settings=operator_settings,
+        clusterwide=clusterwide,
+        namespaces=[] if clusterwide else args.namespace,
+        standalone=not args.peering,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
+        memo=kopf.Memo(runtime=runtime),
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )
+
+
+async def _ensure_peering(api_client: object, name: str, namespaces: list[str]) -> None:
+    """kopf only patches an existing peering object; a missing one would silently disable peering."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    custom = client.CustomObjectsApi(api_client)  # type: ignore[arg-type]
+    targets = [(ns, "KopfPeering", "kopfpeerings") for ns in namespaces if "*" not in ns] or (
+        [(None, "ClusterKopfPeering", "clusterkopfpeerings")] if not namespaces else [])
+    for namespace, kind, plural in targets:
+        body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
+        try:
+            if namespace is None:
+                await asyncio.to_thread(custom.create_cluster_custom_object, "kopf.dev", "v1", plural, body)
+            else:
+                await asyncio.to_thread(custom.create_namespaced_custom_object, "kopf.dev", "v1", namespace,
+                                        plural, body)
+        except ApiException as error:
+            if error.status != 409:  # already there: fine
+                raise

@@ -1,0 +1,230 @@
+"""Pure failure and run policy: which pod failures restart the gang, which fail the job, and which spec
+changes are safe while the job runs. No API calls; table-tested in tests/unit/test_operator_policy.py.
+
+Exit codes (runPolicy.retryableExitCodes makes 1-127 retryable one by one):
+
+| what happened                                  | decision                                   |
+| ---------------------------------------------- | ------------------------------------------ |
+| exit 0 on every pod of the gang                | stage Succeeded                            |
+| exit >= 128 (a signal: SIGKILL 137, OOM, ...)  | retryable: restart the gang, attempt + 1   |
+| evicted, preempted, node lost, pod deleted     | retryable                                  |
+| exit in retryableExitCodes (default: 5)        | retryable                                  |
+| any other exit in 1-127 (2 config, 3 data, 4 NaN) | permanent: the job Fails at once        |
+| retryable, but restarts == backoffLimit         | the job Fails: BackoffLimitExceeded       |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from mmalign.trainer.config import ExitCode, RunPolicy
+
+# A permanent-looking exit is often a consequence: when one node is killed, torchrun on the others sees
+# the collective break and exits 1 a moment later (or its pod status arrives first). A permanent
+# failure is believed only after the other pods had this long to report their own.
+SETTLE_SECONDS = 10.0
+
+_DISRUPTION_REASONS = {"Evicted", "Preempting", "Preempted", "DeletionByTaintManager", "NodeLost",
+                       "Terminated", "Shutdown", "NodeShutdown", "UnexpectedAdmissionError"}
+# ExitCode.NAN_LOSS -> "NanLoss": the reason of the Failed/Restarting condition.
+_EXIT_REASONS = {int(code): "".join(w.capitalize() for w in code.name.split("_")) for code in ExitCode if code}
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the operator needs to know about one of its pods (from the pod's labels and status)."""
+
+    name: str
+    stage: str
+    attempt: int
+    node_rank: int
+    phase: str = "Pending"  # Pending, Running, Succeeded, Failed, Unknown
+    deleting: bool = False  # has a deletionTimestamp
+    exit_code: int | None = None
+    reason: str = ""  # pod reason (Evicted) or container termination reason (OOMKilled, Error)
+    message: str = ""
+    finished_at: datetime | None = None
+    disrupted: bool = False  # the DisruptionTarget condition: eviction, preemption, taint manager
+    owner_uid: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+def _time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None
+
+
+def observe_pod(pod: Mapping[str, Any]) -> PodView:
+    """A pod dict (as the API server or kopf gives it) -> PodView. Labels name the stage and attempt."""
+    from mmalign.operator.builders import LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
+
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    status = pod.get("status") or {}
+    exit_code = None
+    reason = status.get("reason") or ""
+    message = status.get("message") or ""
+    finished_at = None
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            exit_code = terminated.get("exitCode")
+            reason = reason or terminated.get("reason") or ""
+            message = message or terminated.get("message") or ""
+            finished_at = _time(terminated.get("finishedAt"))
+    disrupted = any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or []
+    )
+    owners = [ref.get("uid", "") for ref in metadata.get("ownerReferences") or [] if ref.get("controller")]
+    return PodView(
+        name=metadata.get("name", ""),
+        stage=labels.get(LABEL_STAGE, ""),
+        attempt=int(labels.get(LABEL_ATTEMPT, "0")),
+        node_rank=int(labels.get(LABEL_NODE_RANK, "0")),
+        phase=status.get("phase") or "Pending",
+        deleting=bool(metadata.get("deletionTimestamp")),
+        exit_code=exit_code,
+        reason=reason,
+        message=message,
+        finished_at=finished_at,
+        disrupted=disrupted,
+        owner_uid=owners[0] if owners else "",
+    )
+
+
+@dataclass(frozen=True)
+class Failure:
+    retryable: bool
+    reason: str  # CamelCase, goes to the Failed/Restarting condition
+    message: str
+    pod: str
+    exit_code: int | None = None
+
+
+def classify(pod: PodView, retryable_exit_codes: Iterable[int]) -> Failure:
+    """One failed (or vanished) pod -> retryable or permanent, with a reason a user can act on."""
+    if pod.disrupted or pod.reason in _DISRUPTION_REASONS:
+        why = pod.reason or "Disrupted"
+        return Failure(True, why, f"pod {pod.name} was {why.lower()}: {pod.message}".rstrip(": "), pod.name)
+    if pod.deleting and not pod.finished or pod.phase == "Missing":
+        return Failure(True, "PodDeleted", f"pod {pod.name} was deleted while the stage ran", pod.name)
+    code = pod.exit_code
+    if code is None:
+        return Failure(True, "PodFailed", f"pod {pod.name} failed without an exit code ({pod.reason})",
+                       pod.name)
+    detail = f"pod {pod.name} exited with code {code}"
+    if pod.reason and pod.reason not in ("Error", "Completed"):
+        detail += f" ({pod.reason})"
+    if pod.message:
+        detail += f": {pod.message.strip()[-300:]}"
+    if code >= 128:
+        return Failure(True, f"Signal{code - 128}" if pod.reason != "OOMKilled" else "OOMKilled", detail,
+                       pod.name, code)
+    reason = _EXIT_REASONS.get(code, f"ExitCode{code}")
+    if code in set(retryable_exit_codes):
+        return Failure(True, reason, detail + " (retryable by runPolicy.retryableExitCodes)", pod.name, code)
+    return Failure(False, reason, detail + " (permanent: fix the cause, then re-create the job)", pod.name,
+                   code)
+
+
+@dataclass(frozen=True)
+class GangState:
+    """The gang's state as one word, plus the failure that decides it when there is one."""
+
+    state: Literal["Pending", "Running", "Succeeded", "Failed", "Settling"]
+    failure: Failure | None = None
+    running: int = 0
+
+
+def _failure_order(pod: PodView) -> tuple[float, int]:
+    # Root cause first: a vanished/deleted/disrupted pod, then the earliest exit; on a tie (same
+    # second) a signal (something killed it) beats an exit code (a peer reacting to it).
+    vanished = pod.phase == "Missing" or pod.deleting or pod.disrupted
+    signal = (pod.exit_code or 0) >= 128
+    when = pod.finished_at.timestamp() if pod.finished_at and not vanished else float("-inf")
+    return (when, 0 if vanished else 1 if signal else 2)
+
+
+def gang_state(pods: list[PodView], nodes: int, run_policy: RunPolicy, now: datetime) -> GangState:
+    """The pods of ONE attempt (missing ones given as phase "Missing") -> the gang's state."""
+    failed = [p for p in pods if p.phase in ("Failed", "Missing") or (p.deleting and not p.finished)]
+    running = sum(1 for p in pods if p.phase == "Running" and not p.deleting)
+    if failed:
+        first = min(failed, key=_failure_order)
+        failure = classify(first, run_policy.retryable_exit_codes)
+        if not failure.retryable and running and first.finished_at is not None:
+            if (now - first.finished_at).total_seconds() < SETTLE_SECONDS:
+                return GangState("Settling", failure, running)
+        return GangState("Failed", failure, running)
+    succeeded = [p for p in pods if p.phase == "Succeeded"]
+    if len(succeeded) >= nodes:
+        return GangState("Succeeded", None, 0)
+    if running:
+        return GangState("Running", None, running)
+    return GangState("Pending", None, 0)
+
+
+def deadline_exceeded(start_time: datetime | None, now: datetime, run_policy: RunPolicy) -> bool:
+    seconds = run_policy.active_deadline_seconds
+    return bool(seconds and start_time and now - start_time >= timedelta(seconds=seconds))
+
+
+def ttl_expires_at(completion_time: datetime | None, run_policy: RunPolicy) -> datetime | None:
+    ttl = run_policy.ttl_seconds_after_finished
+    if ttl is None or completion_time is None:
+        return None
+    return completion_time + timedelta(seconds=ttl)
+
+
+# ------------------------------------------------------------------------------ spec changes mid-run
+
+# Always safe: they change what the operator does next, not what a running pod is.
+ALWAYS_SAFE = ("runPolicy",)
+# Safe while no gang runs (before the first pod, or suspended): the next gang is built from them.
+# This is how Kueue injects node selectors/tolerations into a suspended job before admitting it.
+SAFE_WITHOUT_PODS = ("podTemplate", "resources.requests", "resources.limits", "image")
+
+
+def changed_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves that differ between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        paths: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            paths += changed_paths(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return paths
+    return [] if old == new else [prefix or "."]
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+@dataclass(frozen=True)
+class SpecVerdict:
+    accepted: bool
+    refused_paths: tuple[str, ...] = ()
+
+
+def spec_change(
+    applied: Mapping[str, Any] | None, desired: Mapping[str, Any], *, started: bool, pods_active: bool
+) -> SpecVerdict:
+    """Is the change from the applied spec (the one the running gang was built from) to the desired
+    one safe now? All or nothing: a change is never half-applied.
+
+    `started`: some stage already ran (its checkpoints assume this world size, model, data, ...).
+    `pods_active`: a gang exists now (pod specs are immutable; the change would not reach it).
+    """
+    if applied is None or not started:
+        return SpecVerdict(True)
+    allowed = ALWAYS_SAFE if pods_active else ALWAYS_SAFE + SAFE_WITHOUT_PODS
+    refused = tuple(p for p in changed_paths(dict(applied), dict(desired)) if not _under(p, allowed))
+    return SpecVerdict(not refused, refused)

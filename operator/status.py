@@ -1,0 +1,374 @@
+"""Pure reconcile: (what the operator observed, the current status, now) -> a Plan.
+
+A Plan is the new status, the actions that bring the cluster towards it, the Events to send once the
+status is written, and when to look again. No API calls here: the controller (controller.py) observes,
+calls `reconcile`, runs the actions, writes the status once if it changed, then sends the events.
+
+The state machine (docs/operator.md draws it):
+
+    Pending -> Running -> (next stage ...) -> Succeeded
+       |          |  \\-> Restarting -> Running          (retryable failure, restarts < backoffLimit)
+       |          \\----> Failed                         (permanent exit, backoffLimit, deadline)
+       \\--------------> Suspended -> Pending/Running    (runPolicy.suspend true / false)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal
+
+from mmalign.operator.api import AlignmentJobStatus, Condition, StageProgress, StageStatus
+from mmalign.operator.builders import pod_name
+from mmalign.operator.policy import PodView, deadline_exceeded, gang_state, ttl_expires_at
+from mmalign.operator.progress import ProgressReport
+from mmalign.trainer.config import STAGE_ORDER, AlignmentJobSpec, StageName
+
+# How soon to look again while something is about to change (pods terminating, a gang starting).
+SOON = 1.0
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything reconcile() reads besides the current status."""
+
+    generation: int
+    spec: AlignmentJobSpec  # the effective spec (a refused change is not in it)
+    pods: tuple[PodView, ...]  # this job's pods, every stage and attempt
+    now: datetime
+    job_name: str = ""
+    progress: ProgressReport | None = None  # last progress line of the active gang's node 0
+    refused_paths: tuple[str, ...] = ()  # spec changes refused (see policy.spec_change)
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Literal["create_gang", "delete_pods", "delete_service", "delete_job"]
+    stage: str = ""
+    attempt: int = 0
+    pods: tuple[str, ...] = ()
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: AlignmentJobStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def soon(self, seconds: float) -> None:
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+    def delete(self, pods: list[PodView], reason: str) -> None:
+        names = tuple(p.name for p in pods if not p.deleting and p.phase != "Missing")
+        if names:
+            self.actions.append(Action("delete_pods", pods=names, reason=reason))
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def set_condition(
+    status: AlignmentJobStatus, type_: str, value: str, reason: str, message: str, now: datetime
+) -> bool:
+    """Set a condition; lastTransitionTime changes only when its status flips. True when it flipped."""
+    for condition in status.conditions:
+        if condition.type == type_:
+            flipped = condition.status != value
+            condition.status, condition.reason, condition.message = value, reason, message  # type: ignore[assignment]
+            if flipped:
+                condition.last_transition_time = rfc3339(now)
+            return flipped
+    status.conditions.append(
+        Condition(type=type_, status=value, reason=reason, message=message,  # type: ignore[arg-type]
+                  last_transition_time=rfc3339(now))
+    )
+    return True
+
+
+def clear_condition(status: AlignmentJobStatus, type_: str, reason: str, message: str, now: datetime) -> None:
+    """Turn a condition False if it is there (conditions appear the first time they become True)."""
+    if any(c.type == type_ and c.status == "True" for c in status.conditions):
+        set_condition(status, type_, "False", reason, message, now)
+
+
+def condition_true(status: AlignmentJobStatus, type_: str) -> bool:
+    return any(c.type == type_ and c.status == "True" for c in status.conditions)
+
+
+def _stage(status: AlignmentJobStatus, name: str) -> StageStatus:
+    entry = getattr(status.stages, name)
+    assert entry is not None, name
+    return entry
+
+
+class _Reconciler:
+    def __init__(self, obs: Observation, current: AlignmentJobStatus) -> None:
+        self.obs = obs
+        self.spec = obs.spec
+        self.now = obs.now
+        self.stamp = rfc3339(obs.now)
+        self.status = current.model_copy(deep=True)
+        self.plan = Plan(self.status)
+
+    # -------------------------------------------------------------------------------- helpers
+
+    def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        self.plan.events.append(Event(type_, reason, message))
+
+    def condition(self, type_: str, value: str, reason: str, message: str) -> bool:
+        return set_condition(self.status, type_, value, reason, message, self.now)
+
+    def clear(self, type_: str, reason: str, message: str) -> None:
+        clear_condition(self.status, type_, reason, message, self.now)
+
+    def pods_of(self, stage: str, attempt: int | None = None) -> list[PodView]:
+        return [p for p in self.obs.pods if p.stage == stage and (attempt is None or p.attempt == attempt)]
+
+    # -------------------------------------------------------------------------------- the pass
+
+    def run(self) -> Plan:
+        status, spec = self.status, self.spec
+        status.observed_generation = self.obs.generation
+        enabled = spec.stages.enabled()
+        for name in STAGE_ORDER:
+            entry = getattr(status.stages, name)
+            if name in enabled:
+                if entry is None or entry.phase == "Skipped":
+                    entry = StageStatus()
+                    setattr(status.stages, name, entry)
+                entry.artifact = spec.artifact_uri(name)  # type: ignore[arg-type]
+            elif entry is None:
+                setattr(status.stages, name, StageStatus(phase="Skipped", message="not in spec.stages"))
+        if not any(c.type == "Created" for c in status.conditions):
+            self.condition("Created", "True", "JobAccepted", f"stages: {', '.join(enabled)}")
+            self.event("Normal", "Created", f"accepted: stages {', '.join(enabled)}")
+        self.spec_refusal()
+
+        if status.phase in ("Succeeded", "Failed"):
+            self.finished()
+            return self.plan
+        active = next((s for s in enabled if _stage(status, s).phase != "Succeeded"), None)
+        run_policy = spec.run_policy
+        if not run_policy.suspend and deadline_exceeded(parse_time(status.start_time), self.now, run_policy):
+            self.fail(active, "DeadlineExceeded",
+                      f"the job was active longer than runPolicy.activeDeadlineSeconds="
+                      f"{run_policy.active_deadline_seconds}s")
+            return self.plan
+        if run_policy.suspend:
+            self.suspend(active)
+            return self.plan
+        if condition_true(status, "Suspended"):
+            self.condition("Suspended", "False", "Resumed", "runPolicy.suspend is false")
+            self.event("Normal", "Resumed", f"resuming stage {active}" if active else "resumed")
+            if active:
+                _stage(status, active).phase = "Pending"
+        while active is not None:
+            if not self.stage(active):
+                return self.plan
+            active = next((s for s in enabled if _stage(status, s).phase != "Succeeded"), None)
+        self.succeed(enabled)
+        return self.plan
+
+    def spec_refusal(self) -> None:
+        paths = self.obs.refused_paths
+        if paths:
+            message = (f"spec change refused, unsafe while the job runs: {', '.join(paths)}. The job "
+                       "continues with its previous spec; revert the change, or delete and re-create the job.")
+            if self.condition("SpecChangeRefused", "True", "UnsafeSpecChange", message):
+                self.event("Warning", "SpecChangeRefused", message)
+        else:
+            self.clear("SpecChangeRefused", "SpecMatches", "the spec in use matches the job's spec")
+
+    # -------------------------------------------------------------------------------- one stage
+
+    def stage(self, name: StageName) -> bool:
+        """Drive the active stage. True when it Succeeded and the next stage should start now."""
+        status, spec, plan = self.status, self.spec, self.plan
+        entry = _stage(status, name)
+        status.stage = name
+        current = self.pods_of(name, entry.attempt)
+        stale = [p for p in self.pods_of(name) if p.attempt != entry.attempt]
+        plan.delete(stale, f"stage {name}: pods of an earlier attempt")
+
+        if not entry.pods_created:
+            if stale:
+                # Never two gangs of one stage at once: the old one must be gone first.
+                entry.message = f"waiting for {len(stale)} pods of an earlier attempt to terminate"
+                plan.soon(SOON)
+                return False
+            plan.actions.append(Action("create_gang", stage=name, attempt=entry.attempt))
+            nodes = spec.resources.nodes
+            if entry.start_time is None:
+                entry.start_time = self.stamp
+                status.progress = ""
+                self.event("Normal", "StageStarted",
+                           f"stage {name}: {nodes} pods x {spec.resources.proc_per_node} processes")
+            if entry.phase != "Restarting":
+                entry.phase = "Pending"
+            entry.pods_created = True
+            entry.message = f"attempt {entry.attempt}: {nodes} pods created, waiting for them to start"
+            status.start_time = status.start_time or self.stamp
+            if status.phase not in ("Running", "Restarting"):
+                status.phase = "Pending"
+            status.message = f"stage {name}: {entry.message}"
+            plan.soon(SOON)
+            return False
+
+        seen = {p.node_rank for p in current}
+        views = current + [
+            PodView(pod_name(self.obs.job_name, name, entry.attempt, node), name, entry.attempt, node, "Missing")
+            for node in range(spec.resources.nodes) if node not in seen
+        ]
+        gang = gang_state(views, spec.resources.nodes, spec.run_policy, self.now)
+        self.progress(name, entry)
+        if gang.state == "Failed":
+            assert gang.failure is not None
+            failure = gang.failure
+            if not failure.retryable:
+                self.fail(name, failure.reason, failure.message)
+            elif entry.restarts >= spec.run_policy.backoff_limit:
+                self.fail(name, "BackoffLimitExceeded",
+                          f"{entry.restarts} gang restarts used (runPolicy.backoffLimit="
+                          f"{spec.run_policy.backoff_limit}); last failure: {failure.message}")
+            else:
+                self.restart(name, entry, current, failure.reason, failure.message)
+            return False
+        if gang.state == "Succeeded":
+            entry.phase = "Succeeded"
+            entry.completion_time = self.stamp
+            entry.message = f"attempt {entry.attempt} succeeded"
+            self.event("Normal", "StageSucceeded", f"stage {name} succeeded; output: {entry.artifact}")
+            self.clear("Restarting", "GangSucceeded", f"stage {name} succeeded")
+            return True
+        if gang.state in ("Running", "Settling"):
+            entry.phase = "Running"
+            entry.message = f"attempt {entry.attempt}: {gang.running}/{spec.resources.nodes} pods running"
+            if status.phase != "Running":
+                self.event("Normal", "Running", f"stage {name}: {entry.message}")
+            status.phase = "Running"
+            status.message = f"stage {name}: {entry.message}"
+            self.condition("Running", "True", "StageRunning", f"stage {name} is running")
+            self.clear("Restarting", "GangRunning", f"stage {name}: attempt {entry.attempt} is running")
+            if gang.state == "Settling":
+                self.plan.soon(SOON)
+            return False
+        entry.message = f"attempt {entry.attempt}: waiting for pods to start"
+        return False
+
+    def progress(self, name: str, entry: StageStatus) -> None:
+        report = self.obs.progress
+        if report is None or report.stage not in ("", name):
+            return
+        previous = entry.progress
+        same = previous is not None and (previous.step, previous.total) == (report.step, report.total)
+        entry.progress = StageProgress(
+            step=report.step, total=report.total, eta_seconds=report.eta_seconds,
+            updated=previous.updated if same and previous is not None else self.stamp,
+        )
+        entry.metrics = report.all_metrics()
+        if report.checkpoint:
+            entry.last_checkpoint = report.checkpoint
+        self.status.progress = report.summary()
+
+    def restart(self, name: StageName, entry: StageStatus, gang: list[PodView], reason: str, why: str) -> None:
+        spec, status = self.spec, self.status
+        self.plan.delete(gang, f"gang restart of stage {name}")
+        entry.restarts += 1
+        entry.attempt += 1
+        entry.pods_created = False
+        entry.phase = "Restarting"
+        resume = spec.checkpoint_uri(name) + "latest"
+        if not entry.last_checkpoint:
+            entry.last_checkpoint = resume
+        entry.message = (f"{why}; restarting all {spec.resources.nodes} pods as attempt {entry.attempt} "
+                         f"(restart {entry.restarts}/{spec.run_policy.backoff_limit}), resuming from {resume}")
+        status.phase = "Restarting"
+        status.message = f"stage {name}: {entry.message}"
+        self.condition("Restarting", "True", reason, status.message)
+        self.clear("Running", "Restarting", f"stage {name} is restarting")
+        self.event("Warning", "GangRestarting", status.message)
+        self.plan.soon(SOON)
+
+    # -------------------------------------------------------------------------------- job-level
+
+    def suspend(self, active: StageName | None) -> None:
+        status = self.status
+        live = [p for p in self.obs.pods if not p.finished]
+        self.plan.delete(live, "runPolicy.suspend")
+        message = "runPolicy.suspend is true: pods deleted; resuming continues from the last checkpoint"
+        if active is not None:
+            entry = _stage(status, active)
+            if entry.pods_created:
+                entry.attempt += 1  # the resumed gang is a new attempt, not a restart (no backoff)
+                entry.pods_created = False
+            entry.phase = "Suspended"
+            entry.message = message
+            status.stage = active
+        status.phase = "Suspended"
+        status.message = message
+        status.start_time = None  # like a batch Job: activeDeadlineSeconds counts from the resume
+        if self.condition("Suspended", "True", "JobSuspended", message):
+            self.event("Normal", "Suspended", message)
+        self.clear("Running", "Suspended", "the job is suspended")
+        self.clear("Restarting", "Suspended", "the job is suspended")
+
+    def fail(self, stage: str | None, reason: str, message: str) -> None:
+        status = self.status
+        if stage is not None:
+            entry = _stage(status, stage)
+            entry.phase = "Failed"
+            entry.completion_time = self.stamp
+            entry.message = message
+        status.phase = "Failed"
+        status.completion_time = self.stamp
+        status.message = f"stage {stage}: {message}" if stage else message
+        self.condition("Failed", "True", reason, status.message)
+        self.clear("Running", reason, "the job failed")
+        self.clear("Restarting", reason, "the job failed")
+        self.event("Warning", "Failed", f"{reason}: {status.message}")
+        self.finished(just_now=True)
+
+    def succeed(self, enabled: list[str]) -> None:
+        status = self.status
+        status.phase = "Succeeded"
+        status.completion_time = self.stamp
+        status.message = f"stages {', '.join(enabled)} succeeded"
+        self.condition("Succeeded", "True", "AllStagesSucceeded", status.message)
+        self.clear("Running", "Succeeded", "the job succeeded")
+        self.event("Normal", "Succeeded", status.message)
+        self.finished(just_now=True)
+
+    def finished(self, just_now: bool = False) -> None:
+        """Cleanup and TTL of a Succeeded/Failed job."""
+        run_policy = self.spec.run_policy
+        pods = self.obs.pods
+        # A finished job never keeps running pods; finished pods stay for their logs unless cleaned.
+        doomed = [p for p in pods if not p.finished or run_policy.clean_pods_after_finished]
+        self.plan.delete(doomed, f"job {self.status.phase}")
+        if run_policy.clean_pods_after_finished and (just_now or any(not p.deleting for p in pods)):
+            self.plan.actions.append(Action("delete_service", reason="cleanPodsAfterFinished"))
+        expires = ttl_expires_at(parse_time(self.status.completion_time), run_policy)
+        if expires is not None:
+            if expires <= self.now:
+                self.plan.actions.append(Action("delete_job", reason="ttlSecondsAfterFinished"))
+            else:
+                self.plan.soon((expires - self.now).total_seconds())
+
+
+def reconcile(obs: Observation, current: AlignmentJobStatus) -> Plan:
+    """The whole decision of one reconcile pass (pure). See the module docstring."""
+    return _Reconciler(obs, current).run()
