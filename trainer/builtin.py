@@ -5,7 +5,8 @@ Models (random weights, see tiny.py): `builtin://tiny-qwen2-vl`, `builtin://tiny
 
 Dataset `builtin://synthetic-colors`: 96 queries, each a 32x32 image filled with one of 8 colours (with
 seeded pixel noise so no two images are equal) and a question about its colour, in three categories:
-`short` ("What colour is the image?"), `long` ("Describe the image."), `mcq` (four lettered choices).
+`short` ("What colour is the image?"), `long` ("Describe the image."), `mcq` (four lettered choices),
+32 queries each; every colour appears in every category.
 Each query has 3 pairs: the chosen response names the image's colour, each rejected one names a wrong
 colour; both carry short critiques. Every colour name is chosen for some images and rejected for
 others, so the preference cannot be learned from the text alone: it depends on the image.
@@ -34,7 +35,7 @@ MODELS = {
     "tiny-text": "text",
 }
 DATASETS = ("synthetic-colors",)
-_DATASET_VERSION = "v1"  # bump when the generator changes: the cache folder name includes it
+_DATASET_VERSION = "v2"  # bump when the generator changes: the cache folder name includes it
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 40),
@@ -85,8 +86,9 @@ def _rows(seed: int = 0) -> list[tuple[dict[str, Any], str, tuple[int, int, int]
     out = []
     query = 0
     for repeat in range(QUERIES_PER_COLOUR):
-        for colour in names:
-            category = CATEGORIES[(query + repeat) % len(CATEGORIES)]
+        for colour_index, colour in enumerate(names):
+            # every colour appears in every category (4 queries each), so category says nothing
+            category = CATEGORIES[(colour_index + repeat) % len(CATEGORIES)]
             query_id = f"colors{query:04d}"
             path = f"{category}/{query_id}.png"
             wrong = rng.sample([n for n in names if n != colour], PAIRS_PER_QUERY)
