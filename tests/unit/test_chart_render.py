@@ -146,7 +146,7 @@ def test_metrics_service_selects_the_operator_pod() -> None:
     assert not by_kind(docs, "ServiceMonitor")
     without = render("--set", "metrics.enabled=false")
     assert not by_kind(without, "Service")
-    assert not any(arg.startswith("--metrics-port") for arg in container(without)["args"])
+    assert "--metrics-port=0" in container(without)["args"]  # 0: the operator serves no metrics
 
 
 def test_service_monitor_is_optional() -> None:
@@ -184,7 +184,7 @@ def test_watch_namespaces_mode_uses_a_role_per_namespace() -> None:
 
 def test_standalone_without_peering_and_refused_with_replicas() -> None:
     docs = render("--set", "operator.peering.enabled=false")
-    assert "--standalone" in container(docs)["args"]
+    assert not any(arg.startswith("--peering") for arg in container(docs)["args"])  # standalone
     assert not by_kind(docs, "ClusterKopfPeering")
     rules = one(docs, "ClusterRole")["rules"]
     assert not any("kopf.dev" in rule["apiGroups"] for rule in rules)
@@ -250,21 +250,22 @@ def test_custom_values_reach_the_operator() -> None:
     main = container(docs)
     assert main["image"].startswith("registry.example.com/ml/mmalign@sha256:")
     args = main["args"]
-    assert "--debug" in args and "--log-format=plain" in args
-    assert "--trainer-image=registry.example.com/ml/mmalign-trainer:0.1.0-cu130" in args
-    defaults = json.loads(next(a for a in args if a.startswith("--pod-defaults="))[len("--pod-defaults="):])
+    assert "--verbose" in args and "--log-format=plain" in args
+    env = {item["name"]: item.get("value") for item in main["env"]}
+    assert env["MMALIGN_TRAINER_IMAGE"] == "registry.example.com/ml/mmalign-trainer:0.1.0-cu130"
+    defaults = json.loads(env["MMALIGN_POD_DEFAULTS"])
     assert defaults["schedulerName"] == "volcano" and defaults["env"] == [{"name": "NCCL_DEBUG", "value": "WARN"}]
     assert one(docs, "Deployment")["spec"]["replicas"] == 2
 
 
 def test_trainer_image_defaults_to_the_operator_image_and_pod_defaults_are_omitted_when_empty() -> None:
-    args = container(render())["args"]
-    assert "--trainer-image=ghcr.io/mmalign/mmalign:0.1.0" in args
-    assert not any(arg.startswith("--pod-defaults") for arg in args)
+    env = {item["name"]: item.get("value") for item in container(render())["env"]}
+    assert env["MMALIGN_TRAINER_IMAGE"] == "ghcr.io/mmalign/mmalign:0.1.0"
+    assert "MMALIGN_POD_DEFAULTS" not in env
 
 
 def test_pod_defaults_have_the_fields_of_an_alignment_jobs_pod_template() -> None:
-    """The operator reads --pod-defaults with the same model as spec.podTemplate."""
+    """The operator reads MMALIGN_POD_DEFAULTS with the same model as spec.podTemplate."""
     from mmalign.trainer.config import PodTemplate
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())

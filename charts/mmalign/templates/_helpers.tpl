@@ -94,8 +94,8 @@ app.kubernetes.io/part-of: mmalign
 {{- end }}
 
 {{/*
-trainer.podDefaults as compact JSON for `--pod-defaults`, without the empty fields (nothing at all
-when every field is empty), so the operator's command line shows only what was set.
+trainer.podDefaults as compact JSON for MMALIGN_POD_DEFAULTS, without the empty fields (nothing at
+all when every field is empty), so the operator's environment shows only what was set.
 */}}
 {{- define "mmalign.podDefaults" -}}
 {{- $set := dict }}

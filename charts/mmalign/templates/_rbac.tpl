@@ -33,15 +33,18 @@ namespace; nothing cluster-scoped is needed except the ClusterKopfPeering in clu
   verbs: ["create", "patch"]
 {{- end }}
 
-{{/* kopf peering: read the peers' heartbeats, write our own. */}}
+{{/*
+kopf peering: read the peers' heartbeats, write our own. `create`: `mmalign operator --peering`
+creates the object when it is missing (the chart creates it first; the operator then gets a 409).
+*/}}
 {{- define "mmalign.rbac.clusterPeeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- end }}
 
 {{- define "mmalign.rbac.namespacedPeeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 {{- end }}
