@@ -146,12 +146,15 @@ def build_service(job: JobRef) -> dict[str, Any]:
 
 
 def job_document(job: JobRef) -> dict[str, Any]:
-    """The whole AlignmentJob as the trainer reads it with `load_job` (no status, no server fields)."""
+    """The whole AlignmentJob as the trainer reads it with `load_job` (no status, no server fields).
+
+    Defaults are left out: `load_job` fills them in from the same models.
+    """
     return {
         "apiVersion": API_VERSION_FULL,
         "kind": KIND,
         "metadata": {"name": job.name, "namespace": job.namespace},
-        "spec": job.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        "spec": job.spec.model_dump(by_alias=True, exclude_defaults=True, mode="json"),
     }
 
 

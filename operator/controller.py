@@ -112,7 +112,10 @@ class JobController:
             config_map = await self.kube.get_config_map(self.namespace, config_map_name(self.name))
             if config_map is not None:
                 document = yaml.safe_load((config_map.get("data") or {}).get("job.yaml", "")) or {}
-                self.applied_spec = document.get("spec")
+                try:  # normalised like the desired spec (the ConfigMap leaves defaults out)
+                    self.applied_spec = _dump(AlignmentJobSpec.model_validate(document.get("spec") or {}))
+                except ValidationError:
+                    self.applied_spec = None
         generation = int(metadata.get("generation") or 0)
         try:
             desired = AlignmentJobSpec.model_validate(body.get("spec") or {})
