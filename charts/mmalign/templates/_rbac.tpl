@@ -7,30 +7,36 @@ namespace; nothing cluster-scoped is needed except the ClusterKopfPeering in clu
 
 {{/* Namespaced resources the operator reads and writes wherever it watches AlignmentJobs. */}}
 {{- define "mmalign.rbac.jobRules" -}}
-# Watch AlignmentJobs; kopf patches its finalizer and progress annotations on the object.
+# Watch AlignmentJobs; kopf patches its finalizer and progress annotations onto them; the operator
+# deletes a finished job when its ttlSecondsAfterFinished runs out.
 - apiGroups: ["mmalign.io"]
   resources: ["alignmentjobs"]
-  verbs: ["get", "list", "watch", "patch"]
-# The status the operator computes, written through the status subresource.
+  verbs: ["list", "watch", "patch", "delete"]
+# The status the operator computes, written by server-side apply to the status subresource.
 - apiGroups: ["mmalign.io"]
   resources: ["alignmentjobs/status"]
-  verbs: ["get", "patch"]
-# The gang of each stage: one pod per node, applied server-side, deleted as a whole on restart.
+  verbs: ["patch"]
+# The gang of each stage: watched (by label), server-side applied (create + patch), confirmed with
+# a GET when the watch misses one, deleted as a whole on restart, suspend and cleanup.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Rank 0's progress lines travel through its log.
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
-# The headless Service (rendezvous DNS) and the ConfigMap holding the job spec for the trainer.
+# The headless Service (rendezvous DNS): server-side applied, deleted after the job.
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# An Event for every transition (kopf posts its handler events here too).
+  resources: ["services"]
+  verbs: ["create", "patch", "delete"]
+# The ConfigMap holding the job spec for the trainer: read back to spot a changed spec, applied, deleted.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch", "delete"]
+# An Event for every transition (and kopf's warnings).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*
@@ -40,11 +46,11 @@ creates the object when it is missing (the chart creates it first; the operator 
 {{- define "mmalign.rbac.clusterPeeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: ["clusterkopfpeerings"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 {{- end }}
 
 {{- define "mmalign.rbac.namespacedPeeringRules" -}}
 - apiGroups: ["kopf.dev"]
   resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 {{- end }}
