@@ -1,0 +1,178 @@
+"""Tiny models of every architecture: one-pass chosen/rejected batches with images processed once,
+chunked log-probs equal to a naive full-logits computation, the reward model, loading and saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from mmalign.trainer import builtin, collate, logprobs, models, tiny
+
+ARCHITECTURES = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-text")
+
+
+def _examples(text_only: bool) -> list[collate.Example]:
+    red, blue = Image.new("RGB", (48, 40), (220, 30, 30)), Image.new("RGB", (32, 32), (30, 60, 220))
+    return [
+        collate.Example("What colour is the image?", "The image is red.", "It is blue, I think.",
+                        [] if text_only else [red], "Correct.", "Wrong: it is red."),
+        collate.Example("Describe the image.", "Blue.", "The whole image is filled with a green colour.",
+                        [] if text_only else [blue], "Right colour.", "Wrong colour."),
+    ]
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def tiny_model(request: pytest.FixtureRequest) -> tuple[str, Any, Any]:
+    model, processor = models.load_model(f"builtin://{request.param}")
+    return request.param, model, processor
+
+
+def _vision_module(model: Any) -> torch.nn.Module | None:
+    backbone = model.model
+    return getattr(backbone, "visual", None) or getattr(backbone, "vision_tower", None)
+
+
+def test_pairs_in_one_pass_match_a_naive_forward_values_and_gradients(tiny_model: tuple[str, Any, Any]) -> None:
+    name, model, processor = tiny_model
+    batch = collate.collate_pairs(_examples(name == "tiny-text"), processor)
+    assert batch.rows == 4 and batch.pairs == 2  # [chosen_0, chosen_1, rejected_0, rejected_1]
+    model.train()
+
+    model.zero_grad()
+    chunked = logprobs.policy_logprobs(model, batch, chunk_size=3)  # several chunks per row
+    chunked.logps.sum().backward()
+    fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    logits = model(**batch.model_inputs()).logits  # HF path: pixels duplicated, full logits
+    naive = logprobs.naive_sequence_logprobs(logits, batch.input_ids, batch.response_mask)
+    naive.sum().backward()
+    naive_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.testing.assert_close(chunked.logps.double(), naive, rtol=1e-5, atol=1e-4)
+    assert set(fast_grads) == set(naive_grads)
+    for parameter in fast_grads:
+        torch.testing.assert_close(fast_grads[parameter], naive_grads[parameter], rtol=1e-4, atol=1e-6)
+    if name != "tiny-text":
+        assert any("visual" in n or "vision_tower" in n for n in fast_grads)  # gradients reach the vision tower
+    assert chunked.tokens.tolist() == batch.response_mask[:, 1:].sum(1).tolist()
+
+
+def test_images_go_through_the_vision_tower_once_per_pair(tiny_model: tuple[str, Any, Any]) -> None:
+    name, model, processor = tiny_model
+    vision = _vision_module(model)
+    if vision is None:
+        pytest.skip("text model")
+    batch = collate.collate_pairs(_examples(False), processor)
+    seen: list[int] = []
+    handle = vision.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        int((args[0] if args else kwargs["pixel_values"]).shape[0])), with_kwargs=True)
+    try:
+        logprobs.forward_hidden(model, batch)
+        once = list(seen)
+        seen.clear()
+        model(**batch.model_inputs())  # the TRL-style path: every row's pixels
+        twice = list(seen)
+    finally:
+        handle.remove()
+    assert len(once) == 1 and len(twice) == 1
+    assert twice[0] == 2 * once[0]
+
+
+def test_response_mask_covers_exactly_the_response(tiny_model: tuple[str, Any, Any]) -> None:
+    name, _, processor = tiny_model
+    examples = _examples(name == "tiny-text")
+    batch = collate.collate_pairs(examples, processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    texts = [e.chosen for e in examples] + [e.rejected for e in examples]
+    for row, text in enumerate(texts):
+        response = batch.input_ids[row][batch.response_mask[row]]
+        assert tokenizer.decode(response) == text + "<|im_end|>"
+        assert batch.attention_mask[row].sum() == batch.response_mask[row].nonzero().max() + 1  # right padding
+    if batch.mm_token_type_ids is not None:  # Qwen: image tokens typed 1, nothing else
+        image_token = tokenizer.convert_tokens_to_ids(tiny.QWEN_IMAGE)
+        assert torch.equal(batch.mm_token_type_ids.bool(), batch.input_ids == image_token)
+
+
+def test_truncation_keeps_the_prompt_and_a_response_token(tiny_model: tuple[str, Any, Any]) -> None:
+    name, _, processor = tiny_model
+    full = collate.collate_pairs(_examples(name == "tiny-text"), processor)
+    prompt_tokens = int((full.attention_mask.bool() & ~full.response_mask)[0].sum())
+    cut = collate.collate_pairs(_examples(name == "tiny-text"), processor, max_length=prompt_tokens + 2)
+    assert int(cut.response_mask[0].sum()) == 2
+    assert int(cut.attention_mask[0].sum()) == prompt_tokens + 2
+    tiny_budget = collate.collate_pairs(_examples(name == "tiny-text"), processor, max_length=16)
+    assert (tiny_budget.response_mask.sum(1) == 1).all()
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_tiny_models_are_deterministic_per_seed(name: str) -> None:
+    torch.manual_seed(123)  # the global RNG must not matter
+    first = builtin.load_model(f"builtin://{name}")[0].state_dict()
+    torch.manual_seed(456)
+    second = builtin.load_model(f"builtin://{name}", seed=0)[0].state_dict()
+    other = builtin.load_model(f"builtin://{name}?seed=1")[0].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].numel() > 1)
+
+
+def test_reward_model_scores_critiques_saves_and_reloads(tiny_model: tuple[str, Any, Any], tmp_path: Path) -> None:
+    name, base, processor = tiny_model
+    reward = models.RewardModel(base, seed=0)
+    examples = _examples(name == "tiny-text")
+    batch = collate.collate_reward(examples, processor, critique=True)
+    out = reward(batch)
+    assert out.scores.shape == (4,) and out.critique is not None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    assert tokenizer.decode(batch.input_ids[0][batch.critique_mask[0]]) == "Correct.<|im_end|>"
+    # the score reads the last real token: padding after it changes nothing
+    alone = reward(collate.collate_reward(examples[:1], processor, critique=True)).scores
+    torch.testing.assert_close(alone, out.scores[[0, 2]], rtol=1e-4, atol=1e-5)
+    (out.scores.sum() - out.critique.logps.sum()).backward()
+    assert reward.score_head.dense.weight.grad is not None
+
+    reward.save(tmp_path / "rm", processor)
+    reloaded, processor2 = models.load_reward_model(str(tmp_path / "rm"))
+    again = reloaded(collate.collate_reward(examples, processor2, critique=True))
+    torch.testing.assert_close(again.scores, out.scores)
+    torch.testing.assert_close(again.critique.logps, out.critique.logps)  # type: ignore[union-attr]
+
+    generation = collate.collate_generation(examples, processor)
+    assert (generation.attention_mask[:, -1] == 1).all()  # left padding
+    critiques = reward.generate_critiques(generation, processor, max_new_tokens=4)
+    assert len(critiques) == 4 and all(isinstance(c, str) for c in critiques)
+
+
+def test_saved_builtin_policy_reloads_from_its_folder(tmp_path: Path) -> None:
+    model, processor = models.load_model("builtin://tiny-qwen2-vl")
+    models.save_model(model, processor, tmp_path / "policy")
+    again, processor2 = models.load_model(f"file://{tmp_path / 'policy'}")
+    batch = collate.collate_pairs(_examples(False), processor2)
+    with torch.no_grad():
+        torch.testing.assert_close(logprobs.policy_logprobs(again, batch).logps,
+                                   logprobs.policy_logprobs(model, batch).logps)
+
+
+def test_s3_models_download_once_per_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, processor = models.load_model("builtin://tiny-text")
+    models.save_model(model, processor, tmp_path / "source")
+    calls: list[str] = []
+
+    def fake_download(uri: str, folder: str) -> list[Path]:
+        calls.append(uri)
+        import shutil
+
+        shutil.copytree(tmp_path / "source", folder, dirs_exist_ok=True)
+        return []
+
+    monkeypatch.setattr(models.storage, "download_prefix", fake_download)
+    first = models.model_dir("s3://bucket/models/tiny", cache_dir=tmp_path / "cache")
+    second = models.model_dir("s3://bucket/models/tiny", cache_dir=tmp_path / "cache")
+    assert first == second and (first / "config.json").exists()
+    assert calls == ["s3://bucket/models/tiny/"]
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        models.model_dir(str(tmp_path))
