@@ -35,6 +35,7 @@ class ExitCode(enum.IntEnum):
     DATA_ERROR = 3  # a malformed line, missing media, empty dataset: permanent
     NAN_LOSS = 4  # the loss became NaN/inf: permanent (restarting would repeat it)
     STORAGE_ERROR = 5  # S3 unreachable after retries: retryable
+    RENDEZVOUS_ERROR = 6  # `mmalign launch`: the master address never resolved (MMALIGN_DNS_WAIT_SECONDS)
 
 
 def _rules(*rules: tuple[str, str]) -> dict[str, Any]:

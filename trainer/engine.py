@@ -92,6 +92,15 @@ class Distributed:
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a (N, ...) tensor of every rank (same N on all ranks) along dim 0."""
+        if self.world_size == 1:
+            return tensor
+        moved = tensor.detach().to(self.device).contiguous()
+        parts = [torch.empty_like(moved) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, moved)
+        return torch.cat(parts).to(tensor.device)
+
     def any(self, flag: bool) -> bool:
         """True on every rank if `flag` is True on any rank (e.g. a NaN loss seen by one rank)."""
         return self.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
@@ -291,6 +300,20 @@ class Engine:
             state = self.model._zero3_consolidated_16bit_state_dict()
             return state if self.dist.is_rank_0 else {}
         return self.module.state_dict() if self.dist.is_rank_0 else {}
+
+
+def register_external_parameters(module: torch.nn.Module, deepspeed_spec: Any) -> None:
+    """ZeRO-3: the LM head weight is read outside its own module's forward (logprobs.py multiplies
+    hidden states by it in chunks), so DeepSpeed must gather it around `module`'s forward/backward."""
+    if deepspeed_spec.zero_stage != 3:
+        return
+    import deepspeed
+
+    for sub in module.modules():
+        head = getattr(sub, "get_output_embeddings", None)
+        if callable(head) and head() is not None and sub is not module:
+            deepspeed.zero.register_external_parameter(module, head().weight)
+            return
 
 
 def frozen(model: torch.nn.Module, deepspeed_spec: Any, dist: Distributed) -> torch.nn.Module:

@@ -5,9 +5,11 @@ Rank 0 prints one line to stdout per report; the operator tails the node-0 pod's
     mmalign-progress {"stage": "dpo", "step": 12, "total": 40, "loss": 0.61, "eta_seconds": 31.5,
                       "epoch": 0, "event": "step", "metrics": {"reward_accuracy": 0.75, ...}}
 
-`event` is "start", "step" (at most every `interval` seconds, default 10), "checkpoint" (with
-`"checkpoint": "<uri of the committed step>"`), "eval" or "end" (with the final metrics). Keys are
-always present; `loss`/`eta_seconds` may be null. When stderr is a terminal, a one-line bar is
+`event` is "start", "step" (at least every `interval` seconds while training, default 10,
+MMALIGN_PROGRESS_INTERVAL; 0 = every step), "checkpoint", "eval" or "end" (with the final metrics).
+`checkpoint` is the URI of the last COMMITTED checkpoint (null before the first), on every line, so
+the last line alone tells the operator everything. Keys are always present; `loss`/`eta_seconds` may
+be null. When stderr is a terminal, a one-line bar is
 redrawn there too (no dependency). Other ranks report nothing.
 """
 
@@ -51,6 +53,7 @@ class Progress:
         self.loss: float | None = None
         self.epoch: int | None = None
         self.metrics: dict[str, Any] = {}
+        self.checkpoint_uri: str | None = None  # the last committed checkpoint, sent with every line
         self._report("start")
 
     def eta_seconds(self) -> float | None:
@@ -76,7 +79,8 @@ class Progress:
 
     def checkpoint(self, step: int, uri: str) -> None:
         self.step = step
-        self._report("checkpoint", checkpoint=uri)
+        self.checkpoint_uri = uri
+        self._report("checkpoint")
 
     def evaluated(self, step: int, metrics: dict[str, Any]) -> None:
         self.step = step
@@ -106,6 +110,7 @@ class Progress:
             "epoch": self.epoch,
             "event": event,
             "metrics": {k: _finite(v) if isinstance(v, float) else v for k, v in self.metrics.items()},
+            "checkpoint": self.checkpoint_uri,
             **extra,
         }
         self.out.write(PREFIX + json.dumps(record, sort_keys=True) + "\n")

@@ -1,0 +1,122 @@
+"""`mmalign train --job JOB.yaml --stage reward|score|dpo [--storage URI]`: one stage, one worker.
+
+Runs under torchrun (every rank runs this); `mmalign launch` (pods) and `mmalign run --local` start it.
+
+    torchrun --standalone --nproc-per-node 2 --no-python \
+        mmalign train --job manifests/examples/tiny-cpu.yaml --stage reward --storage file://./runs/
+
+Exit codes (config.ExitCode; the operator's failure policy reads them): 0 done, 2 the job spec cannot
+run as written, 3 bad data, 4 NaN/inf loss, 5 storage unreachable after retries (retryable), 1 any other
+crash. A failure prints ONE line `mmalign: <KIND> (exit N): <reason>` on stderr (the operator shows
+it) and, in a pod, writes it to /dev/termination-log (Kubernetes' termination message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+from mmalign.trainer.config import STAGE_ORDER, ExitCode
+
+STAGE_MODULES = {name: f"mmalign.trainer.stages.{name}" for name in STAGE_ORDER}
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mmalign train", description="Run one stage of an AlignmentJob.")
+    parser.add_argument("--job", required=True, help="AlignmentJob YAML file (the whole document)")
+    parser.add_argument("--stage", required=True, choices=STAGE_ORDER)
+    parser.add_argument("--storage", help="override spec.storage.uri (s3://..., file://... or a path)")
+    return parser.parse_args(argv)
+
+
+def storage_override(uri: str) -> str:
+    """A plain path becomes a file:// URI; s3:// and file:// pass through."""
+    if uri.startswith(("s3://", "file://")):
+        return uri
+    from pathlib import Path
+
+    return Path(uri).resolve().as_uri() + "/"
+
+
+def load_manifest(path: str, storage_uri: str | None) -> Any:
+    from mmalign.trainer.config import load_job
+
+    manifest = load_job(path)
+    if storage_uri:
+        manifest.spec.storage.uri = storage_override(storage_uri)
+    return manifest
+
+
+def classify(error: BaseException) -> tuple[ExitCode | int, str]:
+    """(exit code, kind) for an exception that ended a stage."""
+    from pydantic import ValidationError
+
+    from mmalign.trainer.storage import StorageError
+
+    code = getattr(error, "exit_code", None)
+    if code is not None:
+        return ExitCode(code), ExitCode(code).name
+    if isinstance(error, StorageError):
+        return ExitCode.STORAGE_ERROR, "STORAGE_ERROR"
+    if isinstance(error, ValidationError | FileNotFoundError) or type(error).__name__ == "YAMLError":
+        return ExitCode.CONFIG_ERROR, "CONFIG_ERROR"
+    return 1, "ERROR"
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+def report_failure(code: int, kind: str, error: BaseException) -> None:
+    line = f"mmalign: {kind} (exit {code}): {one_line(error)}"
+    print(line, file=sys.stderr, flush=True)
+    if os.path.exists(TERMINATION_LOG) and os.access(TERMINATION_LOG, os.W_OK):
+        try:
+            with open(TERMINATION_LOG, "w", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("MMALIGN_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    dist = None
+    try:
+        manifest = load_manifest(args.job, args.storage)
+        from mmalign.trainer import engine, storage
+        from mmalign.trainer.stages.common import Context
+
+        storage.configure_from_spec(manifest.spec.storage)
+        dist = engine.init_distributed()
+        stage = importlib.import_module(STAGE_MODULES[args.stage])
+        stage.run(Context(manifest=manifest, stage=args.stage, dist=dist))
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as error:  # noqa: BLE001 - every failure becomes an exit code + one line
+        code, kind = classify(error)
+        if code == 1 or os.environ.get("MMALIGN_TRACEBACK"):
+            traceback.print_exc()
+        report_failure(int(code), kind, error)
+        return int(code)
+    finally:
+        if dist is not None:
+            from mmalign.trainer.engine import shutdown_distributed
+
+            try:
+                shutdown_distributed()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""`mmalign launch --job JOB.yaml --stage NAME [--storage URI]`: the trainer pod's command.
+
+The operator injects the torchrun conventions (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
+PET_MASTER_ADDR, PET_MASTER_PORT, and MASTER_ADDR/MASTER_PORT). This command
+
+1. waits until the master address resolves (the headless Service's DNS record appears only once the
+   node-0 pod exists; Kubeflow's PyTorchJob crashes on "host not found" instead) — retrying with a
+   log line every ~10 s for up to MMALIGN_DNS_WAIT_SECONDS (default 600), then exit 6
+   (RENDEZVOUS_ERROR);
+2. runs torchrun IN THIS PROCESS (torch.distributed.run) with a static rendezvous on the master:
+   `torchrun --nnodes N --nproc-per-node P --node-rank R --master-addr A --master-port PORT
+   --max-restarts 0 -m mmalign.cli train --job JOB --stage NAME`;
+3. exits with the FIRST failing worker's own exit code (torchrun alone exits 1, which would hide the
+   NaN / data / storage codes the operator's failure policy reads); a worker killed by signal S gives
+   128+S.
+
+The operator restarts the whole gang on retryable failures; torchrun itself never restarts workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+from mmalign.trainer.config import ExitCode
+
+
+def _log(message: str) -> None:
+    print(f"[mmalign launch] {message}", file=sys.stderr, flush=True)
+
+
+def torchrun_env() -> dict[str, str | int]:
+    """nnodes, nproc_per_node, node_rank, master_addr, master_port from PET_* (else MASTER_*/defaults)."""
+    env = os.environ
+    return {
+        "nnodes": int(env.get("PET_NNODES", "1")),
+        "nproc_per_node": int(env.get("PET_NPROC_PER_NODE", "1")),
+        "node_rank": int(env.get("PET_NODE_RANK", env.get("NODE_RANK", "0"))),
+        "master_addr": env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR") or "127.0.0.1",
+        "master_port": int(env.get("PET_MASTER_PORT") or env.get("MASTER_PORT") or "29500"),
+    }
+
+
+def wait_for_dns(host: str, port: int, timeout: float, interval: float = 2.0) -> bool:
+    """Retry name resolution of `host` until it works or `timeout` seconds passed; log every ~10 s."""
+    started = time.monotonic()
+    last_log = -1e9
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            if attempt > 1:
+                _log(f"{host} resolves after {time.monotonic() - started:.0f}s")
+            return True
+        except (socket.gaierror, UnicodeError) as error:
+            elapsed = time.monotonic() - started
+            if elapsed >= timeout:
+                _log(f"giving up: {host} did not resolve within {timeout:.0f}s ({error})")
+                return False
+            if elapsed - last_log >= 10:
+                _log(f"waiting for DNS of master {host} (attempt {attempt}, {elapsed:.0f}s): {error}")
+                last_log = elapsed
+            time.sleep(interval)
+
+
+def worker_exit_code(error: BaseException) -> int:
+    """The first failing worker's exit code from torchrun's ChildFailedError (signals -> 128+S)."""
+    failures = getattr(error, "failures", None)
+    if not failures:
+        return 1
+    _, failure = error.get_first_failure()  # type: ignore[attr-defined]
+    code = int(failure.exitcode)
+    if code < 0:
+        return 128 + (-code)
+    return code or 1
+
+
+def run_torchrun(torchrun_args: list[str]) -> int:
+    """torch.distributed.run in this process; 0 or the first failing worker's own exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(torchrun_args))
+        return 0
+    except ChildFailedError as error:
+        code = worker_exit_code(error)
+        rank, failure = error.get_first_failure()
+        _log(f"worker rank {rank} failed first (exit {failure.exitcode}); exiting {code}")
+        return code
+
+
+def train_command(job: str, stage: str, storage: str | None) -> list[str]:
+    """The worker's command as torchrun arguments: `-m mmalign.cli train ...` (same interpreter)."""
+    command = ["-m", "mmalign.cli", "train", "--job", job, "--stage", stage]
+    if storage:
+        command += ["--storage", storage]
+    return command
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mmalign launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--job", required=True, help="AlignmentJob YAML file (mounted from a ConfigMap)")
+    parser.add_argument("--stage", required=True, choices=("reward", "score", "dpo"))
+    parser.add_argument("--storage", help="override spec.storage.uri")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    env = torchrun_env()
+    timeout = float(os.environ.get("MMALIGN_DNS_WAIT_SECONDS", "600"))
+    if not wait_for_dns(str(env["master_addr"]), int(env["master_port"]), timeout):
+        return int(ExitCode.RENDEZVOUS_ERROR)
+    torchrun_args = [
+        f"--nnodes={env['nnodes']}",
+        f"--nproc-per-node={env['nproc_per_node']}",
+        f"--node-rank={env['node_rank']}",
+        f"--master-addr={env['master_addr']}",
+        f"--master-port={env['master_port']}",
+        "--rdzv-backend=static",
+        "--max-restarts=0",
+        *train_command(args.job, args.stage, args.storage),
+    ]
+    _log(f"torchrun {' '.join(torchrun_args)}")
+    return run_torchrun(torchrun_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""What the three stages share: the run context, the data order, errors -> exit codes, exporting.
+
+The data order is a pure function of (seed, epoch, step), so a resumed run continues with the same
+micro-batches, and the SAME global batch is used whatever the world size: step s takes the pairs
+`order[b*G : (b+1)*G]` (G = micro_batch x accumulation x world size, b = s mod steps-per-epoch) and
+splits them into G/micro_batch micro-batches, micro-batch k of rank r being number k*world+r. With a
+loss that is a mean over pairs, world size 1 vs 2 and (micro-batch x accumulation) splits therefore
+give the same updates up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.trainer import storage
+from mmalign.trainer.config import AlignmentJobManifest, AlignmentJobSpec, ExitCode
+from mmalign.trainer.engine import Distributed
+
+log = logging.getLogger("mmalign.trainer")
+
+
+class NanLossError(Exception):
+    """The loss became NaN/inf: permanent (ExitCode.NAN_LOSS)."""
+
+    exit_code = ExitCode.NAN_LOSS
+
+
+class StageConfigError(Exception):
+    """The job cannot run as written (ExitCode.CONFIG_ERROR): says which field and what to do."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything a stage needs to start: the job, who we are, where things go."""
+
+    manifest: AlignmentJobManifest
+    stage: str
+    dist: Distributed
+
+    @property
+    def spec(self) -> AlignmentJobSpec:
+        return self.manifest.spec
+
+    @property
+    def job_name(self) -> str:
+        return str(self.manifest.metadata["name"])
+
+    def stage_uri(self, leaf: str = "") -> str:
+        """`<storage>/<stage>/<leaf>`: metrics.json, reference log-probs, ..."""
+        return storage.join(self.spec.storage.uri, self.stage, leaf)
+
+    def scratch(self, name: str) -> Path:
+        """A node-local scratch folder for this job/stage (MMALIGN_LOCAL_DIR or the temp folder)."""
+        base = Path(os.environ.get("MMALIGN_LOCAL_DIR") or tempfile.gettempdir())
+        path = base / f"mmalign-{self.job_name}-{self.stage}" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------ data order
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOrder:
+    """The deterministic schedule of pair indices (see the module docstring)."""
+
+    pairs: int
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.pairs // self.global_batch
+
+    def total_steps(self, epochs: int, max_steps: int | None) -> int:
+        return max_steps if max_steps is not None else epochs * self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step // max(1, self.steps_per_epoch)
+
+    def _order(self, epoch: int) -> list[int]:
+        indices = list(range(self.pairs))
+        random.Random(f"mmalign-order-{self.seed}-{epoch}").shuffle(indices)
+        return indices
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This rank's `accumulation` micro-batches (pair indices) for optimizer step `step`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        start = position * self.global_batch
+        out = []
+        for k in range(self.accumulation):
+            first = start + (k * self.world_size + rank) * self.micro_batch
+            out.append(order[first:first + self.micro_batch])
+        return out
+
+
+def check_enough_pairs(order: DataOrder, field: str) -> None:
+    if order.steps_per_epoch < 1:
+        raise StageConfigError(
+            f"{field}: one optimizer step needs {order.global_batch} training pairs (microBatchSize "
+            f"{order.micro_batch} x gradientAccumulation {order.accumulation} x world size "
+            f"{order.world_size}) but the training split has {order.pairs}; lower them or add data"
+        )
+
+
+def rank_slice(count: int, rank: int, world_size: int) -> range:
+    """Contiguous block of `range(count)` for a rank (blocks in rank order cover it exactly)."""
+    return range(count * rank // world_size, count * (rank + 1) // world_size)
+
+
+def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def check_finite(dist: Distributed, loss: torch.Tensor, step: int) -> None:
+    """Raise NanLossError on EVERY rank when any rank's loss is NaN/inf (so all exit the same way)."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if dist.any(bad):
+        raise NanLossError(f"loss is not finite at step {step}; lower the learning rate or check the data")
+
+
+def mean_over_ranks(dist: Distributed, values: dict[str, float], counts: dict[str, float] | None = None
+                    ) -> dict[str, float]:
+    """Average scalar metrics over ranks (weighted by `counts` when given, else plain mean)."""
+    keys = sorted(values)
+    if counts:
+        sums = dist.all_reduce_sum([values[k] * counts.get(k, 1.0) for k in keys]
+                                   + [counts.get(k, 1.0) for k in keys])
+        n = len(keys)
+        return {k: sums[i] / sums[n + i] if sums[n + i] else math.nan for i, k in enumerate(keys)}
+    sums = dist.all_reduce_sum([values[k] for k in keys])
+    return {k: sums[i] / dist.world_size for i, k in enumerate(keys)}
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def upload_model_folder(local: Path, uri: str) -> None:
+    """Upload a saved model folder and mark it complete with `_complete.json` written last."""
+    infos = storage.upload_folder(local, uri)
+    storage.write_json(storage.join(uri, "_complete.json"),
+                       {"files": [{"name": i.relative, "size": i.size, "sha256": i.sha256} for i in infos]})
+
+
+def is_complete_model(uri: str) -> bool:
+    return storage.exists(storage.join(uri, "_complete.json"))
+
+
+def write_metrics(ctx: Context, metrics: dict[str, Any]) -> str:
+    uri = ctx.stage_uri("metrics.json")
+    storage.write_json(uri, {"stage": ctx.stage, "job": ctx.job_name, **metrics})
+    return uri
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def say(message: str) -> None:
+    """A human line on stderr (rank 0 only by the caller)."""
+    print(f"[mmalign] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,177 @@
+"""Stage `reward`: train the critique-based reward model (or a scalar Bradley–Terry one).
+
+    torchrun --standalone --nproc-per-node 2 -m mmalign.cli train --job JOB.yaml --stage reward
+
+Reads top to bottom: build (data split by query, RewardModel = VLM + score head, engine, checkpointer,
+resume) → `while step < total: step; maybe save; maybe eval` → final checkpoint, eval, export.
+
+Loss per micro-batch (losses.py): critique RM `L = a·NLL(annotated critiques | image, prompt, response)
++ b·BT(r_w, r_l)`, one forward pass over the 2B rows (chosen, rejected) with the critique teacher-forced
+and the score read at the last token; `critique: false` gives `L = b·BT`.
+
+Evaluation (Acc/Acc+ on the held-out queries, RewardBench style) scores each response the way the
+score stage will: the model GENERATES its critique (greedy), then scores (prompt, response, generated
+critique) — the annotated critiques would leak the label. Output: `spec.artifact_uri("reward")`, an HF
+folder + `score_head.safetensors` + `mmalign_reward.json`, marked complete by `_complete.json`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from mmalign.trainer import collate, data, losses, media, metrics, models, storage
+from mmalign.trainer.checkpoint import Checkpointer
+from mmalign.trainer.engine import Engine, register_external_parameters
+from mmalign.trainer.progress import Progress
+from mmalign.trainer.stages.common import (
+    Context,
+    DataOrder,
+    StageConfigError,
+    check_enough_pairs,
+    check_finite,
+    chunks,
+    is_complete_model,
+    mean_over_ranks,
+    rank_slice,
+    remove_tree,
+    say,
+    seed_everything,
+    upload_model_folder,
+    write_metrics,
+)
+from mmalign.trainer.stages.score import REWARD_INFO, score_examples
+
+EVAL_MAX_NEW_TOKENS = 32  # critique length while evaluating (the score stage uses its own setting)
+
+
+def micro_batch_loss(engine: Engine, processor: Any, examples: list[collate.Example], config: Any,
+                     max_length: int, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """The reward-model loss of one micro-batch of B pairs (2B rows in one forward pass)."""
+    batch = collate.collate_reward(examples, processor, critique=config.critique, max_length=max_length)
+    out = engine.model(batch.to(device))  # models.RewardOutput; scores (2B,)
+    count = len(examples)
+    score_loss, step_metrics = losses.bradley_terry_loss(out.scores[:count], out.scores[count:],
+                                                         config.margin, config.centering_weight)
+    if config.critique:
+        nll = losses.mean_token_nll(out.critique.logps, out.critique.tokens)
+        loss, parts = losses.critique_reward_loss(nll, score_loss, config.critique_weight, config.score_weight)
+        step_metrics.update(parts)
+    else:
+        loss = config.score_weight * score_loss
+    return loss, step_metrics
+
+
+@torch.no_grad()
+def evaluate(ctx: Context, model: models.RewardModel, processor: Any, pairs: list[data.PreferencePair],
+             loader: media.MediaLoader, critique: bool, batch_size: int) -> dict[str, Any]:
+    """RewardBench Acc/Acc+ of `model` on `pairs`; every rank scores a block, rank 0 gets the table."""
+    model.eval()
+    mine = [pairs[i] for i in rank_slice(len(pairs), ctx.dist.rank, ctx.dist.world_size)]
+    rows = []
+    for batch_pairs in chunks(mine, batch_size):
+        examples = [collate.Example.from_pair(p, loader.load(p)) for p in batch_pairs]
+        chosen, rejected, _, _ = score_examples(
+            model, processor, examples, critique=critique, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+            temperature=0.0, max_length=ctx.spec.data.max_length, device=ctx.dist.device)
+        rows += [(p.query_id, p.category, c, r) for p, c, r in zip(batch_pairs, chosen, rejected, strict=True)]
+    model.train()
+    gathered = ctx.dist.all_gather_object(rows)
+    return metrics.reward_bench(row for part in gathered for row in part)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    spec, dist, config = ctx.spec, ctx.dist, ctx.spec.stages.reward
+    assert config is not None
+    out_uri = spec.artifact_uri("reward")
+    if is_complete_model(out_uri):
+        if dist.is_rank_0:
+            say(f"reward: {out_uri} is complete; nothing to do")
+        return {}
+
+    # ---- build
+    seed_everything(spec.seed)
+    pairs, stats = data.read_pairs(spec.data)
+    train, held_out = data.split_by_query(pairs, spec.data.eval_fraction, spec.seed)
+    order = DataOrder(len(train), config.micro_batch_size, config.gradient_accumulation, dist.world_size,
+                      spec.seed)
+    check_enough_pairs(order, "stages.reward")
+    total = order.total_steps(config.epochs, config.max_steps)
+    model, processor = models.load_reward_model(spec.model.uri, seed=spec.seed)
+    register_external_parameters(model, spec.deepspeed)
+    engine = Engine(model, config, spec.deepspeed, dist, total)
+    checkpointer = Checkpointer.for_stage(spec, ctx.job_name, "reward", dist)
+    state = checkpointer.restore(engine) or {"step": 0}
+    if state.get("data") not in (None, data.fingerprint(train)):
+        raise StageConfigError("reward: the training data changed since the checkpoint was written; "
+                               f"delete {spec.checkpoint_uri('reward')} to start over")
+    step = int(state["step"])
+    loader = media.MediaLoader.from_spec(spec.data)
+    interval = float(os.environ.get("MMALIGN_PROGRESS_INTERVAL", "10"))
+    progress = Progress("reward", total, dist.is_rank_0, start_step=step, interval=interval)
+    eval_every = config.eval_every_steps
+    can_eval = bool(held_out) and spec.deepspeed.zero_stage < 3  # see docs/trainer.md (ZeRO-3 eval)
+    started = time.monotonic()
+    engine.train()
+
+    # ---- train
+    while step < total:
+        step_metrics: list[dict[str, float]] = []
+        losses_seen = []
+        for indices in order.micro_batches(step, dist.rank):
+            examples = [collate.Example.from_pair(train[i], loader.load(train[i])) for i in indices]
+            loss, micro_metrics = micro_batch_loss(engine, processor, examples, config,
+                                                   spec.data.max_length, dist.device)
+            check_finite(dist, loss, step)
+            engine.backward(loss)
+            engine.step()
+            losses_seen.append(float(loss.detach()))
+            step_metrics.append(micro_metrics)
+        step += 1
+        local = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+        local["loss"] = sum(losses_seen) / len(losses_seen)
+        averaged = mean_over_ranks(dist, local)
+        loss_value = averaged.pop("loss")
+        averaged["learning_rate"] = engine.learning_rate
+        progress.update(step, loss_value, order.epoch_of(step - 1), averaged)
+        if checkpointer.due(step) or step == total:
+            checkpointer.save(engine, step, {"data": data.fingerprint(train)})
+        if checkpointer.last_committed is not None:
+            progress.checkpoint_uri = checkpointer.last_committed.uri
+        if can_eval and eval_every and step % eval_every == 0 and step < total:
+            table = evaluate(ctx, engine.module, processor, held_out, loader, config.critique,
+                             config.micro_batch_size * 2)
+            progress.evaluated(step, {"eval_acc": table["overall"]["acc"],
+                                      "eval_acc_plus": table["overall"]["acc_plus"]})
+    checkpointer.finish()
+    if checkpointer.last_committed is not None:
+        progress.checkpoint(step, checkpointer.last_committed.uri)
+
+    # ---- final eval and export
+    final: dict[str, Any] = {"steps": total, "train_pairs": len(train), "eval_pairs": len(held_out),
+                             "skipped_lines": stats.skipped, "world_size": dist.world_size,
+                             "seconds": round(time.monotonic() - started, 1)}
+    if can_eval:
+        final["reward_bench"] = evaluate(ctx, engine.module, processor, held_out, loader, config.critique,
+                                         config.micro_batch_size * 2)
+        final["eval_acc"] = final["reward_bench"]["overall"]["acc"]
+        final["eval_acc_plus"] = final["reward_bench"]["overall"]["acc_plus"]
+    final["final_loss"] = progress.loss
+    state_dict = engine.state_dict_for_export()  # collective under ZeRO-3
+    if dist.is_rank_0:
+        folder = ctx.scratch("export")
+        remove_tree(folder)
+        model_to_save: models.RewardModel = engine.module  # type: ignore[assignment]
+        model_to_save.save(folder, processor, state_dict=state_dict or None)
+        storage.write_json(str(folder / REWARD_INFO), {"critique": config.critique,
+                                                         "base_model": spec.model.uri})
+        upload_model_folder(folder, out_uri)
+        remove_tree(folder)
+        write_metrics(ctx, final)
+        progress.finish({k: v for k, v in final.items() if isinstance(v, float)})
+        say(f"reward: model -> {out_uri}")
+    dist.barrier()
+    return final

@@ -1,0 +1,152 @@
+"""Stage `score`: critique and score every response with the reward model; δ per pair.
+
+    torchrun --standalone --nproc-per-node 2 -m mmalign.cli train --job JOB.yaml --stage score
+
+Reads top to bottom: build (reward model replica on every rank, this rank's contiguous block of the
+pairs) → for each batch: generate a critique of the chosen and the rejected response (batched,
+left-padded, KV cache, greedy unless `temperature` > 0), score (prompt, response, critique) → write
+this rank's shard → rank 0 writes `manifest.json` LAST.
+
+Output, `spec.artifact_uri("score")` (default `<storage>/score/scored/`):
+
+    shard-00000-of-00002.jsonl   every input field kept + chosen_reward, rejected_reward,
+    shard-00001-of-00002.jsonl   chosen_critique, rejected_critique, delta (scored-pairs format)
+    manifest.json                shards, pairs, reward model, world size, Acc/Acc+ of the reward model
+
+The shards concatenated in name order hold the pairs in input order. Resumable: a rank whose shard
+already exists skips its work; when `manifest.json` exists the stage is done. A scalar reward model
+(reward stage `critique: false`) scores (prompt, response) and writes empty critiques.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from mmalign.trainer import collate, data, media, metrics, models, storage
+from mmalign.trainer.progress import Progress
+from mmalign.trainer.stages.common import Context, chunks, rank_slice, say, write_metrics
+
+MANIFEST = "manifest.json"
+REWARD_INFO = "mmalign_reward.json"  # written beside a reward model by the reward stage
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"shard-{rank:05d}-of-{world_size:05d}.jsonl"
+
+
+def reward_model_uses_critiques(ctx: Context, uri: str) -> bool:
+    """From the reward model folder's mmalign_reward.json, else the job's reward stage, else True."""
+    try:
+        return bool(storage.read_json(storage.join(uri, REWARD_INFO))["critique"])
+    except (FileNotFoundError, KeyError, ValueError):
+        reward = ctx.spec.stages.reward
+        return reward.critique if reward is not None else True
+
+
+@torch.no_grad()
+def score_examples(model: models.RewardModel, processor: Any, examples: list[collate.Example], *,
+                   critique: bool, max_new_tokens: int, temperature: float, max_length: int,
+                   device: torch.device) -> tuple[list[float], list[float], list[str], list[str]]:
+    """(chosen rewards, rejected rewards, chosen critiques, rejected critiques) for B pairs."""
+    count = len(examples)
+    chosen_critiques = rejected_critiques = [""] * count
+    if critique:
+        prompts = collate.collate_generation(examples, processor, max_length).to(device)
+        texts = model.generate_critiques(prompts, processor, max_new_tokens=max_new_tokens,
+                                         temperature=temperature)  # 2B: chosen rows, then rejected
+        chosen_critiques, rejected_critiques = texts[:count], texts[count:]
+        batch = collate.collate_reward(examples, processor, critique=True, max_length=max_length,
+                                       critiques=list(zip(chosen_critiques, rejected_critiques, strict=True)))
+    else:
+        batch = collate.collate_reward(examples, processor, critique=False, max_length=max_length)
+    scores = model(batch.to(device)).scores.float().cpu().tolist()  # (2B,)
+    return scores[:count], scores[count:], list(chosen_critiques), list(rejected_critiques)
+
+
+def scored_row(pair: data.PreferencePair, chosen: float, rejected: float, chosen_critique: str,
+               rejected_critique: str) -> dict[str, Any]:
+    """The scored-pairs format: the input row verbatim + rewards, critiques and δ."""
+    row = dict(pair.fields)
+    row.setdefault("query_id", pair.query_id)
+    row.setdefault("category", pair.category)
+    row.update(chosen_reward=chosen, rejected_reward=rejected, chosen_critique=chosen_critique,
+               rejected_critique=rejected_critique, delta=chosen - rejected)
+    return row
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    spec, dist, config = ctx.spec, ctx.dist, ctx.spec.stages.score
+    assert config is not None
+    out_uri = spec.artifact_uri("score")
+    if storage.exists(storage.join(out_uri, MANIFEST)):
+        if dist.is_rank_0:
+            say(f"score: {out_uri}{MANIFEST} exists; the stage is complete, nothing to do")
+        return {}
+
+    # ---- build
+    pairs, stats = data.read_pairs(spec.data)
+    mine = [pairs[i] for i in rank_slice(len(pairs), dist.rank, dist.world_size)]
+    shard_uri = storage.join(out_uri, shard_name(dist.rank, dist.world_size))
+    reward_uri = spec.reward_model_uri()
+    critique = reward_model_uses_critiques(ctx, reward_uri)
+    progress = Progress("score", len(pairs), dist.is_rank_0,
+                        interval=float(os.environ.get("MMALIGN_PROGRESS_INTERVAL", "10")))
+    started = time.monotonic()
+
+    # ---- score this rank's block (skipped when a previous attempt already wrote it)
+    rows_metrics: list[tuple[str, str, float, float]] = []
+    if storage.exists(shard_uri):
+        for line in storage.read_text(shard_uri).splitlines():
+            row = json.loads(line)
+            rows_metrics.append((row["query_id"], row["category"], row["chosen_reward"], row["rejected_reward"]))
+    else:
+        model, processor = models.load_reward_model(reward_uri, seed=spec.seed)
+        if spec.deepspeed.bf16 and dist.device.type == "cuda":
+            model = model.to(torch.bfloat16)
+        model.to(dist.device).eval()
+        loader = media.MediaLoader.from_spec(spec.data)
+        done = 0
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
+            for batch_pairs in chunks(mine, config.batch_size):
+                examples = [collate.Example.from_pair(p, loader.load(p)) for p in batch_pairs]
+                chosen, rejected, chosen_critiques, rejected_critiques = score_examples(
+                    model, processor, examples, critique=critique, max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature, max_length=spec.data.max_length, device=dist.device)
+                for i, pair in enumerate(batch_pairs):
+                    out.write(json.dumps(scored_row(pair, chosen[i], rejected[i], chosen_critiques[i],
+                                                    rejected_critiques[i])) + "\n")
+                    rows_metrics.append((pair.query_id, pair.category, chosen[i], rejected[i]))
+                done += len(batch_pairs)
+                progress.update(min(len(pairs), done * dist.world_size))
+        storage.upload_file(out.name, shard_uri)  # the shard appears whole or not at all
+        os.unlink(out.name)
+        del model
+
+    # ---- manifest, written last by rank 0 once every shard exists
+    gathered = dist.all_gather_object(rows_metrics)
+    dist.barrier()
+    summary: dict[str, Any] = {}
+    if dist.is_rank_0:
+        expected = [shard_name(r, dist.world_size) for r in range(dist.world_size)]
+        for stale in storage.list_prefix(out_uri):
+            if stale.relative.endswith(".jsonl") and stale.relative not in expected:
+                storage.delete(stale.uri)  # shards of an earlier attempt with another world size
+        table = metrics.reward_bench(row for rows in gathered for row in rows)
+        summary = {
+            "pairs": len(pairs), "skipped_lines": stats.skipped, "world_size": dist.world_size,
+            "reward_model": reward_uri, "critique": critique, "reward_bench": table,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        storage.write_json(storage.join(out_uri, MANIFEST), {"shards": expected, **summary})
+        write_metrics(ctx, summary)
+        progress.update(len(pairs))
+        progress.finish({"acc": table["overall"]["acc"], "acc_plus": table["overall"]["acc_plus"]})
+        say(f"score: {len(pairs)} pairs scored -> {out_uri} (Acc {table['overall']['acc']:.3f})")
+    dist.barrier()
+    return summary
