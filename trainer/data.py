@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import posixpath
 import random
 from collections.abc import Iterable, Iterator

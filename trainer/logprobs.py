@@ -67,10 +67,12 @@ class SequenceLogprobs:
     tokens: torch.Tensor  # (R,) number of masked tokens
 
 
-def _chunk_logps(head_weight: torch.Tensor, head_bias: torch.Tensor | None, hidden: torch.Tensor,
-                 targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) for one chunk: (N, H) hidden, (N,) targets -> (N,) float32."""
-    logits = torch.nn.functional.linear(hidden, head_weight, head_bias).float()  # (N, V)
+def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) for one chunk: (N, H) hidden, (N,) targets -> (N,) float32.
+
+    The head is CALLED as a module (not `F.linear(hidden, head.weight)`): under ZeRO-3 its weight is
+    partitioned and only gathered by the module's forward hooks, once per chunk."""
+    logits = head(hidden).float()  # (N, V): the only full-vocabulary tensor, one chunk at a time
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
@@ -78,7 +80,8 @@ def token_logprobs(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, ma
                    chunk_size: int = 1024) -> torch.Tensor:
     """(R, T) log p(input_ids[:, t] | < t) at positions where `mask` is set, 0 elsewhere.
 
-    Position t's token is predicted from hidden[:, t-1]; position 0 is never scored."""
+    Position t's token is predicted from hidden[:, t-1]; position 0 is never scored. Only the N masked
+    positions reach the LM head, in chunks of `chunk_size` positions (across rows)."""
     head = model.get_output_embeddings()
     target_mask = mask.clone()
     target_mask[:, 0] = False
@@ -90,10 +93,9 @@ def token_logprobs(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, ma
         piece = slice(start, start + chunk_size)
         if torch.is_grad_enabled() and states.requires_grad:
             # Recompute the (chunk, V) logits in backward instead of keeping them.
-            pieces.append(checkpoint(_chunk_logps, head.weight, head.bias, states[piece], targets[piece],
-                                     use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logps, head, states[piece], targets[piece], use_reentrant=False))
         else:
-            pieces.append(_chunk_logps(head.weight, head.bias, states[piece], targets[piece]))
+            pieces.append(_chunk_logps(head, states[piece], targets[piece]))
     out = torch.zeros(target_mask.shape, dtype=torch.float32, device=hidden.device)
     if pieces:
         out = out.index_put((rows, cols), torch.cat(pieces))

@@ -29,7 +29,7 @@ def _nearest_colour(image: object) -> str:
     from PIL import Image
 
     mean = image.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))  # type: ignore[attr-defined]
-    return min(builtin.COLOURS, key=lambda n: sum((a - b) ** 2 for a, b in zip(builtin.COLOURS[n], mean)))
+    return min(builtin.COLOURS, key=lambda n: sum((a - b) ** 2 for a, b in zip(builtin.COLOURS[n], mean, strict=False)))
 
 
 def test_synthetic_colors_preferences_depend_on_the_image() -> None:

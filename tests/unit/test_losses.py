@@ -35,17 +35,17 @@ def _t(values: list[float]) -> torch.Tensor:
 @pytest.mark.parametrize(("margin", "centering"), [(0.0, 0.0), (0.5, 0.0), (0.0, 0.01), (1.0, 0.1)])
 def test_bradley_terry_matches_reference(n: int, margin: float, centering: float) -> None:
     chosen, rejected = _random(n, 1), _random(n, 2)
-    expected = sum(-_log_sigmoid(w - l - margin) for w, l in zip(chosen, rejected)) / n
-    expected += centering * sum((w + l) ** 2 for w, l in zip(chosen, rejected)) / n
+    expected = sum(-_log_sigmoid(w - lo - margin) for w, lo in zip(chosen, rejected, strict=True)) / n
+    expected += centering * sum((w + lo) ** 2 for w, lo in zip(chosen, rejected, strict=True)) / n
     loss, metrics = losses.bradley_terry_loss(_t(chosen), _t(rejected), margin, centering)
     assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
-    assert metrics["rewards/accuracy"] == pytest.approx(sum(w > l for w, l in zip(chosen, rejected)) / n)
+    assert metrics["rewards/accuracy"] == pytest.approx(sum(w > lo for w, lo in zip(chosen, rejected, strict=True)) / n)
 
 
 def test_bradley_terry_gradcheck() -> None:
     chosen = torch.randn(5, dtype=torch.float64, requires_grad=True)
     rejected = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda w, l: losses.bradley_terry_loss(w, l, 0.3, 0.05)[0], (chosen, rejected))
+    assert torch.autograd.gradcheck(lambda w, lo: losses.bradley_terry_loss(w, lo, 0.3, 0.05)[0], (chosen, rejected))
 
 
 def test_critique_reward_total_weights_both_terms() -> None:
@@ -65,7 +65,7 @@ def test_mean_token_nll_is_a_token_mean_over_the_batch() -> None:
 
 
 def _reference_dpo(pc, pr, rc, rr, betas, sft=0.0, nll=0.0) -> float:  # type: ignore[no-untyped-def]
-    terms = [-_log_sigmoid(b * ((a - c) - (b_ - d))) for a, b_, c, d, b in zip(pc, pr, rc, rr, betas)]
+    terms = [-_log_sigmoid(b * ((a - c) - (b_ - d))) for a, b_, c, d, b in zip(pc, pr, rc, rr, betas, strict=False)]
     return sum(terms) / len(terms) + sft * nll
 
 
@@ -84,7 +84,7 @@ def test_dpo_with_per_pair_beta_matches_reference(n: int) -> None:
     betas = [abs(b) / 10 for b in _random(n, 99)]
     loss, metrics = losses.dpo_loss(inputs, _t(betas))
     assert loss.item() == pytest.approx(_reference_dpo(*values, betas), rel=1e-12)
-    rewards_right = [b * (a - c) > b * (r - d) for a, r, c, d, b in zip(*values, betas)]
+    rewards_right = [b * (a - c) > b * (r - d) for a, r, c, d, b in zip(*values, betas, strict=False)]
     assert metrics["rewards/accuracy"] == pytest.approx(sum(rewards_right) / n)
 
 
@@ -156,7 +156,7 @@ def _reference_beta_dpo_beta(margins: list[float], beta: float, w: float, chosen
 @pytest.mark.parametrize("n", (2, 7, 64))
 def test_beta_dpo_matches_the_reference_code(n: int) -> None:
     inputs, values = _inputs(n, 40)
-    margins = [(a - c) - (r - d) for a, r, c, d in zip(*values)]
+    margins = [(a - c) - (r - d) for a, r, c, d in zip(*values, strict=False)]
     # the subset the loss draws, redrawn here with the same generator seed
     mean = sum(margins) / n
     std = math.sqrt(sum((m - mean) ** 2 for m in margins) / (n - 1))
