@@ -31,6 +31,8 @@ class KubeApi:
 
     def __post_init__(self) -> None:
         self.session = requests.Session()
+        # Not the environment: REQUESTS_CA_BUNDLE or a proxy variable would override this cluster's CA.
+        self.session.trust_env = False
         self.session.verify = str(self.ca)
         if self.cert:
             self.session.cert = (str(self.cert[0]), str(self.cert[1]))

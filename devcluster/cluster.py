@@ -1,0 +1,273 @@
+"""Start, find and stop one dev cluster: the Python API behind `mmalign dev` and the pytest fixtures.
+
+    cluster = up(state_dir, nodes=2)     # returns when every part is healthy
+    cluster.kubectl("get", "nodes")
+    cluster.down()                       # no process, port or folder left
+
+Every component runs detached (its own session, output to STATE/logs/), so `mmalign dev up` returns to
+the shell; STATE/state.json records the PIDs (with their start times, so a reused PID is never signalled)
+and the ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import yaml
+
+from mmalign.devcluster import binaries, components, dns, pki
+from mmalign.devcluster.kubeapi import ApiError, KubeApi
+
+# Stop order: the node first (it stops the pods), the control plane next, storage last.
+STOP_ORDER = ("node", "controller-manager", "apiserver", "seaweedfs", "etcd")
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("MMALIGN_STATE"):
+        return Path(os.environ["MMALIGN_STATE"])
+    return Path.home() / ".local" / "state" / "mmalign" / "dev"
+
+
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """Distinct free loopback ports: all sockets stay open until every port is picked."""
+    socks = []
+    try:
+        for _ in names:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return {name: sock.getsockname()[1] for name, sock in zip(names, socks, strict=True)}
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a live, non-zombie process; None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class DevCluster:
+    state_dir: Path
+    ports: dict[str, int]
+    processes: dict[str, dict]  # name -> {"pid", "start"}
+    nodes: int
+
+    @property
+    def layout(self) -> components.Layout:
+        return components.Layout(self.state_dir, binaries.bin_dir())
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.layout.kubeconfig
+
+    @property
+    def apiserver(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    @property
+    def s3_credentials(self) -> dict[str, str]:
+        return {"aws_access_key_id": components.S3_ACCESS_KEY,
+                "aws_secret_access_key": components.S3_SECRET_KEY, "region_name": components.S3_REGION}
+
+    @property
+    def env(self) -> dict[str, str]:
+        """KUBECONFIG, PATH (cached kubectl and helm first), AWS_* for the local S3."""
+        dirs = [str(binaries.bin_dir()), sysconfig.get_path("scripts")]
+        return components.shell_env(self.kubeconfig, dirs, self.ports["s3"], os.environ.get("PATH", ""))
+
+    def api(self) -> KubeApi:
+        folder = self.layout.pki
+        return KubeApi(self.apiserver, folder / "ca.crt", (folder / "admin.crt", folder / "admin.key"))
+
+    def kubectl(self, *args: str, check: bool = False, input: str | None = None,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(binaries.bin_dir() / "kubectl"), *args], env={**os.environ, **self.env},
+                              capture_output=True, text=True, check=check, input=input, timeout=timeout)
+
+    def alive(self) -> dict[str, bool]:
+        return {name: _start_time(p["pid"]) == p["start"] for name, p in self.processes.items()}
+
+    def down(self) -> None:
+        down(self.state_dir)
+
+    def save(self) -> None:
+        state = {"ports": self.ports, "processes": self.processes, "nodes": self.nodes}
+        (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def load(state_dir: Path | None = None) -> DevCluster:
+    state_dir = state_dir or default_state_dir()
+    path = state_dir / "state.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no dev cluster in {state_dir} (start one with `mmalign dev up`)")
+    state = json.loads(path.read_text())
+    return DevCluster(state_dir, state["ports"], state["processes"], state["nodes"])
+
+
+def _spawn(cluster: DevCluster, name: str, argv: list[str], env: dict | None = None) -> None:
+    log = open(cluster.layout.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **(env or {})}, cwd=cluster.state_dir)
+    log.close()
+    cluster.processes[name] = {"pid": proc.pid, "start": _start_time(proc.pid)}
+    cluster.save()
+
+
+def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cpu: str = "8",
+       memory: str = "32Gi", fast: bool = False, timeout: float = 120, progress: Callable[[str], None] | None = None
+       ) -> DevCluster:
+    """Start a cluster in `state_dir` (emptied first) and wait until it is healthy."""
+    say = progress or (lambda _msg: None)
+    state_dir = (state_dir or default_state_dir()).absolute()
+    if (state_dir / "state.json").exists():
+        existing = load(state_dir)
+        if any(existing.alive().values()):
+            raise RuntimeError(f"a dev cluster is already running in {state_dir}: `mmalign dev down` first")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    missing = [b for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "weed")
+               if not (binaries.bin_dir() / b).exists()]
+    if missing:
+        raise FileNotFoundError(f"missing {missing} in {binaries.bin_dir()}: run `python -m mmalign.devcluster.binaries`")
+    started = time.monotonic()
+    cluster = DevCluster(state_dir, free_ports(components.PORT_NAMES), {}, nodes)
+    layout = cluster.layout
+    layout.logs.mkdir(parents=True)
+    pki.create(layout.pki)
+    cluster.save()
+    (state_dir / "s3.json").write_text(json.dumps(components.s3_identities()))
+    (state_dir / "kubeconfig").write_text(yaml.safe_dump(components.kubeconfig(
+        cluster.apiserver, layout.pki / "ca.crt", layout.pki / "admin.crt", layout.pki / "admin.key")))
+    (state_dir / "node.json").write_text(json.dumps({
+        "apiserver": cluster.apiserver, "pki": str(layout.pki), "nodes": nodes, "gpus_per_node": gpus_per_node,
+        "cpu": cpu, "memory": memory, "fast": fast, "node_prefix": "process-node",
+        "kubelet_port": cluster.ports["kubelet"],
+        # A /16 of 127/8 per cluster, picked from the API port, so two clusters rarely share addresses.
+        "pod_network": f"127.{10 + cluster.ports['apiserver'] % 240}.0.0/16",
+        "venv_bin": sysconfig.get_path("scripts"), "cache_bin": str(binaries.bin_dir()),
+        "dns_shim": str(dns.build_shim(binaries.cache_dir() / "lib")),
+        "kubernetes_version": binaries.KUBERNETES_VERSION,
+    }))
+    try:
+        ports = cluster.ports
+        _spawn(cluster, "etcd", components.etcd(layout, ports))
+        _spawn(cluster, "seaweedfs", components.seaweedfs(layout, ports))
+        _spawn(cluster, "apiserver", components.apiserver(layout, ports))
+        _spawn(cluster, "controller-manager", components.controller_manager(layout))
+        _spawn(cluster, "node", [sys.executable, "-m", "mmalign.devcluster.nodeagent", str(state_dir)])
+        say(f"started processes in {time.monotonic() - started:.1f}s; waiting for health")
+        _wait_healthy(cluster, started + timeout, say)
+    except BaseException:
+        _print_logs(cluster)
+        down(state_dir, keep=True)
+        raise
+    say(f"dev cluster up in {time.monotonic() - started:.1f}s")
+    return cluster
+
+
+def _wait(what: str, check: Callable[[], bool], deadline: float, cluster: DevCluster) -> None:
+    while time.monotonic() < deadline:
+        dead = [name for name, ok in cluster.alive().items() if not ok]
+        if dead:
+            raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}; see {cluster.layout.logs}")
+        try:
+            if check():
+                return
+        except (requests.RequestException, ApiError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"timed out waiting for {what}; see {cluster.layout.logs}")
+
+
+def _wait_healthy(cluster: DevCluster, deadline: float, say: Callable[[str], None]) -> None:
+    api = cluster.api()
+    _wait("kube-apiserver /readyz", lambda: api.session.get(cluster.apiserver + "/readyz", timeout=2).ok,
+          deadline, cluster)
+    say("kube-apiserver ready")
+    _wait("S3 endpoint", lambda: port_open(cluster.ports["s3"]), deadline, cluster)
+
+    def nodes_ready() -> bool:
+        items = api.get("/api/v1/nodes")["items"]
+        ready = [n for n in items if not (n.get("spec", {}).get("taints"))
+                 and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))]
+        return len(ready) >= cluster.nodes
+
+    _wait(f"{cluster.nodes} Ready process nodes", nodes_ready, deadline, cluster)
+    say("process nodes ready")
+    _wait("the default ServiceAccount (controller manager)",
+          lambda: bool(api.get("/api/v1/namespaces/default/serviceaccounts/default")), deadline, cluster)
+
+
+def _print_logs(cluster: DevCluster) -> None:
+    for log in sorted(cluster.layout.logs.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        print(f"--- {log.name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
+
+
+def _signal(pid: int, start: str | None, sig: int) -> None:
+    if start is not None and _start_time(pid) == start:
+        try:
+            os.killpg(pid, sig)  # each component leads its own session and process group
+        except ProcessLookupError:
+            pass
+
+
+def down(state_dir: Path | None = None, keep: bool = False, grace: float = 10) -> None:
+    """Stop every process of the cluster (pods included) and remove its state folder."""
+    state_dir = (state_dir or default_state_dir()).absolute()
+    if not (state_dir / "state.json").exists():
+        if not keep:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        return
+    cluster = load(state_dir)
+    node_stopped_pods = False
+    for name in STOP_ORDER:
+        proc = cluster.processes.get(name)
+        if not proc:
+            continue
+        was_alive = _start_time(proc["pid"]) == proc["start"]
+        _signal(proc["pid"], proc["start"], signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _start_time(proc["pid"]) == proc["start"]:
+            time.sleep(0.05)
+        if name == "node":
+            node_stopped_pods = was_alive and _start_time(proc["pid"]) != proc["start"]
+        _signal(proc["pid"], proc["start"], signal.SIGKILL)
+    if not node_stopped_pods:
+        # The node died without stopping its pods: their process groups are recorded per pod.
+        for pgid_file in state_dir.glob("pods/*/pgid"):
+            try:
+                os.killpg(int(pgid_file.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError, PermissionError):
+                pass
+    for leftover in components.seaweedfs_leftovers(cluster.ports):
+        leftover.unlink(missing_ok=True)
+    if not keep:
+        shutil.rmtree(state_dir, ignore_errors=True)
