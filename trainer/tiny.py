@@ -211,9 +211,7 @@ def _seeded_init(model: torch.nn.Module, seed: int) -> None:
             parameter.zero_()
         else:
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    for name, buffer in model.named_buffers():
-        # e.g. LLaVA-OneVision's `image_newline` is a Parameter; RoPE inv_freq buffers are computed.
-        del name, buffer
+    # Buffers (RoPE inverse frequencies) are computed from the config, not drawn: nothing to seed.
 
 
 def build_tiny(architecture: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:

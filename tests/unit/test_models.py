@@ -62,11 +62,11 @@ def test_pairs_in_one_pass_match_a_naive_forward_values_and_gradients(tiny_model
     assert chunked.tokens.tolist() == batch.response_mask[:, 1:].sum(1).tolist()
 
 
-def test_images_go_through_the_vision_tower_once_per_pair(tiny_model: tuple[str, Any, Any]) -> None:
-    name, model, processor = tiny_model
+@pytest.mark.parametrize("name", ARCHITECTURES[:3])
+def test_images_go_through_the_vision_tower_once_per_pair(name: str) -> None:
+    model, processor = models.load_model(f"builtin://{name}")
     vision = _vision_module(model)
-    if vision is None:
-        pytest.skip("text model")
+    assert vision is not None
     batch = collate.collate_pairs(_examples(False), processor)
     seen: list[int] = []
     handle = vision.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
@@ -81,6 +81,37 @@ def test_images_go_through_the_vision_tower_once_per_pair(tiny_model: tuple[str,
         handle.remove()
     assert len(once) == 1 and len(twice) == 1
     assert twice[0] == 2 * once[0]
+
+
+def test_the_lm_head_never_sees_more_than_one_chunk(tiny_model: tuple[str, Any, Any]) -> None:
+    name, model, processor = tiny_model
+    batch = collate.collate_pairs(_examples(name == "tiny-text"), processor)
+    shapes: list[tuple[int, ...]] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    try:
+        out = logprobs.policy_logprobs(model, batch, chunk_size=5)
+        out.logps.sum().backward()  # backward recomputes the chunks (checkpoint), again 5 rows each
+    finally:
+        handle.remove()
+    vocabulary = head.weight.shape[0]
+    scored = int(batch.response_mask[:, 1:].sum())
+    assert all(shape[0] <= 5 and shape[-1] == vocabulary and len(shape) == 2 for shape in shapes)
+    assert sum(shape[0] for shape in shapes) == 2 * scored  # forward + recomputation, scored positions only
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES[:3])
+def test_mixed_batches_of_image_and_text_rows(name: str) -> None:
+    model, processor = models.load_model(f"builtin://{name}")
+    image = Image.new("RGB", (32, 32), (10, 200, 10))
+    examples = [collate.Example("One image.", "a", "b", [image]), collate.Example("No image.", "c", "d", []),
+                collate.Example("Two frames.", "e", "f", [image, image])]
+    batch = collate.collate_pairs(examples, processor)
+    with torch.no_grad():
+        fast = logprobs.policy_logprobs(model, batch).logps.double()
+        naive = logprobs.naive_sequence_logprobs(model(**batch.model_inputs()).logits, batch.input_ids,
+                                                 batch.response_mask)
+    torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-4)
 
 
 def test_response_mask_covers_exactly_the_response(tiny_model: tuple[str, Any, Any]) -> None:
