@@ -51,7 +51,7 @@ test: lint binaries
 	$(BIN)/pytest tests -q --timeout=900 --durations=15
 
 demo: binaries
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python -m mmalign.devcluster.demo
 
 demo-down: $(STAMP)
 	$(BIN)/mmalign dev down
