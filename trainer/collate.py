@@ -214,9 +214,10 @@ def collate_pairs(examples: list[Example], processor: Any, max_length: int = 204
     prompts, types, vision = _encode_prompts(template, examples)
     rows = []
     for side in ("chosen", "rejected"):
-        for example, prompt, mm in zip(examples, prompts, types or [None] * len(examples), strict=True):
+        for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
             response = template.ids(getattr(example, side) + template.end)
-            rows.append(_truncate(_Row([(prompt, "prompt"), (response, "response")], mm), max_length))
+            row = _Row([(prompt, "prompt"), (response, "response")], types[i] if types else None)
+            rows.append(_truncate(row, max_length))
     return _pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision)
 
 

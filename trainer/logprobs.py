@@ -46,7 +46,8 @@ def encode_vision(model: Any, batch: Batch) -> dict[str, Any] | None:
             batch_num_images=batch.vision.get("batch_num_images"),
         )
     per_image = list(out.pooler_output)  # one (tokens, H) tensor per image, pair order
-    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(per_image * batch.repeats))}
+    # HF types pooler_output as a Tensor; the VLMs' get_image_features return a per-image tuple here.
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(per_image * batch.repeats))}  # type: ignore[arg-type]
 
 
 def forward_hidden(model: Any, batch: Batch) -> torch.Tensor:

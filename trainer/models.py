@@ -89,7 +89,7 @@ def save_model(model: nn.Module, processor: Any, folder: str | os.PathLike[str],
 
 
 def hidden_size(model: nn.Module) -> int:
-    config = model.config  # type: ignore[attr-defined]
+    config: Any = model.config
     return int(getattr(config, "text_config", config).hidden_size)
 
 

@@ -107,7 +107,7 @@ def _text_config(tokenizer: Any, **extra: Any) -> dict[str, Any]:
 
 def _qwen_config(architecture: str, tokenizer: Any) -> Any:
     ids = tokenizer.convert_tokens_to_ids
-    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
+    vision: dict[str, Any] = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
                   temporal_patch_size=2, in_channels=3)
     common = dict(image_token_id=ids(QWEN_IMAGE), video_token_id=ids(QWEN_VIDEO),
                   vision_start_token_id=ids(VISION_START), vision_end_token_id=ids(VISION_END))
@@ -154,7 +154,7 @@ def build_processor(architecture: str, tokenizer: Any | None = None) -> Any:
         if architecture == "qwen2.5-vl":
             from transformers import Qwen2_5_VLProcessor as Processor  # type: ignore[assignment,no-redef]
         pixels = IMAGE_SIZE * IMAGE_SIZE
-        sizes = dict(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=8, merge_size=2,
+        sizes: dict[str, Any] = dict(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=8, merge_size=2,
                      temporal_patch_size=2)
         return Processor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
                          video_processor=Qwen2VLVideoProcessor(**sizes))
