@@ -137,7 +137,7 @@ def choose_node(pod: dict, nodes: list[NodeView]) -> tuple[str | None, str]:
         else:
             reasons[reason] = reasons.get(reason, 0) + 1
     if fitting:
-        best = min(fitting, key=lambda n: (-n.free("cpu"), -n.free("memory"), n.name))
+        best = min(fitting, key=lambda n: (-n.free("cpu"), -n.free("memory"), n.used.get("pods", 0), n.name))
         return best.name, ""
     detail = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
     return None, f"0/{len(nodes)} nodes are available: {detail}."
