@@ -60,6 +60,10 @@ class KubeApi:
     def merge_patch(self, path: str, body: dict) -> Any:
         return self.request("PATCH", path, body, content_type="application/merge-patch+json")
 
+    def strategic_patch(self, path: str, body: dict) -> Any:
+        """Built-in types only; lists merge by their key (e.g. node conditions by `type`)."""
+        return self.request("PATCH", path, body, content_type="application/strategic-merge-patch+json")
+
     def delete(self, path: str, body: dict | None = None) -> Any:
         return self.request("DELETE", path, body)
 

@@ -146,10 +146,12 @@ class NodeAgent:
                     self.api.merge_patch(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}",
                                          {"spec": {"renewTime": nodes.micro_time()}})
                     if time.monotonic() - last_status > 60:
-                        port = self.config.get("kubelet_port_used", 0)
-                        status = nodes.node_status(name, self.cap, port, self.config["kubernetes_version"])
-                        self.api.merge_patch(f"/api/v1/nodes/{name}/status",
-                                             {"status": {"conditions": status["conditions"]}})
+                        # Heartbeat only: conditions merge by type, lastTransitionTime stays.
+                        beat = nodes.micro_time().split(".")[0] + "Z"
+                        conditions = [{"type": c, "lastHeartbeatTime": beat}
+                                      for c in ("MemoryPressure", "DiskPressure", "PIDPressure", "Ready")]
+                        self.api.strategic_patch(f"/api/v1/nodes/{name}/status",
+                                                 {"status": {"conditions": conditions}})
                 except Exception as err:  # noqa: BLE001 - keep beating
                     log.warning("heartbeat %s: %s", name, err)
             if time.monotonic() - last_status > 60:
