@@ -104,10 +104,41 @@ class BuildOptions:
 
     # Replaces `mmalign launch` (tests use a stub trainer); `--job FILE --stage STAGE` follow it.
     trainer_command: tuple[str, ...] = ("mmalign", "launch")
+    trainer_image: str | None = None  # for jobs without spec.image
+    pod_defaults: dict[str, Any] | None = None  # spec.podTemplate defaults (the job's values win)
 
     @classmethod
-    def from_command_line(cls, command: str | None) -> BuildOptions:
-        return cls(tuple(shlex.split(command))) if command else cls()
+    def from_command_line(cls, command: str | None, **kwargs: Any) -> BuildOptions:
+        return cls(tuple(shlex.split(command)), **kwargs) if command else cls(**kwargs)
+
+
+def with_operator_defaults(
+    spec: dict[str, Any], trainer_image: str | None, pod_defaults: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A job's raw spec with the operator's defaults filled in (the chart's `trainer.image` and
+    `trainer.podDefaults`, given as MMALIGN_TRAINER_IMAGE / MMALIGN_POD_DEFAULTS). The job's own
+    values win: maps merge key by key, env merges by name, tolerations add up, scalars are kept.
+    """
+    merged = dict(spec)
+    if trainer_image and not merged.get("image"):
+        merged["image"] = trainer_image
+    if not pod_defaults:
+        return merged
+    own = dict(merged.get("podTemplate") or {})
+    template: dict[str, Any] = {}
+    for key in set(pod_defaults) | set(own):
+        default, value = pod_defaults.get(key), own.get(key)
+        if isinstance(default, dict) and isinstance(value, dict):
+            template[key] = {**default, **value}
+        elif key == "env" and default and value:
+            names = {item.get("name") for item in value}
+            template[key] = [item for item in default if item.get("name") not in names] + list(value)
+        elif key == "tolerations" and default and value:
+            template[key] = list(value) + [item for item in default if item not in value]
+        else:
+            template[key] = value if value not in (None, "", [], {}) else default
+    merged["podTemplate"] = template
+    return merged
 
 
 def owner_reference(job: JobRef) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from mmalign.operator.builders import (
     config_map_name,
     pod_name,
     service_name,
+    with_operator_defaults,
 )
 from mmalign.operator.kube import Kube, error_summary
 from mmalign.operator.policy import PodView, observe_pod, spec_change
@@ -117,8 +118,10 @@ class JobController:
                 except ValidationError:
                     self.applied_spec = None
         generation = int(metadata.get("generation") or 0)
+        build = self.settings.build
         try:
-            desired = AlignmentJobSpec.model_validate(body.get("spec") or {})
+            raw = with_operator_defaults(dict(body.get("spec") or {}), build.trainer_image, build.pod_defaults)
+            desired = AlignmentJobSpec.model_validate(raw)
         except ValidationError as error:
             await self._invalid_spec(generation, error, emit)
             return None

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-TRAINER_COMMAND_ENV = "MMALIGN_TRAINER_COMMAND"
+TRAINER_COMMAND_ENV = "MMALIGN_TRAINER_COMMAND"  # tests only
+TRAINER_IMAGE_ENV = "MMALIGN_TRAINER_IMAGE"  # image of jobs without spec.image (chart: trainer.image)
+POD_DEFAULTS_ENV = "MMALIGN_POD_DEFAULTS"  # JSON spec.podTemplate defaults (chart: trainer.podDefaults)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,17 +72,23 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
     from mmalign.operator.builders import BuildOptions
     from mmalign.operator.controller import LoopSettings
     from mmalign.operator.kube import Kube, load_api_client
+    from mmalign.trainer.config import PodTemplate
 
     kopf.configure(verbose=args.verbose, log_format={
         "json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
     }[args.log_format], log_refkey="object")
+    logging.getLogger("kopf.objects").addFilter(_quiet_wakeups)
     logger = logging.getLogger("mmalign.operator")
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=40, thread_name_prefix="k8s"))
 
     api_client = load_api_client(args.kubeconfig, args.context)
-    settings = LoopSettings(build=BuildOptions.from_command_line(args.trainer_command),
-                            active_period=args.resync_seconds)
+    pod_defaults = json.loads(os.environ.get(POD_DEFAULTS_ENV) or "{}")
+    PodTemplate.model_validate(pod_defaults)  # fail at start, not per job, on a bad chart value
+    build = BuildOptions.from_command_line(
+        args.trainer_command, trainer_image=os.environ.get(TRAINER_IMAGE_ENV) or None,
+        pod_defaults=pod_defaults or None)
+    settings = LoopSettings(build=build, active_period=args.resync_seconds)
     if args.trainer_command:
         logger.warning("trainer command overridden (tests only): %s", args.trainer_command)
     runtime = handlers.Runtime(kube=Kube(api_client), settings=settings)
@@ -90,9 +99,13 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
     operator_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="mmalign.io", key="last-handled-configuration")
     operator_settings.watching.label_selectors["", "v1", "pods"] = handlers.LABEL_JOB  # server-side filter
+    # Resources are discovered once at start (the CRD is installed first): no watch on CRDs/namespaces,
+    # so the operator needs no cluster-scoped read rights; --namespace takes exact names.
+    operator_settings.scanning.disabled = True
     # Kubernetes Events: the transitions the controller sends, plus kopf's own warnings and errors, not
     # an event per handler run.
     operator_settings.posting.level = logging.WARNING
+    operator_settings.posting.reporting_component = "mmalign-operator"  # `kubectl describe`'s "From"
     clusterwide = args.all_namespaces or not args.namespace
     if args.peering:
         operator_settings.peering.name = args.peering
@@ -118,6 +131,11 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
+
+
+def _quiet_wakeups(record: logging.LogRecord) -> bool:
+    """Drop kopf's "Handler 'pod_changed' succeeded." lines: one per pod event says nothing."""
+    return not (record.levelno <= logging.INFO and "'pod_changed'" in record.getMessage())
 
 
 async def _ensure_peering(api_client: object, name: str, namespaces: list[str]) -> None:

@@ -1,0 +1,70 @@
+"""A stand-in for `mmalign launch` in the operator's integration tests (started with --trainer-command).
+
+It checks what a real trainer relies on, prints it for the tests to read with `kubectl logs`, then
+pretends to train, printing `mmalign-progress` lines on rank 0 like the real trainer. Behaviour comes
+from the pod's env (set through the job's podTemplate.env):
+
+  STUB_STEPS (3), STUB_STEP_SECONDS (0.2)       how long a stage "trains"
+  STUB_FAIL_CODE, STUB_FAIL_RANK (0), STUB_FAIL_STAGE (any), STUB_FAIL_ATTEMPTS (all)
+      exit with STUB_FAIL_CODE at step 2 on that rank, in attempts below STUB_FAIL_ATTEMPTS
+      (codes >= 128 are raised as the real signal: 137 is SIGKILL)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from mmalign.trainer.config import load_job
+
+
+def main(argv: list[str]) -> int:
+    job_file = argv[argv.index("--job") + 1]
+    stage = argv[argv.index("--stage") + 1]
+    env = os.environ
+    names = ["PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
+             "MASTER_ADDR", "MASTER_PORT", "MMALIGN_ATTEMPT", "MMALIGN_STAGE", "AWS_ACCESS_KEY_ID"]
+    print("stub-env " + json.dumps({name: env.get(name) for name in names}), flush=True)
+    job = load_job(job_file)
+    assert stage in job.spec.stages.enabled(), (stage, job.spec.stages.enabled())
+    deadline = time.monotonic() + 30
+    while True:  # like `mmalign launch`: wait for the master's DNS instead of failing on it
+        try:
+            address = socket.getaddrinfo(env["MASTER_ADDR"], int(env["MASTER_PORT"]))[0][4][0]
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                print(f"stub-dns-failed {env['MASTER_ADDR']}", flush=True)
+                return 6
+            time.sleep(0.2)
+    print(f"stub-dns {env['MASTER_ADDR']} {address}", flush=True)
+
+    rank, attempt = int(env["PET_NODE_RANK"]), int(env["MMALIGN_ATTEMPT"])
+    steps, pause = int(env.get("STUB_STEPS", "3")), float(env.get("STUB_STEP_SECONDS", "0.2"))
+    fail_code = int(env.get("STUB_FAIL_CODE", "0"))
+    fails = (fail_code and rank == int(env.get("STUB_FAIL_RANK", "0"))
+             and env.get("STUB_FAIL_STAGE", stage) == stage
+             and attempt < int(env.get("STUB_FAIL_ATTEMPTS", "1000")))
+    started = time.monotonic()
+    for step in range(1, steps + 1):
+        time.sleep(pause)
+        if fails and step == 2:
+            if fail_code >= 128:
+                os.kill(os.getpid(), fail_code - 128)
+            return fail_code
+        if rank == 0:
+            eta = (time.monotonic() - started) / step * (steps - step)
+            print("mmalign-progress " + json.dumps({
+                "stage": stage, "step": step, "total": steps, "loss": 1.0 / step, "eta_seconds": eta,
+                "epoch": 0, "metrics": {"reward_accuracy": 0.5 + step / (2 * steps)},
+            }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    sys.exit(main(sys.argv[1:]))

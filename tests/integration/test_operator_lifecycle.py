@@ -1,0 +1,343 @@
+"""The operator against the real local control plane (the `dev_cluster` fixture), with a stub trainer.
+
+Each test gets its own namespace and its own `mmalign operator` subprocess watching only that
+namespace, started exactly as a user would (admin kubeconfig), with `--trainer-command` pointing at
+tests/integration/operator_stub_trainer.py so a stage takes about a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+STUB = Path(__file__).parent / "operator_stub_trainer.py"
+GROUP, VERSION, PLURAL = "mmalign.io", "v1alpha1", "alignmentjobs"
+JOB_LABEL = "mmalign.io/job"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as error:  # noqa: BLE001 - keep polling; report the last error
+            last = error
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+class Operator:
+    """`mmalign operator` as a subprocess watching one namespace."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
+        self.kubeconfig, self.namespace, self.log = kubeconfig, namespace, log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "mmalign", "operator", "--kubeconfig", str(self.kubeconfig),
+            "--namespace", self.namespace, "--liveness-port", "0", "--metrics-port", "0",
+            "--log-format", "plain", "--resync-seconds", "2",
+            "--trainer-command", f"{sys.executable} {STUB}",
+        ]
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class Env:
+    """One test's namespace, its operator, and shortcuts to read the cluster."""
+
+    def __init__(self, cluster: Any, namespace: str, operator: Operator) -> None:
+        from kubernetes import client, config
+
+        self.cluster, self.namespace, self.operator = cluster, namespace, operator
+        api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        result = self.cluster.kubectl("-n", self.namespace, *args, input=input)
+        if check:
+            assert result.returncode == 0, f"kubectl {' '.join(args)}: {result.stderr}"
+        return result
+
+    def apply(self, document: dict[str, Any]) -> None:
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump(document))
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec})
+
+    def job(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.job(name).get("status") or {}
+
+    def condition(self, name: str, type_: str) -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
+
+    def pods(self, name: str) -> list[Any]:
+        found = self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOB_LABEL}={name}").items
+        return sorted(found, key=lambda p: p.metadata.name)
+
+    def live_pods(self, name: str) -> list[Any]:
+        return [p for p in self.pods(name) if p.metadata.deletion_timestamp is None]
+
+    def running(self, name: str, attempt: int | None = None, count: int = 2) -> list[Any]:
+        pods = [p for p in self.live_pods(name) if p.status.phase == "Running"
+                and (attempt is None or p.metadata.labels["mmalign.io/attempt"] == str(attempt))]
+        return pods if len(pods) == count else []
+
+    def phase(self, name: str, *phases: str, timeout: float = 40.0) -> dict[str, Any]:
+        return wait_for(f"{name} phase in {phases}",
+                        lambda: (lambda s: s if s.get("phase") in phases else None)(self.status(name)), timeout)
+
+    def events(self, name: str) -> list[tuple[str, str]]:
+        items = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={name}").items
+        return [(e.reason, e.message) for e in sorted(items, key=lambda e: e.metadata.creation_timestamp)]
+
+    def log(self, pod: str) -> str:
+        return self.core.read_namespaced_pod_log(pod, self.namespace)
+
+
+def job_document(name: str, *, stages: tuple[str, ...] = ("reward", "score", "dpo"), env: dict[str, str] | None = None,
+                 run_policy: dict[str, Any] | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """manifests/examples/tiny-cpu.yaml, renamed, with stub-trainer settings in podTemplate.env."""
+    document = copy.deepcopy(yaml.safe_load((REPO / "manifests/examples/tiny-cpu.yaml").read_text()))
+    document["metadata"] = {"name": name, **({"labels": labels} if labels else {})}
+    spec = document["spec"]
+    spec["stages"] = {stage: spec["stages"][stage] for stage in stages}
+    spec["podTemplate"] = {"env": [{"name": k, "value": v} for k, v in {"STUB_STEPS": "3", **(env or {})}.items()]}
+    spec["runPolicy"] = {**spec["runPolicy"], **(run_policy or {})}
+    return document
+
+
+@pytest.fixture(scope="module")
+def crd(dev_cluster: Any) -> None:
+    result = dev_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f",
+                                 str(REPO / "manifests/crds/alignmentjobs.yaml"))
+    assert result.returncode == 0, result.stderr
+    wait_for("the CRD to be established", lambda: dev_cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/alignmentjobs.mmalign.io", "--timeout=10s").returncode == 0)
+
+
+@pytest.fixture
+def env(dev_cluster: Any, crd: None, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+    from mmalign.devcluster.testing import create_namespace
+
+    namespace = create_namespace(dev_cluster, "op-" + request.node.name[5:30])
+    # The tiny example's storage.credentialsSecret; the stub only checks it arrives as env.
+    dev_cluster.kubectl("-n", namespace, "create", "secret", "generic", "s3-credentials",
+                        "--from-literal=AWS_ACCESS_KEY_ID=stub-key", "--from-literal=AWS_SECRET_ACCESS_KEY=stub")
+    operator = Operator(Path(dev_cluster.kubeconfig), namespace, tmp_path / "operator.log")
+    operator.start()
+    environment = Env(dev_cluster, namespace, operator)
+    try:
+        yield environment
+    finally:
+        operator.stop()
+        print((tmp_path / "operator.log").read_text()[-8000:])  # shown by pytest when the test failed
+        dev_cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_pipeline_runs_every_stage_with_env_dns_progress_status_and_events(env: Env) -> None:
+    started = time.monotonic()
+    env.apply(job_document("tiny", env={"STUB_STEPS": "4", "STUB_STEP_SECONDS": "0.4"}))
+    pods = wait_for("the reward gang", lambda: env.running("tiny"))
+    assert [p.metadata.name for p in pods] == ["tiny-reward-0-0", "tiny-reward-0-1"]
+    master = "tiny-reward-0-0.tiny." + env.namespace + ".svc"
+    for rank, pod in enumerate(pods):
+        assert pod.spec.hostname == pod.metadata.name and pod.spec.subdomain == "tiny"
+        assert pod.spec.restart_policy == "Never"
+        assert pod.metadata.owner_references[0].kind == "AlignmentJob"
+        log = wait_for("the stub's DNS line", lambda p=pod: (lambda t: t if "stub-dns " in t else None)(env.log(p.metadata.name)))
+        env_line = next(line for line in log.splitlines() if line.startswith("stub-env "))
+        values = yaml.safe_load(env_line[len("stub-env "):])
+        assert values["PET_NODE_RANK"] == str(rank) and values["PET_NNODES"] == "2"
+        assert values["MASTER_ADDR"] == values["PET_MASTER_ADDR"] == master
+        assert values["MASTER_PORT"] == "29500" and values["MMALIGN_ATTEMPT"] == "0"
+        assert values["AWS_ACCESS_KEY_ID"] == "stub-key"  # envFrom the credentials Secret
+        # node 0's DNS name resolves, from every pod, to node 0's own address
+        assert f"stub-dns {master} {pods[0].status.pod_ip}" in log
+    service = env.core.read_namespaced_service("tiny", env.namespace)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses is True
+    # progress travels from rank 0's log to the status while the stage runs
+    progress = wait_for("progress in the status", lambda: (lambda s: s if s.get("progress", "").startswith(("1/4", "2/4", "3/4")) else None)(env.status("tiny")), 20)
+    assert progress["stage"] == "reward" and progress["phase"] == "Running"
+    assert env.condition("tiny", "Running")["status"] == "True"
+    status = env.phase("tiny", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    for stage in ("reward", "score", "dpo"):
+        entry = status["stages"][stage]
+        assert entry["phase"] == "Succeeded" and entry["attempt"] == 0 and entry["restarts"] == 0
+        assert entry["progress"]["step"] == entry["progress"]["total"] == 4
+        assert entry["metrics"]["loss"] == pytest.approx(0.25) and entry["startTime"] and entry["completionTime"]
+        assert entry["artifact"].startswith("s3://mmalign/tiny-cpu/")
+    assert status["progress"] == "4/4 (100%)" and status["observedGeneration"] == 1
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+    assert conditions == {"Created": ("True", "JobAccepted"), "Running": ("False", "Succeeded"),
+                          "Succeeded": ("True", "AllStagesSucceeded")}
+    reasons = wait_for("the Succeeded event", lambda: (lambda r: r if "Succeeded" in r else None)([r for r, _ in env.events("tiny")]))
+    assert reasons.count("StageStarted") == 3 and reasons.count("StageSucceeded") == 3
+    # cleanPodsAfterFinished (default true): pods and Service go, the job stays
+    wait_for("cleanup", lambda: not env.live_pods("tiny"), 15)
+    wait_for("service cleanup", lambda: not env.core.list_namespaced_service(env.namespace).items, 15)
+    columns = env.kubectl("get", "aj", "tiny").stdout
+    assert "STAGE" in columns and "PROGRESS" in columns and "Succeeded" in columns and "4/4 (100%)" in columns
+    print(f"pipeline of 3 stages done in {time.monotonic() - started:.1f}s")
+
+
+def test_killed_pod_restarts_the_whole_gang_with_the_next_attempt(env: Env) -> None:
+    # Attempt 0: rank 1 is SIGKILLed (exit 137) at step 2; attempt 1 runs through.
+    env.apply(job_document("kill", stages=("reward",), env={
+        "STUB_STEPS": "4", "STUB_FAIL_CODE": "137", "STUB_FAIL_RANK": "1", "STUB_FAIL_ATTEMPTS": "1"}))
+    attempt1 = wait_for("attempt 1 running", lambda: env.running("kill", attempt=1), 30)
+    assert [p.metadata.name for p in attempt1] == ["kill-reward-1-0", "kill-reward-1-1"]
+    assert not [p for p in env.pods("kill") if p.metadata.labels["mmalign.io/attempt"] == "0"
+                and p.metadata.deletion_timestamp is None]  # the old gang is gone, not only the dead pod
+    envs = {e.name: e.value for e in attempt1[0].spec.containers[0].env}
+    assert envs["MMALIGN_ATTEMPT"] == "1" and envs["MASTER_ADDR"].startswith("kill-reward-1-0.")
+    status = env.phase("kill", "Succeeded", "Failed")
+    assert status["phase"] == "Succeeded", status
+    reward = status["stages"]["reward"]
+    assert (reward["attempt"], reward["restarts"]) == (1, 1)
+    assert reward["lastCheckpoint"] == "s3://mmalign/tiny-cpu/reward/checkpoints/latest"
+    restarting = env.condition("kill", "Restarting")
+    assert restarting["status"] == "False" and restarting["reason"] in ("GangRunning", "GangSucceeded")
+    messages = [m for r, m in env.events("kill") if r == "GangRestarting"]
+    assert len(messages) == 1 and "exited with code 137" in messages[0] and "attempt 1" in messages[0]
+
+
+def test_deleted_pod_restarts_the_gang(env: Env) -> None:
+    env.apply(job_document("del", stages=("reward",), env={"STUB_STEPS": "12", "STUB_STEP_SECONDS": "0.25"}))
+    pods = wait_for("the gang", lambda: env.running("del", attempt=0))
+    env.core.delete_namespaced_pod(pods[0].metadata.name, env.namespace)
+    wait_for("attempt 1 running", lambda: env.running("del", attempt=1), 30)
+    status = env.status("del")
+    assert status["stages"]["reward"]["restarts"] == 1
+    messages = [m for r, m in env.events("del") if r == "GangRestarting"]
+    assert len(messages) == 1 and f"pod {pods[0].metadata.name} was deleted" in messages[0]
+
+
+def test_backoff_limit_fails_the_job_with_the_reason(env: Env) -> None:
+    env.apply(job_document("backoff", stages=("reward",), run_policy={"backoffLimit": 1},
+                           env={"STUB_STEPS": "3", "STUB_FAIL_CODE": "143", "STUB_FAIL_RANK": "1"}))
+    status = env.phase("backoff", "Failed", "Succeeded", timeout=45)
+    assert status["phase"] == "Failed"
+    failed = env.condition("backoff", "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded"
+    assert "runPolicy.backoffLimit=1" in failed["message"] and "exited with code 143" in failed["message"]
+    assert (status["stages"]["reward"]["attempt"], status["stages"]["reward"]["restarts"]) == (1, 1)
+    wait_for("no pods left", lambda: not env.live_pods("backoff"), 15)
+
+
+def test_permanent_exit_fails_at_once_then_ttl_deletes_the_job(env: Env) -> None:
+    env.apply(job_document("nan", stages=("reward", "score"), run_policy={"ttlSecondsAfterFinished": 2},
+                           env={"STUB_FAIL_CODE": "4", "STUB_FAIL_RANK": "0"}))
+    status = env.phase("nan", "Failed", "Succeeded")
+    assert status["phase"] == "Failed" and status["stages"]["reward"]["restarts"] == 0
+    failed = env.condition("nan", "Failed")
+    assert failed["reason"] == "NanLoss" and "exited with code 4" in failed["message"]
+    assert status["stages"]["score"]["phase"] == "Pending"
+    assert ("Failed", f"NanLoss: {status['message']}") in env.events("nan")
+    from kubernetes.client.exceptions import ApiException
+
+    def gone() -> bool:
+        try:
+            env.job("nan")
+            return False
+        except ApiException as error:
+            return error.status == 404
+
+    wait_for("ttlSecondsAfterFinished to delete the job", gone, 20)
+
+
+def test_suspend_resume_unsafe_change_and_delete_leave_nothing(env: Env) -> None:
+    env.apply(job_document("susp", stages=("reward",), env={"STUB_STEPS": "400", "STUB_STEP_SECONDS": "0.1"}))
+    wait_for("the gang", lambda: env.running("susp", attempt=0))
+    # an unsafe change while pods run is refused, not half-applied
+    env.patch_spec("susp", {"resources": {"nodes": 3}})
+    refused = wait_for("SpecChangeRefused", lambda: (lambda c: c if c.get("status") == "True" else None)(env.condition("susp", "SpecChangeRefused")))
+    assert "resources.nodes" in refused["message"] and refused["reason"] == "UnsafeSpecChange"
+    assert len(env.live_pods("susp")) == 2
+    env.patch_spec("susp", {"resources": {"nodes": 2}, "runPolicy": {"suspend": True}})
+    status = env.phase("susp", "Suspended")
+    wait_for("pods deleted", lambda: not env.live_pods("susp"), 20)
+    assert env.condition("susp", "Suspended")["status"] == "True"
+    assert env.condition("susp", "Running")["status"] == "False"
+    assert env.condition("susp", "SpecChangeRefused")["status"] == "False"
+    assert status["stages"]["reward"]["phase"] == "Suspended"
+    env.patch_spec("susp", {"runPolicy": {"suspend": False}})
+    wait_for("the resumed gang", lambda: env.running("susp", attempt=1))
+    status = env.phase("susp", "Running")
+    assert status["stages"]["reward"]["restarts"] == 0  # a resume is not a failure restart
+    assert env.condition("susp", "Suspended")["reason"] == "Resumed"
+    # delete: the job, its pods, Service and ConfigMap all go
+    env.kubectl("delete", "aj", "susp", "--wait=true", "--timeout=30s")
+    wait_for("children gone", lambda: not env.pods("susp") and not env.core.list_namespaced_service(
+        env.namespace, label_selector=f"{JOB_LABEL}=susp").items and not env.core.list_namespaced_config_map(
+        env.namespace, label_selector=f"{JOB_LABEL}=susp").items, 30)
+
+
+def test_created_suspended_for_kueue_then_admitted(env: Env) -> None:
+    env.apply(job_document("queued", stages=("reward",), run_policy={"suspend": True},
+                           labels={"kueue.x-k8s.io/queue-name": "team-a"}))
+    status = env.phase("queued", "Suspended")
+    time.sleep(1.0)
+    assert not env.pods("queued") and status["stages"]["reward"]["attempt"] == 0
+    # Kueue admits the workload: it may set node selectors while suspended, then unsuspends.
+    env.patch_spec("queued", {"podTemplate": {"nodeSelector": {"kubernetes.io/os": "linux"}},
+                              "runPolicy": {"suspend": False}})
+    pods = wait_for("the gang", lambda: env.live_pods("queued") if len(env.live_pods("queued")) == 2 else None)
+    labels = pods[0].metadata.labels
+    assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["kueue.x-k8s.io/pod-group-name"] == "queued-reward-0"
+    assert pods[0].metadata.annotations["kueue.x-k8s.io/pod-group-total-count"] == "2"
+    assert pods[0].spec.node_selector == {"kubernetes.io/os": "linux"}
+    assert env.phase("queued", "Succeeded", "Failed")["phase"] == "Succeeded"
+
+
+def test_operator_restart_adopts_running_pods_without_duplicates(env: Env) -> None:
+    env.apply(job_document("adopt", stages=("reward",), run_policy={"cleanPodsAfterFinished": False},
+                           env={"STUB_STEPS": "30", "STUB_STEP_SECONDS": "0.2"}))
+    before = wait_for("the gang", lambda: env.running("adopt", attempt=0))
+    uids = {p.metadata.name: p.metadata.uid for p in before}
+    env.operator.stop()
+    time.sleep(1.0)
+    env.operator.start()
+    status = env.phase("adopt", "Succeeded", "Failed", timeout=40)
+    assert status["phase"] == "Succeeded", status
+    after = {p.metadata.name: p.metadata.uid for p in env.pods("adopt")}
+    assert after == uids  # the same two pods ran to the end: none re-created, none added
+    assert (status["stages"]["reward"]["attempt"], status["stages"]["reward"]["restarts"]) == (0, 0)
+    assert [r for r, _ in env.events("adopt")].count("StageStarted") == 1
