@@ -252,4 +252,28 @@ def _cleanup(cluster: Cluster) -> None:
         cluster.kubectl("patch", "aj", job["metadata"]["name"], "-n", JOBS_NS, "--type=merge",
                         "-p", '{"metadata":{"finalizers":null}}', check=False)
     for namespace in (JOBS_NS, SYSTEM_NS):
-        cluster.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--wait=false", check=False)
+        cluster.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--timeout=60s", check=False)
+
+
+def test_watch_namespaces_mode_needs_nothing_cluster_wide(dev_cluster: Any, tmp_path: Path) -> None:
+    """`operator.watchNamespaces`: Roles only (no ClusterRole), and the operator still finishes a job."""
+    cluster = Cluster(dev_cluster)
+    values = values_file(tmp_path)
+    steps = Steps()
+    try:
+        cluster.kubectl("create", "namespace", JOBS_NS)
+        cluster.kubectl("-n", JOBS_NS, "create", "secret", "generic", "s3-credentials",
+                        "--from-literal=AWS_ACCESS_KEY_ID=unused", "--from-literal=AWS_SECRET_ACCESS_KEY=unused")
+        cluster.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", "-f", str(values),
+                     "--set", f"operator.watchNamespaces={{{JOBS_NS}}}")
+        assert not cluster.items("clusterroles,clusterrolebindings,clusterkopfpeerings", "-l", INSTANCE)
+        assert [r["metadata"]["namespace"] for r in cluster.items("roles", "-A", "-l", INSTANCE)] == [JOBS_NS]
+        cluster.kubectl("-n", SYSTEM_NS, "rollout", "status", f"deployment/{RELEASE}", "--timeout=90s")
+        cluster.kubectl("apply", "-f", "-", input=job_manifest())
+        wait_for(f"AlignmentJob {JOB} to succeed",
+                 lambda: cluster.get("aj", JOB, "-n", JOBS_NS).get("status", {}).get("phase") == "Succeeded",
+                 timeout=120, every=1, explain=cluster.describe)
+        steps.done("watch-namespaces install + job Succeeded")
+        cluster.kubectl("delete", "aj", JOB, "-n", JOBS_NS, "--timeout=60s")
+    finally:
+        _cleanup(cluster)
