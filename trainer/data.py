@@ -289,21 +289,44 @@ def iter_pairs(
         yield from _iter_file(file, base, on_bad_line, fmt, stats)
 
 
+@contextlib.contextmanager
+def _open_lines(file: str) -> Iterator[Iterator[str | bytes]]:
+    """Lines of a local file as bytes (decoded per line, so one bad byte costs one line), or of an
+    S3 object as text (storage streams and decodes it)."""
+    if storage.is_remote(file):
+        with storage.open_lines(file) as lines:
+            yield lines
+        return
+    with open(storage.local_path(file), "rb") as f:
+        yield iter(f)
+
+
 def _iter_file(file: str, base: str, on_bad_line: str, fmt: str, stats: ReadStats) -> Iterator[PreferencePair]:
     with contextlib.ExitStack() as stack:
         try:
-            lines = stack.enter_context(storage.open_lines(file))
+            lines = stack.enter_context(_open_lines(file))
         except FileNotFoundError:
             raise DataError(f"{file}: no such file; check data.uri") from None
-        for number, line in enumerate(lines, 1):
-            stats.lines += 1
-            if not line.strip():
-                continue
+        number = 0
+        while True:
             try:
-                row = json.loads(line)
-                pairs = pairs_from_row(row, f"{posixpath.basename(file)}:{number}", fmt)
-            except (ValueError, UnicodeDecodeError) as error:
+                line = next(lines, None)
+            except UnicodeDecodeError as error:  # S3 stream: the stream cannot go on past it
+                raise DataError(f"{file}:{number + 1}: not UTF-8 text ({error}); re-encode the file as "
+                                "UTF-8") from None
+            if line is None:
+                break
+            number += 1
+            stats.lines += 1
+            try:
+                text = line.decode("utf-8") if isinstance(line, bytes) else line
+                if not text.strip():
+                    continue
+                pairs = pairs_from_row(json.loads(text), f"{posixpath.basename(file)}:{number}", fmt)
+            except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 why = f"not valid JSON ({error})" if isinstance(error, json.JSONDecodeError) else str(error)
+                if isinstance(error, UnicodeDecodeError):
+                    why = f"not UTF-8 text ({error})"
                 if on_bad_line == "skip":
                     stats.skip(f"{file}:{number}", why)
                     continue

@@ -84,6 +84,15 @@ def test_skip_counts_bad_lines_and_keeps_reading(tmp_path: Path) -> None:
     assert stats.skipped_examples[1].startswith(f"{path}:3: a row must be a JSON object")
 
 
+def test_bytes_that_are_not_utf8_cost_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(_row(1)).encode() + b"\n\xff\xfe broken\n" + json.dumps(_row(3)).encode() + b"\n")
+    with pytest.raises(data.DataError, match=r"d\.jsonl:2: not UTF-8 text"):
+        data.read_pairs(str(path))
+    pairs, stats = data.read_pairs(DataSource(uri=str(path), on_bad_line="skip"))
+    assert [p.line for p in pairs] == [1, 3] and stats.skipped == 1
+
+
 def test_reading_streams_line_by_line(tmp_path: Path) -> None:
     # The first pair arrives before the reader reaches a broken line further down.
     path = _write_jsonl(tmp_path / "d.jsonl", [_row(1), "{broken"])
