@@ -27,6 +27,8 @@ from mmalign.devcluster.kubeapi import ApiError, KubeApi
 FAST_ANNOTATION = "devcluster.mmalign.io/fast"
 FAST_SECONDS_ANNOTATION = "devcluster.mmalign.io/fast-seconds"
 FAST_EXIT_ANNOTATION = "devcluster.mmalign.io/fast-exit-code"
+# "true": wildcard binds stay wildcard (the host's port space) instead of the pod's own address.
+HOST_PORTS_ANNOTATION = "devcluster.mmalign.io/host-ports"
 MAX_BACKOFF_SECONDS = 20.0  # the kubelet caps at 300 s; tests want crash loops to move faster
 
 
@@ -227,6 +229,8 @@ class PodRun:
         env = {"PATH": os.pathsep.join(self.ctx.path_dirs), "HOME": str(self.root / "home"),
                "TMPDIR": str(self.root / "tmp"), "LANG": "C.UTF-8"}
         env.update(dns.pod_dns_env(hostname, self.ip, self.namespace, self.ctx.hosts_file, self.ctx.dns_shim))
+        if (self.pod["metadata"].get("annotations") or {}).get(HOST_PORTS_ANNOTATION) == "true":
+            env["MMALIGN_KEEP_WILDCARD"] = "1"
         if (self.root / "kubeconfig").exists():
             env["KUBECONFIG"] = str(self.root / "kubeconfig")
         # A container without a GPU request sees no GPU, as with the NVIDIA device plugin.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,36 @@ def test_shim_resolves_cluster_names_for_libc_callers(tmp_path: Path):
     assert got["localhost"] and got["late"] == []
     assert got["byname"] == "127.9.0.3"
     assert got["late-after"] == ["127.9.0.9"]
+
+
+PORT_PROBE = """
+import socket, sys
+port = int(sys.argv[1])
+server = socket.socket(socket.AF_INET6)
+server.bind(("::", port))  # a wildcard bind, as torch's TCPStore does
+server.listen()
+print(server.getsockname()[0], flush=True)
+client = socket.create_connection(("localhost", port), timeout=5)  # "localhost" reaches the pod itself
+print(client.getpeername()[0], flush=True)
+sys.stdin.read()  # hold the port until the test has started the other pod
+"""
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="the shim is compiled with gcc")
+def test_shim_gives_each_pod_its_own_ports(tmp_path: Path):
+    shim = dns.build_shim(tmp_path / "lib")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    pods = []
+    for ip in ("127.9.0.2", "127.9.0.3"):
+        env = dns.pod_dns_env("p", ip, "ml", hosts, shim)
+        pods.append(subprocess.Popen([sys.executable, "-c", PORT_PROBE, port], env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True))
+        assert pods[-1].stdout.readline().strip() == f"::ffff:{ip}"
+        assert pods[-1].stdout.readline().strip() == ip
+    for proc in pods:
+        proc.communicate("", timeout=10)
+        assert proc.returncode == 0
