@@ -208,7 +208,7 @@ class JobController:
         assert self.status is not None
         stage = self.status.stage
         entry = getattr(self.status.stages, stage, None) if stage in STAGE_ORDER else None
-        if not isinstance(entry, StageStatus):
+        if not isinstance(entry, StageStatus) or self.status.phase not in ACTIVE_PHASES:
             return None
         name = pod_name(self.name, stage, entry.attempt, 0)
         node0 = next((p for p in pods if p.name == name), None)

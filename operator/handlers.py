@@ -25,8 +25,7 @@ from mmalign.operator.status import Event
 from mmalign.trainer.config import API_GROUP, API_VERSION
 
 REGISTRY = kopf.OperatorRegistry()
-JOBS = dict(group=API_GROUP, version=API_VERSION, plural=PLURAL)
-OUR_PODS = dict(labels={LABEL_JOB: kopf.PRESENT})
+OUR_PODS = {LABEL_JOB: kopf.PRESENT}
 
 
 @dataclass
@@ -53,27 +52,28 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-@kopf.index("", "v1", "pods", registry=REGISTRY, **OUR_PODS)
-def pods_by_job(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, PodView]:
-    return {(namespace, labels[LABEL_JOB]): observe_pod(body)}
+@kopf.index("", "v1", "pods", labels=OUR_PODS, registry=REGISTRY)
+def pods_by_job(namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, PodView]:
+    return {(namespace or "", labels[LABEL_JOB]): observe_pod(body)}
 
 
-@kopf.on.event("", "v1", "pods", registry=REGISTRY, **OUR_PODS)
-def pod_changed(namespace: str, labels: kopf.Labels, memo: Any, **_: Any) -> None:
+@kopf.on.event("", "v1", "pods", labels=OUR_PODS, registry=REGISTRY)
+def pod_changed(namespace: str | None, labels: kopf.Labels, memo: Any, **_: Any) -> None:
     _runtime(memo).wake(namespace, labels[LABEL_JOB])
 
 
-@kopf.on.create(**JOBS, registry=REGISTRY)
-@kopf.on.resume(**JOBS, registry=REGISTRY)
-@kopf.on.update(**JOBS, field="spec", registry=REGISTRY)
-def spec_seen(namespace: str, name: str, memo: Any, **_: Any) -> None:
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL, registry=REGISTRY)
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL, registry=REGISTRY)
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL, field="spec", registry=REGISTRY)
+def spec_seen(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     # The job's daemon reconciles; a new generation only needs to wake it up.
     _runtime(memo).wake(namespace, object_name(name))
 
 
-@kopf.on.delete(**JOBS, registry=REGISTRY)
-async def job_deleted(namespace: str, name: str, uid: str, memo: Any, pods_by_job: kopf.Index[Any, PodView],
-                      **_: Any) -> None:
+@kopf.on.delete(API_GROUP, API_VERSION, PLURAL, registry=REGISTRY)
+async def job_deleted(namespace: str | None, name: str, uid: str, memo: Any, **kwargs: Any) -> None:
+    namespace = namespace or ""
+    pods_by_job: kopf.Index[Any, PodView] = kwargs["pods_by_job"]  # kopf passes indexes by name
     runtime = _runtime(memo)
     pods = [p.name for p in pods_by_job.get((namespace, object_name(name)), []) if p.owner_uid in ("", uid)]
     await runtime.kube.delete_pods(namespace, pods)
@@ -82,9 +82,12 @@ async def job_deleted(namespace: str, name: str, uid: str, memo: Any, pods_by_jo
     metrics.track_phase(uid, None)
 
 
-@kopf.daemon(**JOBS, registry=REGISTRY, cancellation_timeout=2.0)
-async def job_loop(namespace: str, name: str, uid: str, body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped,
-                   logger: logging.Logger, pods_by_job: kopf.Index[Any, PodView], **_: Any) -> None:
+@kopf.daemon(API_GROUP, API_VERSION, PLURAL, registry=REGISTRY, cancellation_timeout=2.0)
+async def job_loop(namespace: str | None, name: str, uid: str, body: kopf.Body, memo: Any,
+                   stopped: kopf.DaemonStopped, logger: logging.Logger | logging.LoggerAdapter[Any],
+                   **kwargs: Any) -> None:
+    namespace = namespace or ""
+    pods_by_job: kopf.Index[Any, PodView] = kwargs["pods_by_job"]
     runtime = _runtime(memo)
     key = (namespace, object_name(name))
     wake = runtime.wakeups.setdefault(key, asyncio.Event())

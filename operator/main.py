@@ -144,8 +144,9 @@ async def _ensure_peering(api_client: object, name: str, namespaces: list[str]) 
     from kubernetes.client.exceptions import ApiException
 
     custom = client.CustomObjectsApi(api_client)  # type: ignore[arg-type]
-    targets = [(ns, "KopfPeering", "kopfpeerings") for ns in namespaces if "*" not in ns] or (
-        [(None, "ClusterKopfPeering", "clusterkopfpeerings")] if not namespaces else [])
+    targets: list[tuple[str | None, str, str]] = [
+        (ns, "KopfPeering", "kopfpeerings") for ns in namespaces
+    ] if namespaces else [(None, "ClusterKopfPeering", "clusterkopfpeerings")]
     for namespace, kind, plural in targets:
         body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
         try:
