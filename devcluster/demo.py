@@ -58,13 +58,9 @@ def install_chart(cluster: devcluster.DevCluster) -> None:
 
 
 def s3_env(cluster: devcluster.DevCluster) -> dict[str, str]:
-    creds = cluster.s3_credentials
-    return {
-        "AWS_ACCESS_KEY_ID": creds["AWS_ACCESS_KEY_ID"],
-        "AWS_SECRET_ACCESS_KEY": creds["AWS_SECRET_ACCESS_KEY"],
-        "AWS_ENDPOINT_URL": cluster.s3_endpoint,
-        "AWS_DEFAULT_REGION": creds.get("AWS_DEFAULT_REGION", "us-east-1"),
-    }
+    """The S3 settings the trainer pods get from the Secret (the dev cluster's SeaweedFS)."""
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+    return {key: cluster.env[key] for key in keys}
 
 
 def prepare_storage(cluster: devcluster.DevCluster, namespace: str) -> None:
