@@ -1,0 +1,115 @@
+"""Helpers for the trainer's end-to-end tests: small jobs, small data, running stages, reading progress.
+
+Every run goes through the real commands (`mmalign run --local`, i.e. torchrun + `mmalign train`), with
+MMALIGN_PROGRESS_INTERVAL=0 so that every optimizer step prints its progress line (the loss
+trajectory the invariant tests compare).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def small_colors(folder: Path, queries: int = 16, seed: int = 0) -> Path:
+    """The first `queries` queries (3 pairs each) of builtin://synthetic-colors as a JSONL file with
+    its PNG images beside it: a small, image-dependent preference set read like a user's data."""
+    from mmalign.trainer import builtin
+
+    full = folder / "full"
+    builtin.export_dataset("synthetic-colors", full, seed=seed)
+    rows = [json.loads(line) for line in (full / "pairs.jsonl").read_text().splitlines()]
+    keep_queries = []
+    for row in rows:
+        query = row["id"].rsplit("_", 1)[0]
+        if query not in keep_queries:
+            keep_queries.append(query)
+    # Spread over colours: synthetic-colors cycles through the 8 colours query by query.
+    chosen = set(keep_queries[:queries])
+    subset = [row for row in rows if row["id"].rsplit("_", 1)[0] in chosen]
+    target = folder / "pairs.jsonl"
+    target.write_text("".join(json.dumps(row) + "\n" for row in subset))
+    for row in subset:
+        (folder / row["image"]).parent.mkdir(parents=True, exist_ok=True)
+        if not (folder / row["image"]).exists():
+            os.link(full / row["image"], folder / row["image"])
+    return target
+
+
+def write_job(path: Path, *, data_uri: str, storage_uri: str, stages: dict[str, Any], procs: int = 2,
+              nodes: int = 1, zero_stage: int = 2, checkpoint: dict[str, Any] | None = None,
+              eval_fraction: float = 0.25, seed: int = 0, name: str = "t") -> Path:
+    document = {
+        "apiVersion": "mmalign.io/v1alpha1",
+        "kind": "AlignmentJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "builtin://tiny-qwen2-vl"},
+            "data": {"uri": data_uri, "evalFraction": eval_fraction, "maxLength": 256},
+            "storage": {"uri": storage_uri},
+            "resources": {"nodes": nodes, "procPerNode": procs},
+            "deepspeed": {"zeroStage": zero_stage},
+            "stages": stages,
+            "checkpoint": checkpoint or {"everySteps": 1000, "keepLast": 2},
+            "seed": seed,
+        },
+    }
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def run_env(extra: dict[str, str] | None = None, scratch: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"MMALIGN_PROGRESS_INTERVAL": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                "MMALIGN_DIST_TIMEOUT_SECONDS": "300"})
+    if scratch is not None:
+        env["MMALIGN_LOCAL_DIR"] = str(scratch)
+    env.update(extra or {})
+    return env
+
+
+def mmalign(*args: str, env: dict[str, str], timeout: float = 300, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mmalign.cli", *args], env=env, cwd=cwd or REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "mmalign.cli", *args], env=env, cwd=cwd or REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def progress(output: str, stage: str | None = None) -> list[dict[str, Any]]:
+    from mmalign.trainer.progress import parse_line
+
+    reports = [r for r in (parse_line(line) for line in output.splitlines()) if r is not None]
+    return [r for r in reports if stage is None or r["stage"] == stage]
+
+
+def losses(output: str, stage: str) -> dict[int, float]:
+    """step -> loss of every "step" report of `stage` (a resumed run overwrites nothing: same steps
+    give the same numbers, which the tests check)."""
+    return {r["step"]: r["loss"] for r in progress(output, stage) if r["event"] == "step"}
+
+
+def safetensors_state(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    state: dict[str, Any] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def check(result: subprocess.CompletedProcess[str], code: int = 0) -> str:
+    output = (result.stdout or "") + (result.stderr or "")
+    assert result.returncode == code, f"exit {result.returncode} (expected {code}):\n{output[-6000:]}"
+    return output
