@@ -30,7 +30,7 @@ import yaml
 from mmalign.devcluster import binaries, components, dns, pki
 from mmalign.devcluster.kubeapi import ApiError, KubeApi
 
-# Stop order: the node first (it stops the pods), the control plane next, storage last.
+# Components, node first: `down` stops it before the others (it stops the pods).
 STOP_ORDER = ("node", "controller-manager", "apiserver", "seaweedfs", "etcd")
 
 
@@ -247,19 +247,20 @@ def down(state_dir: Path | None = None, keep: bool = False, grace: float = 10) -
             shutil.rmtree(state_dir, ignore_errors=True)
         return
     cluster = load(state_dir)
+    # The node first, alone: it stops the pods while the API server still answers. Then the rest at once.
     node_stopped_pods = False
-    for name in STOP_ORDER:
-        proc = cluster.processes.get(name)
-        if not proc:
-            continue
-        was_alive = _start_time(proc["pid"]) == proc["start"]
-        _signal(proc["pid"], proc["start"], signal.SIGTERM)
+    for group in (["node"], [n for n in STOP_ORDER if n != "node"]):
+        procs = [cluster.processes[n] for n in group if n in cluster.processes]
+        was_alive = [_start_time(p["pid"]) == p["start"] for p in procs]
+        for proc in procs:
+            _signal(proc["pid"], proc["start"], signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _start_time(proc["pid"]) == proc["start"]:
+        while time.monotonic() < deadline and any(_start_time(p["pid"]) == p["start"] for p in procs):
             time.sleep(0.05)
-        if name == "node":
-            node_stopped_pods = was_alive and _start_time(proc["pid"]) != proc["start"]
-        _signal(proc["pid"], proc["start"], signal.SIGKILL)
+        if group == ["node"] and procs:
+            node_stopped_pods = was_alive[0] and _start_time(procs[0]["pid"]) != procs[0]["start"]
+        for proc in procs:
+            _signal(proc["pid"], proc["start"], signal.SIGKILL)
     if not node_stopped_pods:
         # The node died without stopping its pods: their process groups are recorded per pod.
         for pgid_file in state_dir.glob("pods/*/pgid"):

@@ -111,9 +111,9 @@ def seaweedfs(layout: Layout, ports: dict[str, int]) -> list[str]:
 
 
 def seaweedfs_leftovers(ports: dict[str, int]) -> list[Path]:
-    """Sockets weed puts in /tmp with no flag to move them (named by our ports, so ours to remove)."""
-    return [Path(f"/tmp/seaweedfs-admin-grpc-{ports['weed_admin_grpc']}.sock"),
-            Path(f"/tmp/seaweedfs-s3-grpc-{ports['s3_grpc']}.sock")]
+    """Unix sockets weed puts in /tmp with no flag to move them; named by our ports, so ours to remove."""
+    kinds = ("admin-grpc", "s3-grpc", "volume-grpc", "filer-grpc", "master-grpc", "s3", "filer")
+    return [Path(f"/tmp/seaweedfs-{kind}-{port}.sock") for kind in kinds for port in ports.values()]
 
 
 def s3_identities() -> dict:

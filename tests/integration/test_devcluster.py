@@ -252,4 +252,5 @@ def test_cli_up_env_down_leaves_nothing(tmp_path: Path) -> None:
     assert alive == []
     assert [port for port in ports if devcluster.port_open(port)] == []
     assert not state.exists()
+    assert [p for p in Path("/tmp").glob("seaweedfs-*.sock") if int(p.stem.rsplit("-", 1)[1]) in ports] == []
     print(f"cold-process CLI dev up (1 node): {up_seconds:.1f}s")
