@@ -15,7 +15,9 @@ import asyncio
 import json
 import logging
 import os
+import random
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 TRAINER_COMMAND_ENV = "MMALIGN_TRAINER_COMMAND"  # tests only
@@ -35,7 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--peering", metavar="NAME",
                         help="kopf peering object: replicas sharing it elect one active operator "
                         "(created if missing). Without it the operator runs standalone.")
-    parser.add_argument("--priority", type=int, default=0, help="peering priority (higher wins)")
+    parser.add_argument("--priority", type=int, default=None,
+                        help="peering priority (higher wins). Default: by start time, the oldest replica "
+                        "wins (kopf pauses ALL operators of equal priority, so replicas must differ)")
     parser.add_argument("--liveness-port", type=int, default=8080,
                         help="serve kopf's liveness probe on http://0.0.0.0:PORT/healthz (0: off)")
     parser.add_argument("--metrics-port", type=int, default=9090,
@@ -108,6 +112,7 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
     operator_settings.posting.reporting_component = "mmalign-operator"  # `kubectl describe`'s "From"
     clusterwide = args.all_namespaces or not args.namespace
     if args.peering:
+        args.priority = default_priority() if args.priority is None else args.priority
         operator_settings.peering.name = args.peering
         operator_settings.peering.priority = args.priority
         operator_settings.peering.mandatory = True
@@ -117,7 +122,7 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
 
         start_http_server(args.metrics_port)
     logger.info("starting: %s, %s", "all namespaces" if clusterwide else f"namespaces {args.namespace}",
-                f"peering {args.peering!r}" if args.peering else "standalone")
+                f"peering {args.peering!r} with priority {args.priority}" if args.peering else "standalone")
     await kopf.operator(
         registry=handlers.REGISTRY,
         settings=operator_settings,
@@ -125,12 +130,18 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
         namespaces=[] if clusterwide else args.namespace,
         standalone=not args.peering,
         peering_name=args.peering,
-        priority=args.priority,
+        priority=args.priority or 0,
         liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
         memo=kopf.Memo(runtime=runtime),
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
+
+
+def default_priority() -> int:
+    """Earlier start = higher priority, so a running leader keeps leading when a replica (re)starts;
+    random low digits break a tie between replicas started in the same millisecond."""
+    return -(int(time.time() * 1000) * 1000 + random.randrange(1000))
 
 
 def _quiet_wakeups(record: logging.LogRecord) -> bool:

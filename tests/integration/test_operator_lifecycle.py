@@ -47,8 +47,8 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interva
 class Operator:
     """`mmalign operator` as a subprocess watching one namespace."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path) -> None:
-        self.kubeconfig, self.namespace, self.log = kubeconfig, namespace, log
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, *extra: str) -> None:
+        self.kubeconfig, self.namespace, self.log, self.extra = kubeconfig, namespace, log, extra
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -56,7 +56,7 @@ class Operator:
             sys.executable, "-m", "mmalign", "operator", "--kubeconfig", str(self.kubeconfig),
             "--namespace", self.namespace, "--liveness-port", "0", "--metrics-port", "0",
             "--log-format", "plain", "--resync-seconds", "2",
-            "--trainer-command", f"{sys.executable} {STUB}",
+            "--trainer-command", f"{sys.executable} {STUB}", *self.extra,
         ]
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
@@ -173,7 +173,7 @@ def env(dev_cluster: Any, crd: None, tmp_path: Path, request: pytest.FixtureRequ
 
 def test_pipeline_runs_every_stage_with_env_dns_progress_status_and_events(env: Env) -> None:
     started = time.monotonic()
-    env.apply(job_document("tiny", env={"STUB_STEPS": "4", "STUB_STEP_SECONDS": "0.4"}))
+    env.apply(job_document("tiny", env={"STUB_STEPS": "8", "STUB_STEP_SECONDS": "0.4"}))
     pods = wait_for("the reward gang", lambda: env.running("tiny"))
     assert [p.metadata.name for p in pods] == ["tiny-reward-0-0", "tiny-reward-0-1"]
     master = "tiny-reward-0-0.tiny." + env.namespace + ".svc"
@@ -193,7 +193,8 @@ def test_pipeline_runs_every_stage_with_env_dns_progress_status_and_events(env: 
     service = env.core.read_namespaced_service("tiny", env.namespace)
     assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses is True
     # progress travels from rank 0's log to the status while the stage runs
-    progress = wait_for("progress in the status", lambda: (lambda s: s if s.get("progress", "").startswith(("1/4", "2/4", "3/4")) else None)(env.status("tiny")), 20)
+    progress = wait_for("progress in the status while the stage runs", lambda: (lambda s: s if s.get(
+        "progress", "").split("/")[0] in {str(k) for k in range(1, 8)} else None)(env.status("tiny")), 20)
     assert progress["stage"] == "reward" and progress["phase"] == "Running"
     assert env.condition("tiny", "Running")["status"] == "True"
     status = env.phase("tiny", "Succeeded", "Failed")
@@ -201,10 +202,10 @@ def test_pipeline_runs_every_stage_with_env_dns_progress_status_and_events(env: 
     for stage in ("reward", "score", "dpo"):
         entry = status["stages"][stage]
         assert entry["phase"] == "Succeeded" and entry["attempt"] == 0 and entry["restarts"] == 0
-        assert entry["progress"]["step"] == entry["progress"]["total"] == 4
-        assert entry["metrics"]["loss"] == pytest.approx(0.25) and entry["startTime"] and entry["completionTime"]
+        assert entry["progress"]["step"] == entry["progress"]["total"] == 8
+        assert entry["metrics"]["loss"] == pytest.approx(1 / 8) and entry["startTime"] and entry["completionTime"]
         assert entry["artifact"].startswith("s3://mmalign/tiny-cpu/")
-    assert status["progress"] == "4/4 (100%)" and status["observedGeneration"] == 1
+    assert status["progress"] == "8/8 (100%)" and status["observedGeneration"] == 1
     conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
     assert conditions == {"Created": ("True", "JobAccepted"), "Running": ("False", "Succeeded"),
                           "Succeeded": ("True", "AllStagesSucceeded")}
@@ -214,7 +215,7 @@ def test_pipeline_runs_every_stage_with_env_dns_progress_status_and_events(env: 
     wait_for("cleanup", lambda: not env.live_pods("tiny"), 15)
     wait_for("service cleanup", lambda: not env.core.list_namespaced_service(env.namespace).items, 15)
     columns = env.kubectl("get", "aj", "tiny").stdout
-    assert "STAGE" in columns and "PROGRESS" in columns and "Succeeded" in columns and "4/4 (100%)" in columns
+    assert "STAGE" in columns and "PROGRESS" in columns and "Succeeded" in columns and "8/8 (100%)" in columns
     print(f"pipeline of 3 stages done in {time.monotonic() - started:.1f}s")
 
 
@@ -341,3 +342,29 @@ def test_operator_restart_adopts_running_pods_without_duplicates(env: Env) -> No
     assert after == uids  # the same two pods ran to the end: none re-created, none added
     assert (status["stages"]["reward"]["attempt"], status["stages"]["reward"]["restarts"]) == (0, 0)
     assert [r for r, _ in env.events("adopt")].count("StageStarted") == 1
+
+
+def test_peering_lets_one_of_two_replicas_act_and_the_other_take_over(env: Env, tmp_path: Path) -> None:
+    applied = env.cluster.kubectl("apply", "--server-side", "-f", str(REPO / "charts/mmalign/crds/kopf-peering.yaml"))
+    assert applied.returncode == 0, applied.stderr
+    env.cluster.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=30s")
+    env.operator.stop()
+    first = Operator(env.operator.kubeconfig, env.namespace, tmp_path / "first.log", "--peering", "mmalign")
+    second = Operator(env.operator.kubeconfig, env.namespace, tmp_path / "second.log", "--peering", "mmalign")
+    first.start()
+    time.sleep(1.0)  # the earlier start has the higher default priority
+    second.start()
+    try:
+        env.apply(job_document("peer", stages=("reward",), env={"STUB_STEPS": "4"}))
+        assert env.phase("peer", "Succeeded", "Failed")["phase"] == "Succeeded"
+        assert len(env.pods("peer")) <= 2 and env.status("peer")["stages"]["reward"]["attempt"] == 0
+        acted = [op for op in (first, second) if "created 2 pods" in op.log.read_text()]
+        assert acted == [first], "exactly the first (higher-priority) replica acts"
+        first.stop()  # it leaves the peering on exit; the standby resumes
+        env.apply(job_document("peer2", stages=("reward",), env={"STUB_STEPS": "2"}))
+        assert env.phase("peer2", "Succeeded", "Failed", timeout=60)["phase"] == "Succeeded"
+        assert "created 2 pods" in second.log.read_text()
+    finally:
+        first.stop()
+        second.stop()
+        print(first.log.read_text()[-3000:], second.log.read_text()[-3000:])
