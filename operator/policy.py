@@ -49,6 +49,7 @@ class PodView:
     finished_at: datetime | None = None
     disrupted: bool = False  # the DisruptionTarget condition: eviction, preemption, taint manager
     owner_uid: str = ""
+    waiting: str = ""  # why a pod does not run yet: Unschedulable, ImagePullBackOff, a missing Secret...
 
     @property
     def finished(self) -> bool:
@@ -81,9 +82,16 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
             reason = reason or terminated.get("reason") or ""
             message = message or terminated.get("message") or ""
             finished_at = _time(terminated.get("finishedAt"))
-    disrupted = any(
-        c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in status.get("conditions") or []
-    )
+    conditions = status.get("conditions") or []
+    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions)
+    waiting = ""
+    for condition in conditions:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            waiting = f"{condition.get('reason') or 'Unschedulable'}: {condition.get('message') or ''}".rstrip(": ")
+    for container in status.get("containerStatuses") or []:
+        state = (container.get("state") or {}).get("waiting") or {}
+        if state.get("reason") and state.get("reason") != "ContainerCreating":
+            waiting = f"{state['reason']}: {state.get('message') or ''}".rstrip(": ")
     owners = [ref.get("uid", "") for ref in metadata.get("ownerReferences") or [] if ref.get("controller")]
     return PodView(
         name=metadata.get("name", ""),
@@ -98,6 +106,7 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
         finished_at=finished_at,
         disrupted=disrupted,
         owner_uid=owners[0] if owners else "",
+        waiting=waiting[:300],
     )
 
 

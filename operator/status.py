@@ -267,6 +267,11 @@ class _Reconciler:
                 self.plan.soon(SOON)
             return False
         entry.message = f"attempt {entry.attempt}: waiting for pods to start"
+        stuck = next((p for p in views if p.waiting), None)
+        if stuck is not None:  # e.g. Unschedulable, ImagePullBackOff, a missing credentials Secret
+            entry.message += f"; pod {stuck.name}: {stuck.waiting}"
+        if status.phase == "Pending":
+            status.message = f"stage {name}: {entry.message}"
         return False
 
     def progress(self, name: str, entry: StageStatus) -> None:

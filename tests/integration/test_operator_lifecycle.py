@@ -368,3 +368,12 @@ def test_peering_lets_one_of_two_replicas_act_and_the_other_take_over(env: Env, 
         first.stop()
         second.stop()
         print(first.log.read_text()[-3000:], second.log.read_text()[-3000:])
+
+
+def test_a_gang_that_cannot_start_says_why(env: Env) -> None:
+    document = job_document("nosecret", stages=("reward",))
+    document["spec"]["storage"]["credentialsSecret"] = "missing-secret"
+    env.apply(document)
+    status = wait_for("the reason in the status", lambda: (lambda s: s if "missing-secret" in s.get(
+        "message", "") else None)(env.status("nosecret")), 30)
+    assert status["phase"] == "Pending" and "CreateContainerConfigError" in status["message"]

@@ -148,3 +148,16 @@ def test_observe_pod_reads_labels_and_termination() -> None:
     assert (view.stage, view.attempt, view.node_rank, view.owner_uid) == ("dpo", 3, 1, "u1")
     assert view.exit_code == 137 and view.reason == "OOMKilled" and view.finished_at == T0
     assert view.deleting and view.disrupted and view.finished
+
+
+def test_observe_pod_says_why_it_waits() -> None:
+    view = observe_pod({
+        "metadata": {"name": "p", "labels": {}},
+        "status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/2 nodes have enough nvidia.com/gpu"}]},
+    })
+    assert view.waiting == "Unschedulable: 0/2 nodes have enough nvidia.com/gpu"
+    view = observe_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}})
+    assert view.waiting == "ImagePullBackOff: no such image"

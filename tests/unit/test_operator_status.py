@@ -271,3 +271,13 @@ def test_single_stage_job_marks_the_others_skipped() -> None:
     assert world.status.stages.score.phase == "Skipped" and world.status.stages.dpo.phase == "Skipped"
     world.run_stage("reward")
     assert world.status.phase == "Succeeded"
+
+
+def test_a_pod_that_cannot_start_says_why() -> None:
+    world = World()
+    world.step()
+    pod = world.pods["j-reward-0-1"]
+    world.pods[pod.name] = replace(pod, waiting='CreateContainerConfigError: secret "s3-credentials" not found')
+    world.step()
+    assert world.status.phase == "Pending"
+    assert 'j-reward-0-1: CreateContainerConfigError: secret "s3-credentials" not found' in world.status.message
