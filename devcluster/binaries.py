@@ -57,6 +57,7 @@ class BuildResult:
     built: bool
     seconds: float = 0.0
     peak_rss_mib: float | None = None
+    action: str = "built"
 
 
 # ---------------------------------------------------------------- pure helpers (unit tested)
@@ -106,6 +107,9 @@ def parse_peak_rss_kib(time_v_output: str) -> int | None:
 
 
 def _go_env() -> dict[str, str]:
+    if shutil.which("go") is None:
+        raise RuntimeError("the Go toolchain (1.26+) is needed to build kube-apiserver, etcd and helm: "
+                           "install it or put it on PATH")
     env = dict(os.environ)
     env.setdefault("GOFLAGS", "-buildvcs=false")
     env["CGO_ENABLED"] = env.get("CGO_ENABLED", "0")
@@ -114,7 +118,7 @@ def _go_env() -> dict[str, str]:
 
 def _run(cmd: list[str], cwd: Path | None = None, measure: bool = False) -> tuple[float, int | None]:
     """Run a build command; with `measure`, under /usr/bin/time -v to learn the peak memory."""
-    timer = shutil.which("time") if measure and Path("/usr/bin/time").exists() else None
+    timer = measure and Path("/usr/bin/time").exists()
     full = ["/usr/bin/time", "-v", *cmd] if timer else cmd
     _log(" ".join(cmd))
     start = time.monotonic()
@@ -229,7 +233,7 @@ def link_wheel_tool(name: str, package: str) -> BuildResult:
             return BuildResult(name, out, built=False)
         out.unlink()
     out.symlink_to(source)
-    return BuildResult(name, out, built=True)
+    return BuildResult(name, out, built=True, action=f"linked to {source}")
 
 
 def _wheel_binary(name: str, package: str) -> Path | None:
@@ -243,7 +247,10 @@ def _wheel_binary(name: str, package: str) -> Path | None:
                 if candidate.is_file() and os.access(candidate, os.X_OK):
                     return candidate
     script = _venv_bin() / name
-    return script if script.exists() else None
+    if script.exists():
+        return script
+    system = shutil.which(name)  # e.g. /usr/bin/kubectl when the wheel is not installed
+    return Path(system) if system else None
 
 
 def ensure_all(skip: set[str] | None = None) -> list[BuildResult]:
@@ -263,7 +270,8 @@ def ensure_all(skip: set[str] | None = None) -> list[BuildResult]:
         start = time.monotonic()
         got = step()
         for res in got:
-            what = f"built in {res.seconds:.0f}s" if res.built else "cached"
+            what = (f"{res.action} in {res.seconds:.0f}s" if res.action == "built" else res.action) \
+                if res.built else "cached"
             if res.peak_rss_mib:
                 what += f", peak RSS {res.peak_rss_mib:.0f} MiB"
             _log(f"{res.name}: {what} -> {res.path}")

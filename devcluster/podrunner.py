@@ -327,8 +327,10 @@ class PodRun:
             self._maybe_restart(run)
             if run.proc is None and not run.terminated and now >= run.not_before:
                 self._start(run)
-        if self.phase() in ("Succeeded", "Failed"):
+        if self.phase() in ("Succeeded", "Failed") and self.pgid is not None:
             self._kill_group(signal.SIGKILL)  # leftovers of a finished container die with it
+            self.pgid = None  # and the number is never signalled again: the kernel may reuse it
+            (self.root / "pgid").unlink(missing_ok=True)
 
     def _step_fast(self) -> None:
         """kwok-style: Running at once, then (unless restartPolicy is Always) done after fast-seconds."""
