@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,12 @@ JOB_LABEL = "mmalign.io/job"
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.2) -> Any:
@@ -223,6 +231,11 @@ def test_killed_pod_restarts_the_whole_gang_with_the_next_attempt(env: Env) -> N
     # Attempt 0: rank 1 is SIGKILLed (exit 137) at step 2; attempt 1 runs through.
     env.apply(job_document("kill", stages=("reward",), env={
         "STUB_STEPS": "4", "STUB_FAIL_CODE": "137", "STUB_FAIL_RANK": "1", "STUB_FAIL_ATTEMPTS": "1"}))
+    wait_for("the killed pod", lambda: [p for p in env.pods("kill") if p.status.phase == "Failed"], 30, 0.05)
+    killed_at = time.monotonic()
+    wait_for("attempt 1 created", lambda: [p for p in env.pods("kill") if p.metadata.labels[
+        "mmalign.io/attempt"] == "1"], 30, 0.05)
+    print(f"failure seen -> next attempt's pods created in {time.monotonic() - killed_at:.2f}s")
     attempt1 = wait_for("attempt 1 running", lambda: env.running("kill", attempt=1), 30)
     assert [p.metadata.name for p in attempt1] == ["kill-reward-1-0", "kill-reward-1-1"]
     assert not [p for p in env.pods("kill") if p.metadata.labels["mmalign.io/attempt"] == "0"
@@ -335,9 +348,19 @@ def test_operator_restart_adopts_running_pods_without_duplicates(env: Env) -> No
     uids = {p.metadata.name: p.metadata.uid for p in before}
     env.operator.stop()
     time.sleep(1.0)
+    metrics_port, liveness_port = free_port(), free_port()
+    env.operator.extra = ("--metrics-port", str(metrics_port), "--liveness-port", str(liveness_port))
     env.operator.start()
     status = env.phase("adopt", "Succeeded", "Failed", timeout=40)
     assert status["phase"] == "Succeeded", status
+    health = urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=5)
+    assert health.status == 200
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'mmalign_operator_jobs{phase="Succeeded"} 1.0' in metrics
+    assert 'mmalign_operator_stage_transitions_total{phase="Succeeded",stage="reward"} 1.0' in metrics
+    count = float(metrics.split("mmalign_operator_reconcile_duration_seconds_count ")[1].split()[0])
+    total = float(metrics.split("mmalign_operator_reconcile_duration_seconds_sum ")[1].split()[0])
+    print(f"{count:.0f} reconcile passes after the restart, {1000 * total / count:.0f} ms mean")
     after = {p.metadata.name: p.metadata.uid for p in env.pods("adopt")}
     assert after == uids  # the same two pods ran to the end: none re-created, none added
     assert (status["stages"]["reward"]["attempt"], status["stages"]["reward"]["restarts"]) == (0, 0)
