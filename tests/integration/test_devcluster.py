@@ -241,8 +241,11 @@ def test_cli_up_env_down_leaves_nothing(tmp_path: Path) -> None:
     assert "export KUBECONFIG=" in env_lines and "export AWS_ENDPOINT_URL=" in env_lines
     dev = devcluster.load(state)
     assert dev.kubectl("run", "sleeper", "--image=x", "--restart=Never", "--command", "--",
-                       "python", "-c", "import time; time.sleep(600)").returncode == 0
+                       "python", "-c", "import time; print('zzz', flush=True); time.sleep(600)").returncode == 0
     wait_for(lambda: list(state.glob("pods/*/pgid")), 30, what="the pod's process")
+    dev_logs = [*mmalign, "logs", "sleeper"]
+    wait_for(lambda: subprocess.run(dev_logs, capture_output=True, text=True).stdout == "zzz\n", 20,
+             what="`mmalign dev logs` to show the pod's output")
     pgid = int(next(state.glob("pods/*/pgid")).read_text())
     pids = [p["pid"] for p in dev.processes.values()] + [pgid]
     ports = list(dev.ports.values())
