@@ -277,3 +277,39 @@ def test_watch_namespaces_mode_needs_nothing_cluster_wide(dev_cluster: Any, tmp_
         cluster.kubectl("delete", "aj", JOB, "-n", JOBS_NS, "--timeout=60s")
     finally:
         _cleanup(cluster)
+
+
+def test_two_replicas_one_acts(dev_cluster: Any, tmp_path: Path) -> None:
+    """`operator.replicas: 2` with peering: one replica acts, the other stands by, the job finishes.
+
+    kopf pauses ALL peers of equal priority, so this needs `mmalign operator` to give replicas distinct
+    priorities (it orders them by start time); the chart passes no --priority.
+    """
+    cluster = Cluster(dev_cluster)
+    values = values_file(tmp_path)
+    try:
+        cluster.kubectl("create", "namespace", JOBS_NS)
+        cluster.kubectl("-n", JOBS_NS, "create", "secret", "generic", "s3-credentials",
+                        "--from-literal=AWS_ACCESS_KEY_ID=unused", "--from-literal=AWS_SECRET_ACCESS_KEY=unused")
+        cluster.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", "-f", str(values),
+                     "--set", "operator.replicas=2")
+        cluster.kubectl("-n", SYSTEM_NS, "rollout", "status", f"deployment/{RELEASE}", "--timeout=90s")
+        cluster.kubectl("apply", "-f", "-", input=job_manifest())
+
+        def finished_or_all_paused() -> str | None:
+            if cluster.get("aj", JOB, "-n", JOBS_NS).get("status", {}).get("phase") == "Succeeded":
+                return "Succeeded"
+            return "all paused" if "Pausing all operators" in cluster.operator_logs() else None
+
+        outcome = wait_for("the job to succeed (or every replica to pause)", finished_or_all_paused,
+                           timeout=120, every=1, explain=cluster.describe)
+        assert outcome == "Succeeded", cluster.describe()
+        logs = [cluster.kubectl("logs", "-n", SYSTEM_NS, pod["metadata"]["name"], check=False)
+                for pod in cluster.items("pods", "-n", SYSTEM_NS, "-l", INSTANCE)]
+        # The acting replica logs the stage transitions; the standby (paused from its start, as kopf's
+        # mandatory peering begins paused) logs none of them.
+        acted = sorted("stages reward, score, dpo succeeded" in log for log in logs)
+        assert acted == [False, True], "\n=====\n".join(logs)
+        cluster.kubectl("delete", "aj", JOB, "-n", JOBS_NS, "--timeout=60s")
+    finally:
+        _cleanup(cluster)

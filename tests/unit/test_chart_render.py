@@ -201,8 +201,8 @@ def test_rbac_grants_nothing_cluster_scoped_but_peering() -> None:
     resources = {resource for rule in rules for resource in rule["resources"]}
     assert "secrets" not in resources
     assert resources - {"clusterkopfpeerings"} <= {
-        "alignmentjobs", "alignmentjobs/status", "pods", "pods/log", "services", "configmaps", "events",
-        "leases",
+        "alignmentjobs", "alignmentjobs/status", "alignmentjobs/finalizers", "pods", "pods/log", "services",
+        "configmaps", "events",
     }
 
 

@@ -16,6 +16,11 @@ namespace; nothing cluster-scoped is needed except the ClusterKopfPeering in clu
 - apiGroups: ["mmalign.io"]
   resources: ["alignmentjobs/status"]
   verbs: ["patch"]
+# Children carry ownerReferences with blockOwnerDeletion: true; clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin require this to set it.
+- apiGroups: ["mmalign.io"]
+  resources: ["alignmentjobs/finalizers"]
+  verbs: ["update"]
 # The gang of each stage: watched (by label), server-side applied (create + patch), confirmed with
 # a GET when the watch misses one, deleted as a whole on restart, suspend and cleanup.
 - apiGroups: [""]
