@@ -3,8 +3,8 @@
 A subset of kube-scheduler's filters, enough for the operator's pods and for tests of "unschedulable":
 NodeResourcesFit (requests of cpu, memory, pods and extended resources such as `nvidia.com/gpu`),
 NodeSelector, required node affinity (matchExpressions), TaintToleration (NoSchedule/NoExecute) and
-`spec.unschedulable`. Scoring is "least allocated": the node with the most free cpu wins, which
-spreads the pods of one job over the nodes like the default scheduler usually does.
+`spec.unschedulable`. Scoring is "least allocated": the node with the most free cpu wins, then memory,
+then the fewest pods, which spreads the pods of one job over the nodes like the default scheduler does.
 """
 
 from __future__ import annotations
