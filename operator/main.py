@@ -29,7 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmalign operator", description=__doc__.split("\n")[0])
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=[], metavar="NS",
-                       help="watch this namespace (repeatable; globs like team-* work)")
+                       help="watch this namespace (repeatable; exact names)")
     scope.add_argument("--all-namespaces", "-A", action="store_true",
                        help="watch every namespace (the default when no --namespace is given)")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster config, else $KUBECONFIG)")
