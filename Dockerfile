@@ -37,7 +37,8 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first; deepspeed is an sdist that must build against THAT torch: no build isolation, and no
-# ops compiled ahead of time (DS_BUILD_OPS=0: they JIT-compile on first use if a config needs one).
+# ops compiled (DS_BUILD_OPS=0). The runtime stage has no compiler either, so no op can JIT-compile:
+# the trainer's engine uses torch.optim.AdamW (no FusedAdam / DeepSpeedCPUAdam), which needs none.
 RUN pip install "setuptools==${SETUPTOOLS_VERSION}" "wheel==${WHEEL_VERSION}" \
     && pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
     && DS_BUILD_OPS=0 pip install --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
@@ -71,8 +72,10 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-# UID/GID 1000, the numbers the chart's securityContext runs as (runAsNonRoot needs a numeric USER).
+# UID/GID 1000, the numbers the chart's securityContext runs as (runAsNonRoot needs a numeric USER);
+# Ubuntu 24.04 images ship a user `ubuntu` with that UID, which goes first.
 RUN (userdel --remove ubuntu 2>/dev/null || true) \
+    && (groupdel ubuntu 2>/dev/null || true) \
     && groupadd --gid 1000 mmalign \
     && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mmalign
 
