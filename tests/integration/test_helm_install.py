@@ -167,7 +167,11 @@ def _story(cluster: Cluster, values: Path, steps: Steps) -> None:
     cluster.kubectl("create", "namespace", JOBS_NS)
     cluster.kubectl("-n", JOBS_NS, "create", "secret", "generic", "s3-credentials",
                     "--from-literal=AWS_ACCESS_KEY_ID=unused", "--from-literal=AWS_SECRET_ACCESS_KEY=unused")
-    cluster.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", "-f", str(values))
+    notes = cluster.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace",
+                         "-f", str(values)).stdout
+    # NOTES.txt tells the user the next commands; the first one is the one we run next.
+    assert f"kubectl -n {SYSTEM_NS} rollout status deployment/{RELEASE}" in notes, notes
+    assert "kubectl apply -f manifests/examples/tiny-cpu.yaml" in notes, notes
     cluster.kubectl("-n", SYSTEM_NS, "rollout", "status", f"deployment/{RELEASE}", "--timeout=90s")
     steps.done("helm install + operator ready")
 
