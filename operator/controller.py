@@ -51,7 +51,8 @@ class LoopSettings:
 
 
 def _dump(spec: AlignmentJobSpec) -> dict[str, Any]:
-    return spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    dumped: dict[str, Any] = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return dumped
 
 
 class JobController:
@@ -242,7 +243,7 @@ class JobController:
                 config_map = build_config_map(job)
                 await self.kube.gather([self.kube.apply(build_service(job)), self.kube.apply(config_map)])
                 self.applied_spec = _dump(job.spec)
-                pods = build_gang(job, action.stage, action.attempt, self.settings.build)  # type: ignore[arg-type]
+                pods = build_gang(job, action.stage, action.attempt, self.settings.build)
                 await self.kube.gather(self.kube.apply(pod) for pod in pods)
                 self.logger.info(f"stage {action.stage}: created {len(pods)} pods of attempt {action.attempt}")
             elif action.kind == "delete_service":

@@ -31,11 +31,13 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     configuration = client.Configuration()
     if kubeconfig is None:
         try:
-            config.load_incluster_config(client_configuration=configuration)
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config(context=context, client_configuration=configuration)
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                context=context, client_configuration=configuration)
     else:
-        config.load_kube_config(config_file=kubeconfig, context=context, client_configuration=configuration)
+        config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, context=context, client_configuration=configuration)
     configuration.connection_pool_maxsize = PARALLEL_CALLS
     return client.ApiClient(configuration)
 
@@ -96,12 +98,17 @@ class Kube:
 
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         pod = await self._call("get", "pods", self.core.read_namespaced_pod, name, namespace, missing_ok=True)
-        return None if pod is None else self.api_client.sanitize_for_serialization(pod)
+        return None if pod is None else self._plain(pod)
 
     async def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
         found = await self._call("get", "configmaps", self.core.read_namespaced_config_map, name, namespace,
                                  missing_ok=True)
-        return None if found is None else self.api_client.sanitize_for_serialization(found)
+        return None if found is None else self._plain(found)
+
+    def _plain(self, model: Any) -> dict[str, Any]:
+        """A client model -> the API's camelCase dict (what kopf hands the handlers)."""
+        plain: dict[str, Any] = self.api_client.sanitize_for_serialization(model)  # type: ignore[no-untyped-call]
+        return plain
 
     async def pod_log_tail(self, namespace: str, name: str, lines: int, limit_bytes: int) -> str:
         text = await self._call("get", "pods/log", self.core.read_namespaced_pod_log, name, namespace,

@@ -154,7 +154,7 @@ async def _ensure_peering(api_client: object, name: str, namespaces: list[str]) 
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    custom = client.CustomObjectsApi(api_client)  # type: ignore[arg-type]
+    custom = client.CustomObjectsApi(api_client)
     targets: list[tuple[str | None, str, str]] = [
         (ns, "KopfPeering", "kopfpeerings") for ns in namespaces
     ] if namespaces else [(None, "ClusterKopfPeering", "clusterkopfpeerings")]

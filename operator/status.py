@@ -87,14 +87,13 @@ def set_condition(
     """Set a condition; lastTransitionTime changes only when its status flips. True when it flipped."""
     for condition in status.conditions:
         if condition.type == type_:
-            flipped = condition.status != value
-            condition.status, condition.reason, condition.message = value, reason, message  # type: ignore[assignment]
+            flipped = bool(condition.status != value)
+            condition.status, condition.reason, condition.message = value, reason, message
             if flipped:
                 condition.last_transition_time = rfc3339(now)
             return flipped
     status.conditions.append(
-        Condition(type=type_, status=value, reason=reason, message=message,  # type: ignore[arg-type]
-                  last_transition_time=rfc3339(now))
+        Condition(type=type_, status=value, reason=reason, message=message, last_transition_time=rfc3339(now))
     )
     return True
 
@@ -150,7 +149,7 @@ class _Reconciler:
                 if entry is None or entry.phase == "Skipped":
                     entry = StageStatus()
                     setattr(status.stages, name, entry)
-                entry.artifact = spec.artifact_uri(name)  # type: ignore[arg-type]
+                entry.artifact = spec.artifact_uri(name)
             elif entry is None:
                 setattr(status.stages, name, StageStatus(phase="Skipped", message="not in spec.stages"))
         if not any(c.type == "Created" for c in status.conditions):

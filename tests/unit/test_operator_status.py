@@ -281,3 +281,24 @@ def test_a_pod_that_cannot_start_says_why() -> None:
     world.step()
     assert world.status.phase == "Pending"
     assert 'j-reward-0-1: CreateContainerConfigError: secret "s3-credentials" not found' in world.status.message
+
+
+def test_a_1024_node_gang_is_built_and_reconciled_quickly() -> None:
+    import time
+
+    from mmalign.operator.builders import JobRef, build_gang
+
+    spec = AlignmentJobSpec.model_validate({**SPEC, "resources": {"nodes": 1024}})
+    started = time.perf_counter()
+    pods = build_gang(JobRef("j", "ns", "u", spec), "reward", 0)
+    built = time.perf_counter() - started
+    assert len({p["metadata"]["name"] for p in pods}) == 1024
+    world = World()
+    world.spec = spec
+    world.step()
+    world.set("reward", "Running")
+    started = time.perf_counter()
+    world.step()
+    reconciled = time.perf_counter() - started
+    assert world.status.stages.reward.message == "attempt 0: 1024/1024 pods running"
+    assert built < 2.0 and reconciled < 0.5, (built, reconciled)
