@@ -167,5 +167,8 @@ async def _ensure_peering(api_client: object, name: str, namespaces: list[str]) 
                 await asyncio.to_thread(custom.create_namespaced_custom_object, "kopf.dev", "v1", namespace,
                                         plural, body)
         except ApiException as error:
+            if error.status == 404:
+                raise SystemExit(f"mmalign operator: --peering needs kopf's peering CRDs ({plural}.kopf.dev); "
+                                 "install charts/mmalign/crds/kopf-peering.yaml") from None
             if error.status != 409:  # already there: fine
                 raise
