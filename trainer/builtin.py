@@ -1,7 +1,9 @@
 """`builtin://` URIs: tiny random-init models and a synthetic preference set, with no download.
 
 Models (random weights, see tiny.py): `builtin://tiny-qwen2-vl`, `builtin://tiny-qwen2.5-vl`,
-`builtin://tiny-llava-onevision`, `builtin://tiny-text`. An optional `?seed=N` picks other weights.
+`builtin://tiny-llava-onevision`, `builtin://tiny-text` (~200k parameters, CPU tests), and
+`builtin://random-qwen2-vl-0.5b` (also `-qwen2.5-vl-`, `-llava-onevision-`, `-text-`): ~0.5B parameters
+for GPU smoke runs. An optional `?seed=N` picks other weights.
 
 Dataset `builtin://synthetic-colors`: 96 queries, each a 32x32 image filled with one of 8 colours (with
 seeded pixel noise so no two images are equal) and a question about its colour, in three categories:
@@ -28,11 +30,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-MODELS = {
-    "tiny-qwen2-vl": "qwen2-vl",
-    "tiny-qwen2.5-vl": "qwen2.5-vl",
-    "tiny-llava-onevision": "llava-onevision",
-    "tiny-text": "text",
+MODELS = {  # name -> (architecture, size preset in tiny.SIZES)
+    "tiny-qwen2-vl": ("qwen2-vl", "tiny"),
+    "tiny-qwen2.5-vl": ("qwen2.5-vl", "tiny"),
+    "tiny-llava-onevision": ("llava-onevision", "tiny"),
+    "tiny-text": ("text", "tiny"),
+    # ~0.5B random-init models for GPU smoke runs (time, memory, ZeRO-3); they learn nothing real.
+    "random-qwen2-vl-0.5b": ("qwen2-vl", "0.5b"),
+    "random-qwen2.5-vl-0.5b": ("qwen2.5-vl", "0.5b"),
+    "random-llava-onevision-0.5b": ("llava-onevision", "0.5b"),
+    "random-text-0.5b": ("text", "0.5b"),
 }
 DATASETS = ("synthetic-colors",)
 _DATASET_VERSION = "v2"  # bump when the generator changes: the cache folder name includes it
@@ -73,7 +80,8 @@ def load_model(uri: str, seed: int | None = None) -> tuple[Any, Any]:
     if name not in MODELS:
         raise ValueError(f"{uri} is a dataset, not a model")
     chosen_seed = seed if seed is not None else int(options.get("seed", 0))
-    return tiny.build_tiny(MODELS[name], seed=chosen_seed)
+    architecture, size = MODELS[name]
+    return tiny.build_tiny(architecture, seed=chosen_seed, size=size)
 
 
 # ------------------------------------------------------------------------------------------ dataset

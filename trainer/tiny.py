@@ -20,6 +20,7 @@ Run `python -m mmalign.trainer.tiny` to print each model's size and a forward+ba
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -87,33 +88,62 @@ def build_tokenizer(architecture: str = "qwen2-vl") -> Any:
     return tokenizer
 
 
-def _text_config(tokenizer: Any, **extra: Any) -> dict[str, Any]:
-    """A 2-layer, 64-wide Qwen2 decoder: small enough for ~10 ms forward+backward on one CPU core."""
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """Widths of one preset. Vision towers follow each architecture's own layout."""
+
+    hidden: int  # text decoder width
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mrope_section: tuple[int, int, int]  # Qwen 3-D RoPE split of head_dim / 2
+    vocab: int | None  # None: the tokenizer's ~600; a real size pads the embedding (memory realism)
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    patch: int  # vision patch side in pixels
+    image: int  # processors resize images to image x image pixels
+    window: int  # Qwen2.5-VL attention window in pixels
+
+
+SIZES = {
+    # ~10 ms forward+backward on one CPU core: the unit tests' models.
+    "tiny": Size(64, 128, 2, 4, 2, (2, 3, 3), None, 32, 1, 2, 8, IMAGE_SIZE, 16),
+    # ~0.5B parameters with Qwen2-0.5B's decoder shape and a 12-layer vision tower: GPU smoke runs
+    # (builtin://random-*-0.5b). Random weights: learns nothing real, measures time and memory.
+    "0.5b": Size(896, 4864, 24, 14, 2, (8, 12, 12), 151936, 1024, 12, 16, 14, 448, 112),
+}
+
+
+def _text_config(tokenizer: Any, size: Size, **extra: Any) -> dict[str, Any]:
     return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
+        vocab_size=size.vocab or len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=32768,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,  # upstream's 151643 is out of range for a tiny vocabulary
-        tie_word_embeddings=False,
+        tie_word_embeddings=size.vocab is not None,  # Qwen2-0.5B ties them; tiny models keep both
+
         **extra,
     )
 
 
-def _qwen_config(architecture: str, tokenizer: Any) -> Any:
+def _qwen_config(architecture: str, tokenizer: Any, size: Size) -> Any:
     ids = tokenizer.convert_tokens_to_ids
-    vision: dict[str, Any] = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=8, spatial_merge_size=2,
-                  temporal_patch_size=2, in_channels=3)
+    vision: dict[str, Any] = dict(depth=size.vision_layers, embed_dim=size.vision_width, hidden_size=size.hidden,
+                                  num_heads=size.vision_heads, patch_size=size.patch, spatial_merge_size=2,
+                                  temporal_patch_size=2, in_channels=3)
     common = dict(image_token_id=ids(QWEN_IMAGE), video_token_id=ids(QWEN_VIDEO),
                   vision_start_token_id=ids(VISION_START), vision_end_token_id=ids(VISION_END))
-    # Qwen's multimodal RoPE splits each head's 16 dims into (temporal, height, width) sections.
-    text = _text_config(tokenizer, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                    "mrope_section": [2, 3, 3]})
+    # Qwen's multimodal RoPE splits each head's dims into (temporal, height, width) sections.
+    text = _text_config(tokenizer, size, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "mrope_section": list(size.mrope_section)})
     if architecture == "qwen2-vl":
         from transformers import Qwen2VLConfig
 
@@ -121,30 +151,33 @@ def _qwen_config(architecture: str, tokenizer: Any) -> Any:
         return Qwen2VLConfig(text_config=text, vision_config=vision, **common)
     from transformers import Qwen2_5_VLConfig
 
-    # Qwen2.5-VL: windowed attention; window 16 px = 2x2 patches, block 0 full attention.
+    # Qwen2.5-VL: windowed attention over 2x2 merged patches; block 0 full attention.
     vision.pop("embed_dim")
-    vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64, window_size=16,
-                  fullatt_block_indexes=[0])
+    vision.update(hidden_size=size.vision_width, intermediate_size=2 * size.vision_width,
+                  out_hidden_size=size.hidden, window_size=size.window, fullatt_block_indexes=[0])
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
 
 
-def _llava_config(tokenizer: Any) -> Any:
+def _llava_config(tokenizer: Any, size: Size) -> Any:
     from transformers import LlavaOnevisionConfig
 
     ids = tokenizer.convert_tokens_to_ids
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=8)
-    text = dict(model_type="qwen2", **_text_config(tokenizer))
+    vision = dict(model_type="siglip_vision_model", hidden_size=size.vision_width,
+                  intermediate_size=2 * size.vision_width, num_hidden_layers=size.vision_layers,
+                  num_attention_heads=size.vision_heads, image_size=size.image, patch_size=size.patch)
+    text = dict(model_type="qwen2", **_text_config(tokenizer, size))
     return LlavaOnevisionConfig(
         text_config=text, vision_config=vision, image_token_index=ids(LLAVA_IMAGE),
-        video_token_index=ids(LLAVA_VIDEO), image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
+        video_token_index=ids(LLAVA_VIDEO), image_grid_pinpoints=[[size.image, size.image]],
         vision_aspect_ratio="anyres_max_1", vision_feature_select_strategy="full",
     )
 
 
-def build_processor(architecture: str, tokenizer: Any | None = None) -> Any:
+def build_processor(architecture: str, tokenizer: Any | None = None, size: str = "tiny") -> Any:
     """The HF processor matching `architecture` (the tokenizer itself for `text`)."""
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(architecture)
+    preset = SIZES[size]
+    side = preset.image
     if architecture == "text":
         return tokenizer
     if architecture in ("qwen2-vl", "qwen2.5-vl"):
@@ -153,9 +186,8 @@ def build_processor(architecture: str, tokenizer: Any | None = None) -> Any:
 
         if architecture == "qwen2.5-vl":
             from transformers import Qwen2_5_VLProcessor as Processor  # type: ignore[assignment,no-redef]
-        pixels = IMAGE_SIZE * IMAGE_SIZE
-        sizes: dict[str, Any] = dict(size={"shortest_edge": pixels, "longest_edge": pixels}, patch_size=8, merge_size=2,
-                     temporal_patch_size=2)
+        sizes: dict[str, Any] = dict(size={"shortest_edge": side * side, "longest_edge": side * side},
+                                     patch_size=preset.patch, merge_size=2, temporal_patch_size=2)
         return Processor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
                          video_processor=Qwen2VLVideoProcessor(**sizes))
     if architecture == "llava-onevision":
@@ -165,26 +197,27 @@ def build_processor(architecture: str, tokenizer: Any | None = None) -> Any:
             LlavaOnevisionVideoProcessor,
         )
 
-        images = LlavaOnevisionImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                              image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]])
-        videos = LlavaOnevisionVideoProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        images = LlavaOnevisionImageProcessor(size={"height": side, "width": side},
+                                              image_grid_pinpoints=[[side, side]])
+        videos = LlavaOnevisionVideoProcessor(size={"height": side, "width": side})
         return LlavaOnevisionProcessor(
             image_processor=images, video_processor=videos, tokenizer=tokenizer,
-            num_image_tokens=(IMAGE_SIZE // 8) ** 2,
+            num_image_tokens=(side // preset.patch) ** 2,
             vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
         )
     raise ValueError(f"unknown tiny architecture {architecture!r}: use one of {', '.join(TINY_ARCHITECTURES)}")
 
 
-def build_config(architecture: str, tokenizer: Any) -> Any:
+def build_config(architecture: str, tokenizer: Any, size: str = "tiny") -> Any:
+    preset = SIZES[size]
     if architecture in ("qwen2-vl", "qwen2.5-vl"):
-        return _qwen_config(architecture, tokenizer)
+        return _qwen_config(architecture, tokenizer, preset)
     if architecture == "llava-onevision":
-        return _llava_config(tokenizer)
+        return _llava_config(tokenizer, preset)
     if architecture == "text":
         from transformers import Qwen2Config
 
-        return Qwen2Config(**_text_config(tokenizer))
+        return Qwen2Config(**_text_config(tokenizer, preset))
     raise ValueError(f"unknown tiny architecture {architecture!r}: use one of {', '.join(TINY_ARCHITECTURES)}")
 
 
@@ -201,25 +234,31 @@ def _model_class(architecture: str) -> Any:
 
 @torch.no_grad()
 def _seeded_init(model: torch.nn.Module, seed: int) -> None:
-    """Overwrite every parameter from a private generator: identical on every rank and every run,
-    whatever the global RNG did before. Norm weights stay 1 (as HF initialises them)."""
+    """Draw every parameter from a private generator: identical on every rank and every run, whatever
+    the global RNG did before. Normalisation layers start as identity (weight 1, bias 0), other biases
+    at 0, everything else N(0, 0.02²) (HF's initializer_range)."""
     generator = torch.Generator().manual_seed(seed)
+    owner = {id(p): type(m).__name__.lower() for m in model.modules() for p in m.parameters(recurse=False)}
     for name, parameter in sorted(model.named_parameters()):
-        if "norm" in name and parameter.dim() == 1:
-            parameter.fill_(1.0)
+        if "norm" in owner[id(parameter)]:
+            parameter.fill_(1.0 if name.endswith("weight") else 0.0)
         elif name.endswith("bias"):
             parameter.zero_()
         else:
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+            parameter.normal_(0.0, 0.02, generator=generator)
     # Buffers (RoPE inverse frequencies) are computed from the config, not drawn: nothing to seed.
 
 
-def build_tiny(architecture: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """`(model, processor)` for a tiny random-init `architecture`, in float32, train mode off."""
+def build_tiny(architecture: str, seed: int = 0, size: str = "tiny") -> tuple[torch.nn.Module, Any]:
+    """`(model, processor)` for a random-init `architecture` of preset `size`, float32, eval mode."""
+    from transformers.initialization import no_init_weights
+
     tokenizer = build_tokenizer(architecture)
-    processor = build_processor(architecture, tokenizer)
-    config = build_config(architecture, tokenizer)
-    model = _model_class(architecture)._from_config(config, dtype=torch.float32)
+    processor = build_processor(architecture, tokenizer, size)
+    config = build_config(architecture, tokenizer, size)
+    with no_init_weights():  # _seeded_init draws every parameter anyway: skip HF's and torch's init
+        model = _model_class(architecture)._from_config(config, dtype=torch.float32)
+    model.tie_weights()  # no_init_weights also skips the tying that `tie_word_embeddings` asks for
     _seeded_init(model, seed)
     model.eval()
     return model, processor

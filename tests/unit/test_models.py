@@ -56,7 +56,9 @@ def test_pairs_in_one_pass_match_a_naive_forward_values_and_gradients(tiny_model
     torch.testing.assert_close(chunked.logps.double(), naive, rtol=1e-5, atol=1e-4)
     assert set(fast_grads) == set(naive_grads)
     for parameter in fast_grads:
-        torch.testing.assert_close(fast_grads[parameter], naive_grads[parameter], rtol=1e-4, atol=1e-6)
+        scale = float(naive_grads[parameter].abs().max())  # float32 summation-order noise scales with it
+        torch.testing.assert_close(fast_grads[parameter], naive_grads[parameter], rtol=1e-4,
+                                   atol=max(1e-6, 1e-5 * scale))
     if name != "tiny-text":
         assert any("visual" in n or "vision_tower" in n for n in fast_grads)  # gradients reach the vision tower
     assert chunked.tokens.tolist() == batch.response_mask[:, 1:].sum(1).tolist()
