@@ -182,6 +182,13 @@ def write_metrics(ctx: Context, metrics: dict[str, Any]) -> str:
     return uri
 
 
+def device_metrics(dist: Distributed) -> dict[str, float]:
+    """Peak accelerator memory of this rank (GiB), for the progress line; {} on CPU."""
+    if dist.device.type != "cuda":
+        return {}
+    return {"gpu_peak_memory_gib": torch.cuda.max_memory_allocated(dist.device) / 2**30}
+
+
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 

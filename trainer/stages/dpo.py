@@ -43,6 +43,7 @@ from mmalign.trainer.stages.common import (
     StageConfigError,
     check_enough_pairs,
     check_finite,
+    device_metrics,
     is_complete_model,
     mean_over_ranks,
     rank_slice,
@@ -57,14 +58,16 @@ ReferenceTable = dict[str, tuple[float, float]]  # pair uid -> (log π_ref(y_w),
 
 
 class SequenceLogps(nn.Module):
-    """The model as DeepSpeed sees it: batch -> per-row summed response log-probs (logprobs.py)."""
+    """The model as DeepSpeed sees it: batch -> (logps, tokens), per-row summed response log-probs and
+    token counts (logprobs.py). Plain tensors out: ZeRO-3's backward hooks only see tensors."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch: collate.Batch) -> logprobs.SequenceLogprobs:
-        return logprobs.policy_logprobs(self.model, batch)
+    def forward(self, batch: collate.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = logprobs.policy_logprobs(self.model, batch)
+        return out.logps, out.tokens
 
 
 def load_pairs(ctx: Context) -> list[data.PreferencePair]:
@@ -113,7 +116,7 @@ def _batch_logps(model: nn.Module, processor: Any, pairs: list[data.PreferencePa
                  max_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     examples = [collate.Example.from_pair(p, loader.load(p)) for p in pairs]
     batch = collate.collate_pairs(examples, processor, max_length).to(device)
-    logps = model(batch).logps.float().cpu()  # (2B,)
+    logps = model(batch)[0].float().cpu()  # (2B,)
     return logps[:len(pairs)], logps[len(pairs):]
 
 
@@ -187,7 +190,7 @@ def _reference_for(pairs: list[data.PreferencePair], table: ReferenceTable | Non
         return values[:, 0].to(batch.input_ids.device), values[:, 1].to(batch.input_ids.device)
     assert reference is not None
     with torch.no_grad():
-        logps = reference(batch).logps.float()
+        logps = reference(batch)[0].float()
     return logps[:len(pairs)], logps[len(pairs):]
 
 
@@ -198,13 +201,13 @@ def micro_batch_loss(ctx: Context, engine: Engine, processor: Any, pairs: list[d
     assert config is not None
     examples = [collate.Example.from_pair(p, loader.load(p)) for p in pairs]
     batch = collate.collate_pairs(examples, processor, ctx.spec.data.max_length).to(dist.device)
-    policy = engine.model(batch)  # logprobs.SequenceLogprobs over 2B rows
+    policy_logps, policy_tokens = engine.model(batch)  # (2B,) each
     count = len(pairs)
     reference_chosen, reference_rejected = _reference_for(pairs, table, reference, batch)
     inputs = losses.DpoInputs(
-        policy_chosen=policy.logps[:count], policy_rejected=policy.logps[count:],
+        policy_chosen=policy_logps[:count], policy_rejected=policy_logps[count:],
         reference_chosen=reference_chosen, reference_rejected=reference_rejected,
-        chosen_nll=losses.mean_token_nll(policy.logps[:count], policy.tokens[:count])
+        chosen_nll=losses.mean_token_nll(policy_logps[:count], policy_tokens[:count])
         if config.sft_weight else None,
         delta=torch.tensor([p.delta for p in pairs], dtype=torch.float32, device=dist.device)
         if config.dynamic_reward_scaling is not None else None,
@@ -232,7 +235,7 @@ def evaluate(ctx: Context, engine: Engine, processor: Any, pairs: list[data.Pref
         part = mine or window[:1]  # keep the forward count equal on every rank
         examples = [collate.Example.from_pair(p, loader.load(p)) for p in part]
         batch = collate.collate_pairs(examples, processor, ctx.spec.data.max_length).to(dist.device)
-        policy = engine.model(batch).logps.float()
+        policy = engine.model(batch)[0].float()
         reference_chosen, reference_rejected = _reference_for(part, table, reference, batch)
         margins = (policy[:len(part)] - reference_chosen) - (policy[len(part):] - reference_rejected)
         if mine:
@@ -310,6 +313,7 @@ def run(ctx: Context) -> dict[str, Any]:
         averaged = mean_over_ranks(dist, local)
         loss_value = averaged.pop("loss")
         averaged["learning_rate"] = engine.learning_rate
+        averaged.update(device_metrics(dist))
         progress.update(step, loss_value, order.epoch_of(step - 1), averaged)
         if checkpointer.due(step) or step == total:
             checkpointer.save(engine, step, {"data": data.fingerprint(train), "initial_eval": initial})

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmalign.trainer import collate, data, losses, media, metrics, models, storage
 from mmalign.trainer.checkpoint import Checkpointer
@@ -34,6 +35,7 @@ from mmalign.trainer.stages.common import (
     check_enough_pairs,
     check_finite,
     chunks,
+    device_metrics,
     is_complete_model,
     mean_over_ranks,
     rank_slice,
@@ -48,16 +50,32 @@ from mmalign.trainer.stages.score import REWARD_INFO, score_examples
 EVAL_MAX_NEW_TOKENS = 32  # critique length while evaluating (the score stage uses its own setting)
 
 
+class RewardForward(nn.Module):
+    """The reward model as DeepSpeed sees it: batch -> (scores, critique log-probs, critique tokens),
+    plain tensors (ZeRO-3's backward hooks only see tensors; empty critique tensors for a scalar RM)."""
+
+    def __init__(self, model: models.RewardModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: collate.Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model(batch)
+        if out.critique is None:
+            empty = out.scores.new_zeros(0)
+            return out.scores, empty, empty
+        return out.scores, out.critique.logps, out.critique.tokens
+
+
 def micro_batch_loss(engine: Engine, processor: Any, examples: list[collate.Example], config: Any,
                      max_length: int, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
     """The reward-model loss of one micro-batch of B pairs (2B rows in one forward pass)."""
     batch = collate.collate_reward(examples, processor, critique=config.critique, max_length=max_length)
-    out = engine.model(batch.to(device))  # models.RewardOutput; scores (2B,)
+    scores, critique_logps, critique_tokens = engine.model(batch.to(device))  # (2B,) each
     count = len(examples)
-    score_loss, step_metrics = losses.bradley_terry_loss(out.scores[:count], out.scores[count:],
+    score_loss, step_metrics = losses.bradley_terry_loss(scores[:count], scores[count:],
                                                          config.margin, config.centering_weight)
     if config.critique:
-        nll = losses.mean_token_nll(out.critique.logps, out.critique.tokens)
+        nll = losses.mean_token_nll(critique_logps, critique_tokens)
         loss, parts = losses.critique_reward_loss(nll, score_loss, config.critique_weight, config.score_weight)
         step_metrics.update(parts)
     else:
@@ -101,8 +119,9 @@ def run(ctx: Context) -> dict[str, Any]:
     check_enough_pairs(order, "stages.reward")
     total = order.total_steps(config.epochs, config.max_steps)
     model, processor = models.load_reward_model(spec.model.uri, seed=spec.seed)
-    register_external_parameters(model, spec.deepspeed)
-    engine = Engine(model, config, spec.deepspeed, dist, total)
+    wrapper = RewardForward(model)
+    register_external_parameters(wrapper, spec.deepspeed)
+    engine = Engine(wrapper, config, spec.deepspeed, dist, total)
     checkpointer = Checkpointer.for_stage(spec, ctx.job_name, "reward", dist)
     state = checkpointer.restore(engine) or {"step": 0}
     if state.get("data") not in (None, data.fingerprint(train)):
@@ -136,13 +155,14 @@ def run(ctx: Context) -> dict[str, Any]:
         averaged = mean_over_ranks(dist, local)
         loss_value = averaged.pop("loss")
         averaged["learning_rate"] = engine.learning_rate
+        averaged.update(device_metrics(dist))
         progress.update(step, loss_value, order.epoch_of(step - 1), averaged)
         if checkpointer.due(step) or step == total:
             checkpointer.save(engine, step, {"data": data.fingerprint(train)})
         if checkpointer.last_committed is not None:
             progress.checkpoint_uri = checkpointer.last_committed.uri
         if can_eval and eval_every and step % eval_every == 0 and step < total:
-            table = evaluate(ctx, engine.module, processor, held_out, loader, config.critique,
+            table = evaluate(ctx, model, processor, held_out, loader, config.critique,
                              config.micro_batch_size * 2)
             progress.evaluated(step, {"eval_acc": table["overall"]["acc"],
                                       "eval_acc_plus": table["overall"]["acc_plus"]})
@@ -155,7 +175,7 @@ def run(ctx: Context) -> dict[str, Any]:
                              "skipped_lines": stats.skipped, "world_size": dist.world_size,
                              "seconds": round(time.monotonic() - started, 1)}
     if can_eval:
-        final["reward_bench"] = evaluate(ctx, engine.module, processor, held_out, loader, config.critique,
+        final["reward_bench"] = evaluate(ctx, model, processor, held_out, loader, config.critique,
                                          config.micro_batch_size * 2)
         final["eval_acc"] = final["reward_bench"]["overall"]["acc"]
         final["eval_acc_plus"] = final["reward_bench"]["overall"]["acc_plus"]
@@ -164,8 +184,9 @@ def run(ctx: Context) -> dict[str, Any]:
     if dist.is_rank_0:
         folder = ctx.scratch("export")
         remove_tree(folder)
-        model_to_save: models.RewardModel = engine.module  # type: ignore[assignment]
-        model_to_save.save(folder, processor, state_dict=state_dict or None)
+        prefix = "model."
+        reward_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} or None
+        model.save(folder, processor, state_dict=reward_state)
         storage.write_json(str(folder / REWARD_INFO), {"critique": config.critique,
                                                          "base_model": spec.model.uri})
         upload_model_folder(folder, out_uri)
