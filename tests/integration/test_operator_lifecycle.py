@@ -69,6 +69,13 @@ class Operator:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
+    def kill(self) -> None:
+        """A crash: no graceful shutdown, nothing cleaned up."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -341,12 +348,12 @@ def test_created_suspended_for_kueue_then_admitted(env: Env) -> None:
     assert env.phase("queued", "Succeeded", "Failed")["phase"] == "Succeeded"
 
 
-def test_operator_restart_adopts_running_pods_without_duplicates(env: Env) -> None:
+def test_operator_crash_and_restart_adopts_running_pods_without_duplicates(env: Env) -> None:
     env.apply(job_document("adopt", stages=("reward",), run_policy={"cleanPodsAfterFinished": False},
                            env={"STUB_STEPS": "30", "STUB_STEP_SECONDS": "0.2"}))
     before = wait_for("the gang", lambda: env.running("adopt", attempt=0))
     uids = {p.metadata.name: p.metadata.uid for p in before}
-    env.operator.stop()
+    env.operator.kill()
     time.sleep(1.0)
     metrics_port, liveness_port = free_port(), free_port()
     env.operator.extra = ("--metrics-port", str(metrics_port), "--liveness-port", str(liveness_port))
