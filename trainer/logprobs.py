@@ -8,6 +8,13 @@ The naive way (TRL, the MM-RLHF reference loop) computes `model(...).logits.floa
 LM head runs on chunks of `chunk_size` positions; each chunk's logits live only inside a
 `torch.utils.checkpoint` region, so backward recomputes them chunk by chunk: peak extra memory is
 R·chunk_size·V floats. Only positions whose NEXT token is a response (or critique) token are computed.
+
+Measured on one H100 (torch 2.11, transformers 5.23, bf16, no gradient checkpointing, 2026-11-26), 4 pairs
+with 448x448 images, 10.8k response tokens, vocabulary 151,936, forward+backward of the policy:
+  builtin://random-qwen2-vl-0.5b        8 x 1668 tokens: this path 288 ms, 22.2 GiB peak;
+                                         TRL-style (pixels per row, full fp32 logits) 295 ms, 51.5 GiB
+  builtin://random-llava-onevision-0.5b 8 x 3491 tokens: this path 536 ms, 46.2 GiB;
+                                         TRL-style out of memory on the 79 GiB card
 """
 
 from __future__ import annotations
