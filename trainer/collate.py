@@ -112,7 +112,15 @@ class _Template:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.processor = processor
         name = type(processor).__name__.lower()
-        self.kind = "text" if self.tokenizer is processor else "qwen" if "qwen" in name else "llava"
+        if self.tokenizer is processor:
+            self.kind = "text"  # a text model ignores the pairs' images
+        elif "qwen2vl" in name or "qwen2_5_vl" in name:
+            self.kind = "qwen"
+        elif "llavaonevision" in name:
+            self.kind = "llava"
+        else:
+            raise ValueError(f"unsupported processor {type(processor).__name__}: mmalign supports Qwen2-VL, "
+                             "Qwen2.5-VL, LLaVA-OneVision and text-only causal LMs")
         vocab = self.tokenizer.get_vocab()
         self.chat = "<|im_start|>" in vocab and "<|im_end|>" in vocab
         self.end = "<|im_end|>" if self.chat else (self.tokenizer.eos_token or "")
