@@ -10,12 +10,15 @@ chosen and `logps[B:]` the rejected sequences of the same pairs.
 
 Images are processed ONCE per pair. `Batch.vision` holds the processor's pixel tensors for the B pairs
 only; `logprobs.forward_hidden` runs the vision encoder on them once and hands the resulting features
-to the language model for both rows of every pair (`mm_encoder_outputs`, transformers >= 5): 1 vision
-pass per pair instead of TRL's 2 (4 with a reference model). Per architecture:
+to the language model for both rows of every pair (`mm_encoder_outputs`, transformers >= 5): one
+vision pass per pair and model instead of TRL's two (so 2 instead of 4 per pair with a reference model,
+1 with precomputed reference log-probs). Per architecture:
   * Qwen2-VL / Qwen2.5-VL: features are per-image token rows; the language model also gets
     `image_grid_thw` repeated per row (for its 3-D RoPE positions) and `mm_token_type_ids`.
   * LLaVA-OneVision: features are the packed anyres tiles + newline tokens per image; repeated per row.
-  * text models: no vision inputs.
+  * text models: no vision inputs (a pair's images are ignored).
+Videos (frame folders) enter as their sampled frames, one image placeholder per frame, for every
+architecture (Qwen's temporal video patches are not used: simpler, costs more tokens).
 `Batch.model_inputs()` gives plain HF forward kwargs with the pixels duplicated (a reference path for
 tests, and what `generate` needs).
 
