@@ -5,7 +5,8 @@
     for pair in data.iter_pairs(job.spec.data, stats=stats): ...      # DataSource or a plain URI
     train, held_out = data.split_by_query(pairs, eval_fraction=0.1, seed=0)
 
-Accepted row layouts (one JSON object per line; `format: auto` looks at each row's keys):
+Accepted row layouts (one JSON object per line; `format: auto` detects the layout per file from its
+first well-formed row, and a later row in the other layout is a malformed line):
 
 * `dpo_pairs` — the MM-RLHF release layout (tests/data/mm_reward_bench.jsonl): `id`, `image` or `video`
   (relative path; `image` may also be a list, or `images` a list), `prompt`, `chosen`, `rejected`,
@@ -229,6 +230,8 @@ def pairs_from_row(row: Any, uid: str, fmt: str = "auto") -> list[PreferencePair
     if not isinstance(row, dict):
         raise _RowError(f"a row must be a JSON object, got {type(row).__name__}")
     layout = detect_format(row) if fmt == "auto" else fmt
+    if fmt != "auto" and "responses" in row and layout == "dpo_pairs":
+        raise _RowError("a ranked row (it has 'responses') in a dpo_pairs file; one layout per file")
     if layout == "ranked":
         return _pairs_from_ranked_row(row, uid)
     return [_pair_from_dpo_row(row, uid)]
@@ -322,7 +325,9 @@ def _iter_file(file: str, base: str, on_bad_line: str, fmt: str, stats: ReadStat
                 text = line.decode("utf-8") if isinstance(line, bytes) else line
                 if not text.strip():
                     continue
-                pairs = pairs_from_row(json.loads(text), f"{posixpath.basename(file)}:{number}", fmt)
+                row = json.loads(text)
+                pairs = pairs_from_row(row, f"{posixpath.basename(file)}:{number}", fmt)
+                fmt = detect_format(row) if fmt == "auto" else fmt  # the first good row fixes the file's layout
             except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 why = f"not valid JSON ({error})" if isinstance(error, json.JSONDecodeError) else str(error)
                 if isinstance(error, UnicodeDecodeError):

@@ -130,6 +130,16 @@ def test_ranked_rows_expand_into_all_differently_ranked_pairs(tmp_path: Path) ->
     assert len({p.uid for p in pairs}) == 8
 
 
+def test_auto_format_is_fixed_per_file_by_its_first_row(tmp_path: Path) -> None:
+    ranked = {"id": "q", "prompt": "p", "responses": [{"text": "a", "score": 2}, {"text": "b", "score": 1}]}
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [_row(1), ranked])
+    with pytest.raises(data.DataError, match=r"mixed\.jsonl:2: a ranked row .* in a dpo_pairs file"):
+        data.read_pairs(str(path))
+    path = _write_jsonl(tmp_path / "mixed2.jsonl", ["{bad", ranked, _row(3)])
+    pairs, stats = data.read_pairs(DataSource(uri=str(path), on_bad_line="skip"))
+    assert [p.line for p in pairs] == [2] and stats.skipped == 2  # line 3 is not a ranked row
+
+
 def test_ranked_row_without_scores_or_ranks_is_rejected(tmp_path: Path) -> None:
     row = {"id": "q", "prompt": "p", "responses": [{"text": "a"}, {"text": "b", "score": 1}]}
     with pytest.raises(data.DataError, match=r"r\.jsonl:1: responses\[0\] needs a numeric 'score'"):
