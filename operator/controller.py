@@ -48,6 +48,10 @@ class LoopSettings:
     idle_period: float = 60.0  # while suspended or finished (pod events and TTL wake it sooner)
     progress_min_interval: float = 2.0  # at most one log read per this many seconds per job
     debounce: float = 0.2  # after a wake-up, let a gang's burst of pod events arrive
+    # With peering: act only after this time.monotonic() instant. Replicas started together may each
+    # see an empty peering object for a moment and both resume; the lower-priority one pauses (its
+    # daemons are stopped) as soon as it sees the other, so a short hold at start keeps it from acting.
+    not_before: float = 0.0
 
 
 def _dump(spec: AlignmentJobSpec) -> dict[str, Any]:
@@ -72,6 +76,9 @@ class JobController:
 
     async def run(self, body: Mapping[str, Any], pods: Callable[[], Iterable[PodView]],
                   emit: Callable[[Event], None], stopped: Any, wake: asyncio.Event) -> None:
+        hold = self.settings.not_before - time.monotonic()
+        if hold > 0:
+            await self._sleep(hold, asyncio.Event(), stopped)
         backoff = 1.0
         while not stopped.is_set():
             wake.clear()
@@ -85,11 +92,20 @@ class JobController:
                 metrics.RECONCILE_ERRORS.inc()
                 self.logger.warning(f"reconcile failed, retrying in {backoff:.0f}s: {error_summary(error)}")
                 delay, backoff = backoff, min(backoff * 2, 30.0)
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=max(delay, 0.05))
-                await asyncio.sleep(self.settings.debounce)
-            except TimeoutError:
-                pass
+            await self._sleep(delay, wake, stopped)
+
+    async def _sleep(self, delay: float, wake: asyncio.Event, stopped: Any) -> None:
+        """Until a wake-up (then a short debounce), `delay` seconds, or the daemon is asked to stop."""
+        woken = asyncio.ensure_future(wake.wait())
+        stopping = asyncio.ensure_future(stopped.wait())
+        try:
+            done, _ = await asyncio.wait({woken, stopping}, timeout=max(delay, 0.05),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            stopping.cancel()
+        if woken in done and stopping not in done:
+            await asyncio.sleep(self.settings.debounce)
 
     def period(self) -> float:
         phase = self.status.phase if self.status else "Pending"

@@ -20,6 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+PEERING_HOLD_SECONDS = 5.0  # with --peering, jobs are not touched in the first seconds (see LoopSettings)
 TRAINER_COMMAND_ENV = "MMALIGN_TRAINER_COMMAND"  # tests only
 TRAINER_IMAGE_ENV = "MMALIGN_TRAINER_IMAGE"  # image of jobs without spec.image (chart: trainer.image)
 POD_DEFAULTS_ENV = "MMALIGN_POD_DEFAULTS"  # JSON spec.podTemplate defaults (chart: trainer.podDefaults)
@@ -92,7 +93,8 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
     build = BuildOptions.from_command_line(
         args.trainer_command, trainer_image=os.environ.get(TRAINER_IMAGE_ENV) or None,
         pod_defaults=pod_defaults or None)
-    settings = LoopSettings(build=build, active_period=args.resync_seconds)
+    settings = LoopSettings(build=build, active_period=args.resync_seconds,
+                            not_before=time.monotonic() + PEERING_HOLD_SECONDS if args.peering else 0.0)
     if args.trainer_command:
         logger.warning("trainer command overridden (tests only): %s", args.trainer_command)
     runtime = handlers.Runtime(kube=Kube(api_client), settings=settings)

@@ -382,7 +382,9 @@ def test_peering_lets_one_of_two_replicas_act_and_the_other_take_over(env: Env, 
     first = Operator(env.operator.kubeconfig, env.namespace, tmp_path / "first.log", "--peering", "mmalign")
     second = Operator(env.operator.kubeconfig, env.namespace, tmp_path / "second.log", "--peering", "mmalign")
     first.start()
-    time.sleep(1.0)  # the earlier start has the higher default priority
+    # the earlier start has the higher default priority; let it register before the second starts
+    wait_for("the first replica's heartbeat", lambda: (env.custom.get_namespaced_custom_object(
+        "kopf.dev", "v1", env.namespace, "kopfpeerings", "mmalign").get("status") or None), 30)
     second.start()
     try:
         env.apply(job_document("peer", stages=("reward",), env={"STUB_STEPS": "4"}))
