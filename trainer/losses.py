@@ -128,6 +128,8 @@ def dpo_loss(inputs: DpoInputs, beta: float | torch.Tensor, sft_weight: float = 
         "rewards/margin": _scalar(chosen_rewards - rejected_rewards),
         "rewards/accuracy": _scalar((chosen_rewards > rejected_rewards).float()),
         "beta/mean": _scalar(beta_t),
+        # > 0 exactly when pairs of one batch got different β (Dynamic Reward Scaling at work)
+        "beta/std": _scalar(beta_t.std(unbiased=False)),
         "beta/negative_fraction": _scalar((beta_t < 0).float()),
         "logps/chosen": _scalar(inputs.policy_chosen),
         "logps/rejected": _scalar(inputs.policy_rejected),

@@ -181,3 +181,17 @@ def test_beta_dpo_uses_gathered_margins_clamps_and_handles_tiny_batches() -> Non
 
 def test_dispatch_covers_every_configurable_loss() -> None:
     assert set(losses.DPO_LOSSES) == set(DpoStage.model_fields["loss"].annotation.__args__)  # type: ignore[union-attr]
+
+
+def test_dynamic_reward_scaling_spreads_beta_across_pairs() -> None:
+    """The metric the e2e test reads: β differs within a batch exactly when δ does."""
+    import torch
+
+    from mmalign.trainer.losses import DpoInputs, mm_dpo_loss
+
+    zeros = torch.zeros(3, dtype=torch.float64)
+    inputs = DpoInputs(zeros + 1, zeros, zeros, zeros, delta=torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64))
+    _, metrics = mm_dpo_loss(inputs, beta=0.1, w=0.5, k=0.5)
+    assert metrics["beta/std"] > 0.01
+    _, fixed = mm_dpo_loss(inputs, beta=0.1)
+    assert fixed["beta/std"] == 0.0
