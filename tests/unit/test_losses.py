@@ -194,4 +194,4 @@ def test_dynamic_reward_scaling_spreads_beta_across_pairs() -> None:
     _, metrics = mm_dpo_loss(inputs, beta=0.1, w=0.5, k=0.5)
     assert metrics["beta/std"] > 0.01
     _, fixed = mm_dpo_loss(inputs, beta=0.1)
-    assert fixed["beta/std"] == 0.0
+    assert fixed["beta/std"] < 1e-12  # one β for all pairs (float noise only)
