@@ -1,0 +1,51 @@
+"""Learning happens: on builtin://synthetic-colors (288 pairs, 96 queries; 24 held-out queries = 72 pairs,
+seed 0) with the tiny Qwen2-VL, one process, ZeRO-2, CPU:
+
+* scalar reward model (BT loss, lr 3e-3, 6 epochs of micro-batch 8 = 162 steps, 10% warm-up):
+  held-out RewardBench Acc goes from chance to >= 0.65 (measured 0.722, Acc+ 0.375; 0.39 after 54
+  steps of a longer schedule). Chance is 0.5: the preference depends on the image's colour, every
+  colour word is chosen for some images and rejected for others;
+* DPO (fixed β 0.1, lr 1e-3, 2 epochs of micro-batch 8 = 54 steps, reference precomputed): held-out
+  implicit-reward accuracy (h > 0) goes from ~0.1 at the start (h ≈ 0 up to rounding) to >= 0.65
+  (measured 0.028 -> 0.736).
+
+The critique variant learns too on a larger model (docs/trainer.md, GPU run: score-stage Acc 0.69 with
+generated critiques after 20 steps of a 0.5B model); the tiny one needs far more steps than a test
+should take to generate the right verdict from the image.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
+from tests.trainer import jobs  # noqa: E402
+
+
+def test_reward_model_and_dpo_learn_the_image_dependent_preference(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    job = jobs.write_job(
+        tmp_path / "job.yaml", data_uri="builtin://synthetic-colors", storage_uri=store.as_uri() + "/", procs=1,
+        seed=0,
+        stages={
+            "reward": {"critique": False, "learningRate": 3e-3, "epochs": 6, "microBatchSize": 8,
+                       "warmupRatio": 0.1},
+            "dpo": {"beta": 0.1, "learningRate": 1e-3, "epochs": 2, "microBatchSize": 8},
+        },
+    )
+    env = jobs.run_env(scratch=tmp_path / "scratch")
+    env["MMALIGN_PROGRESS_INTERVAL"] = "10"
+    jobs.check(jobs.mmalign("run", str(job), "--local", env=env, timeout=900))
+
+    reward = json.loads((store / "reward" / "metrics.json").read_text())
+    assert reward["eval_pairs"] == 72 and reward["steps"] == 162
+    assert reward["eval_acc"] >= 0.65, reward
+
+    dpo = json.loads((store / "dpo" / "metrics.json").read_text())
+    print(f"reward eval_acc {reward['eval_acc']:.3f} acc_plus {reward['eval_acc_plus']:.3f}; dpo eval reward "
+          f"accuracy {dpo['eval_reward_accuracy_initial']:.3f} -> {dpo['eval_reward_accuracy']:.3f}")
+    assert dpo["steps"] == 54
+    assert dpo["eval_reward_accuracy"] >= 0.65, dpo
+    assert dpo["eval_reward_accuracy"] > dpo["eval_reward_accuracy_initial"] + 0.3, dpo
