@@ -36,12 +36,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def storage_override(uri: str) -> str:
-    """A plain path becomes a file:// URI; s3:// and file:// pass through."""
-    if uri.startswith(("s3://", "file://")):
+    """s3:// passes through; a plain path or a relative file://./x becomes an absolute file:/// URI
+    (every rank and every printed location then agree, whatever the working directory)."""
+    if uri.startswith(("s3://", "file:///")):
         return uri
     from pathlib import Path
 
-    return Path(uri).resolve().as_uri() + "/"
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return Path(path).resolve().as_uri() + "/"
 
 
 def load_manifest(path: str, storage_uri: str | None) -> Any:
