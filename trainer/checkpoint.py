@@ -43,12 +43,19 @@ from typing import Any, Protocol
 import torch
 
 from . import storage
+from .config import ExitCode
 from .engine import Distributed
 
 log = logging.getLogger(__name__)
 
 MARKER = "latest"
 _STEP_DIR = re.compile(r"^step-(\d{8})/")
+
+
+class CheckpointMismatch(Exception):
+    """The latest checkpoint cannot be loaded by this gang (another world size): permanent."""
+
+    exit_code = ExitCode.CONFIG_ERROR
 
 
 class SavesShards(Protocol):
@@ -220,6 +227,12 @@ class Checkpointer:
         marker = self.dist.broadcast_object(self.read_marker() if self.dist.is_rank_0 else None)
         if marker is None:
             return None
+        if int(marker["world_size"]) != self.dist.world_size:
+            raise CheckpointMismatch(
+                f"{self.uri}latest (step {marker['step']}) was written by {marker['world_size']} ranks but "
+                f"this gang has {self.dist.world_size}: ZeRO partitions are per rank. Run with "
+                "resources.nodes x procPerNode as before, or delete the checkpoints to start the stage over"
+            )
         node = os.environ.get("GROUP_RANK", "0")
         folder = self.local_root / "restore" / f"node-{node}"
         tag = marker["tag"]
@@ -231,7 +244,7 @@ class Checkpointer:
         self.dist.barrier()
         client_state = engine.load(str(folder), tag)
         rng_file = folder / tag / f"rng-rank-{self.dist.rank:05d}.pt"
-        if rng_file.exists() and marker["world_size"] == self.dist.world_size:
+        if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         self.dist.barrier()
         if self.dist.is_local_rank_0:

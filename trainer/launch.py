@@ -81,12 +81,16 @@ def worker_exit_code(error: BaseException) -> int:
 
 def run_torchrun(torchrun_args: list[str]) -> int:
     """torch.distributed.run in this process; 0 or the first failing worker's own exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     try:
         run(parse_args(torchrun_args))
         return 0
+    except SignalException as error:  # SIGTERM/SIGINT to this process (pod deletion): workers stopped
+        _log(f"stopped by signal {error.sigval.name}")
+        return 128 + int(error.sigval)
     except ChildFailedError as error:
         code = worker_exit_code(error)
         rank, failure = error.get_first_failure()
