@@ -19,6 +19,7 @@ The functions here are also what tests/e2e uses, so the demo and the end-to-end 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,8 @@ def say(message: str) -> None:
 
 def run(cluster: devcluster.DevCluster, *argv: str, input: str | None = None) -> str:
     """A command with the cluster's environment (kubectl/helm on PATH, KUBECONFIG); raises on failure."""
-    result = subprocess.run(argv, env=cluster.env, input=input, capture_output=True, text=True)
+    env = {**os.environ, **cluster.env}  # keep HOME: kubectl/helm put their caches under it
+    result = subprocess.run(argv, env=env, input=input, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"`{' '.join(argv)}` failed ({result.returncode}):\n{result.stderr.strip()}")
     return result.stdout
@@ -65,8 +67,6 @@ def s3_env(cluster: devcluster.DevCluster) -> dict[str, str]:
 
 def prepare_storage(cluster: devcluster.DevCluster, namespace: str) -> None:
     """Bucket, credentials Secret, and the dataset + tiny model uploaded to S3."""
-    import os
-
     import boto3
 
     env = s3_env(cluster)
