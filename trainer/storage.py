@@ -568,9 +568,7 @@ def upload_folder(folder: str | os.PathLike[str], uri: str) -> list[ObjectInfo]:
     if not files:
         return []
     workers = min(len(files), max(1, _settings.concurrency // 2)) if is_remote(uri) else 1
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(upload_file, p, join(uri, p.relative_to(root).as_posix())) for p in files]
-        infos = [f.result() for f in futures]
+    infos = _parallel(workers, [(upload_file, (p, join(uri, p.relative_to(root).as_posix()))) for p in files])
     return [
         ObjectInfo(info.uri, p.relative_to(root).as_posix(), info.size, info.sha256)
         for p, info in zip(files, infos, strict=True)
@@ -633,12 +631,19 @@ def download_prefix(
     root = Path(folder)
     checksums = checksums or {}
     workers = min(len(objects), _settings.concurrency) if objects else 1
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [
-            pool.submit(download_file, info.uri, root / info.relative, checksums.get(info.relative))
-            for info in objects
-        ]
+    return _parallel(max(1, workers), [(download_file, (info.uri, root / info.relative,
+                                                        checksums.get(info.relative))) for info in objects])
+
+
+def _parallel(workers: int, calls: list[tuple[Callable[..., T], tuple[Any, ...]]]) -> list[T]:
+    """Run calls on a thread pool, results in order; the first failure cancels the calls not started
+    (a dead server then fails the transfer once, not once per remaining file)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    try:
+        futures = [pool.submit(fn, *args) for fn, args in calls]
         return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ helpers
