@@ -211,6 +211,20 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """On the Hugging Face model inside `model` (stages wrap it): recompute each decoder layer's
+    activations in backward. Non-reentrant, as ZeRO-3 and the chunked log-probs need."""
+    for module in model.modules():
+        enable = getattr(module, "gradient_checkpointing_enable", None)
+        if callable(enable):
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            config = getattr(module, "config", None)
+            if config is not None:
+                config.use_cache = False
+            return
+    log.warning("gradient checkpointing asked for, but the model has no gradient_checkpointing_enable")
+
+
 class Engine:
     """A model under DeepSpeed: AdamW + the linear schedule, ZeRO stage from the job spec.
 
@@ -222,10 +236,8 @@ class Engine:
         import deepspeed
 
         self.dist = dist
-        if deepspeed_spec.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(model, "config"):
-                model.config.use_cache = False
+        if deepspeed_spec.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
         self.config = deepspeed_config(optim, deepspeed_spec, dist.world_size)
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(

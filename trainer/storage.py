@@ -478,12 +478,11 @@ def delete_prefix(uri: str) -> int:
     objects = list_prefix(uri)
     for start in range(0, len(objects), 1000):
         batch = [{"Key": parse(info.uri).key} for info in objects[start:start + 1000]]
-        _with_retries(
-            f"delete {uri}",
-            lambda batch=batch: _s3().delete_objects(
-                Bucket=location.bucket, Delete={"Objects": batch, "Quiet": True}
-            ),
-        )
+
+        def delete_batch(batch: list[dict[str, str]] = batch) -> Any:
+            return _s3().delete_objects(Bucket=location.bucket, Delete={"Objects": batch, "Quiet": True})
+
+        _with_retries(f"delete {uri}", delete_batch)
     return len(objects)
 
 
