@@ -108,13 +108,14 @@ class S3Server:
         self.stop()
         raise RuntimeError(f"weed S3 not ready after {timeout}s: {last}\n{self.log_tail()}")
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds (weed lingers on open client connections)."""
         if self.process is None or self.process.poll() is not None:
             self.process = None
             return
         os.killpg(self.process.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=15)
+            self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
