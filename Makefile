@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/mmalign validate manifests/examples/*.yaml
 
 unit: $(STAMP)
-	$(BIN)/pytest tests/unit -q
+	$(BIN)/pytest tests/unit tests/trainer -q
 
 integration: binaries
 	$(BIN)/pytest tests/integration -q
@@ -48,7 +48,7 @@ e2e: binaries
 	$(BIN)/pytest tests/e2e -q
 
 test: lint binaries
-	$(BIN)/pytest tests -q --timeout=900 --durations=15
+	$(BIN)/pytest tests/unit tests/trainer tests/integration tests/e2e -q --timeout=900 --durations=15
 
 demo: binaries
 	$(BIN)/python -m mmalign.devcluster.demo

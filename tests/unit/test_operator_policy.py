@@ -37,6 +37,7 @@ def pod(node: int = 0, phase: str = "Failed", code: int | None = 1, reason: str 
     (pod(phase="Running", code=None, deleting=True), True, "PodDeleted"),
     (pod(phase="Missing", code=None), True, "PodDeleted"),
     (pod(code=5), True, "StorageError"),  # retryable by the default runPolicy.retryableExitCodes
+    (pod(code=6), True, "RendezvousError"),  # the master never resolved: a new gang may fix it
     (pod(code=2), False, "ConfigError"),
     (pod(code=3), False, "DataError"),
     (pod(code=4), False, "NanLoss"),

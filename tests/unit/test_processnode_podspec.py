@@ -129,3 +129,13 @@ def test_decode_data():
     assert podspec.decode_data({"kind": "Secret", "data": {"k": "aGk="}}) == {"k": b"hi"}
     assert podspec.decode_data({"kind": "ConfigMap", "data": {"k": "hi"}, "binaryData": {"b": "AAE="}}) == \
         {"k": b"hi", "b": b"\x00\x01"}
+
+
+def test_paths_inside_the_project_environment_are_never_rewritten() -> None:
+    """A CI clone under /tmp with the chart's emptyDir at /tmp: the venv's python must stay itself."""
+    import sys
+
+    python = str(Path(sys.prefix).resolve() / "bin" / "python3")
+    mounts = [("/tmp", "/pods/p1/volumes/tmp"), (python.rsplit("/", 2)[0], "/pods/p1/volumes/venv")]
+    assert podspec.rewrite_path(python, mounts) == python
+    assert podspec.rewrite_path("/tmp/elsewhere/x", mounts[:1]) == "/pods/p1/volumes/tmp/elsewhere/x"

@@ -90,3 +90,24 @@ def test_choose_node_spreads_and_explains_failure():
     assert name is None
     assert message == ("0/2 nodes are available: 1 Insufficient nvidia.com/gpu, "
                        "1 node(s) didn't match Pod's node affinity/selector.")
+
+
+def test_replicas_of_one_owner_spread_even_onto_a_busier_node() -> None:
+    """Like the default scheduler's topology spreading: the second replica avoids its sibling's node."""
+    from decimal import Decimal
+
+    from mmalign.devcluster.scheduling import NodeView, choose_node, usage
+
+    def replica(name: str) -> dict:
+        return {"metadata": {"name": name, "ownerReferences": [{"uid": "rs-1", "controller": True}]},
+                "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": "100m"}}}]}}
+
+    allocatable = {"cpu": Decimal(8), "memory": Decimal(2**34), "pods": Decimal(110)}
+    idle = NodeView("node-a", {}, dict(allocatable))
+    busy = NodeView("node-b", {}, dict(allocatable), used={"cpu": Decimal(2), "pods": Decimal(1)})
+    first, _ = choose_node(replica("web-1"), [idle, busy])
+    assert first == "node-a"
+    for resource, amount in usage(replica("web-1")).items():
+        idle.used[resource] = idle.used.get(resource, Decimal(0)) + amount
+    second, _ = choose_node(replica("web-2"), [idle, busy])
+    assert second == "node-b"
