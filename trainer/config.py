@@ -190,7 +190,7 @@ class RunPolicy(Model):
     retryable_exit_codes: list[int] = Field(
         default_factory=lambda: [int(ExitCode.STORAGE_ERROR), int(ExitCode.RENDEZVOUS_ERROR)],
         description="Exit codes in 1-127 that restart the gang. Codes >= 128 (signals) and evictions "
-        "always restart it; other codes fail the job at once.",
+        "always restart it; other codes fail the job at once. Default: [5, 6] (storage, rendezvous DNS).",
     )
     clean_pods_after_finished: bool = Field(
         default=True,
