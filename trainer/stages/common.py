@@ -18,7 +18,7 @@ import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,29 @@ def mean_over_ranks(dist: Distributed, values: dict[str, float], counts: dict[st
 
 
 # ------------------------------------------------------------------------------ outputs
+
+
+def train_step(engine: Any, dist: Distributed, step: int, micro_batches: list[list[int]],
+               loss_of: Callable[[int, list[int]], tuple[torch.Tensor, dict[str, float]]],
+               ) -> tuple[float, dict[str, float]]:
+    """One optimizer step over this rank's micro-batches (the part every training stage shares).
+
+    For each micro-batch: `loss_of(micro_index, pair_indices)` -> (loss, metrics); NaN check on all
+    ranks; backward; engine.step() (DeepSpeed applies the optimizer at the accumulation boundary).
+    Returns (loss, metrics), both averaged over micro-batches and ranks, plus learning rate and memory."""
+    seen: list[dict[str, float]] = []
+    for micro, indices in enumerate(micro_batches):
+        loss, metrics = loss_of(micro, indices)
+        check_finite(dist, loss, step)
+        engine.backward(loss)
+        engine.step()
+        seen.append({**metrics, "loss": float(loss.detach())})
+    local = {k: sum(m[k] for m in seen) / len(seen) for k in seen[0]}
+    averaged = mean_over_ranks(dist, local)
+    loss_value = averaged.pop("loss")
+    averaged["learning_rate"] = engine.learning_rate
+    averaged.update(device_metrics(dist))
+    return loss_value, averaged
 
 
 def upload_model_folder(local: Path, uri: str) -> None:

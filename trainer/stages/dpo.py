@@ -42,14 +42,12 @@ from mmalign.trainer.stages.common import (
     DataOrder,
     StageConfigError,
     check_enough_pairs,
-    check_finite,
-    device_metrics,
     is_complete_model,
-    mean_over_ranks,
     rank_slice,
     remove_tree,
     say,
     seed_everything,
+    train_step,
     upload_model_folder,
     write_metrics,
 )
@@ -296,24 +294,16 @@ def run(ctx: Context) -> dict[str, Any]:
     engine.train()
 
     # ---- train
+    def loss_of(micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        # beta-dpo's subset draw: the same on every rank, different per step and micro-batch
+        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step * 1009 + micro)
+        return micro_batch_loss(ctx, engine, processor, [train[i] for i in indices], loader, table, reference,
+                                generator)
+
     while step < total:
-        step_metrics: list[dict[str, float]] = []
-        for micro, indices in enumerate(order.micro_batches(step, dist.rank)):
-            # beta-dpo's subset draw: the same on every rank, different per step and micro-batch
-            generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step * 1009 + micro)
-            loss, micro_metrics = micro_batch_loss(ctx, engine, processor, [train[i] for i in indices], loader,
-                                                   table, reference, generator)
-            check_finite(dist, loss, step)
-            engine.backward(loss)
-            engine.step()
-            micro_metrics["loss"] = float(loss.detach())
-            step_metrics.append(micro_metrics)
+        loss_value, averaged = train_step(engine, dist, step, list(order.micro_batches(step, dist.rank)),
+                                          loss_of)
         step += 1
-        local = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
-        averaged = mean_over_ranks(dist, local)
-        loss_value = averaged.pop("loss")
-        averaged["learning_rate"] = engine.learning_rate
-        averaged.update(device_metrics(dist))
         progress.update(step, loss_value, order.epoch_of(step - 1), averaged)
         if checkpointer.due(step) or step == total:
             checkpointer.save(engine, step, {"data": data.fingerprint(train), "initial_eval": initial})

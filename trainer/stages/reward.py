@@ -33,15 +33,13 @@ from mmalign.trainer.stages.common import (
     DataOrder,
     StageConfigError,
     check_enough_pairs,
-    check_finite,
     chunks,
-    device_metrics,
     is_complete_model,
-    mean_over_ranks,
     rank_slice,
     remove_tree,
     say,
     seed_everything,
+    train_step,
     upload_model_folder,
     write_metrics,
 )
@@ -137,25 +135,14 @@ def run(ctx: Context) -> dict[str, Any]:
     engine.train()
 
     # ---- train
+    def loss_of(micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        examples = [collate.Example.from_pair(train[i], loader.load(train[i])) for i in indices]
+        return micro_batch_loss(engine, processor, examples, config, spec.data.max_length, dist.device)
+
     while step < total:
-        step_metrics: list[dict[str, float]] = []
-        losses_seen = []
-        for indices in order.micro_batches(step, dist.rank):
-            examples = [collate.Example.from_pair(train[i], loader.load(train[i])) for i in indices]
-            loss, micro_metrics = micro_batch_loss(engine, processor, examples, config,
-                                                   spec.data.max_length, dist.device)
-            check_finite(dist, loss, step)
-            engine.backward(loss)
-            engine.step()
-            losses_seen.append(float(loss.detach()))
-            step_metrics.append(micro_metrics)
+        loss_value, averaged = train_step(engine, dist, step, list(order.micro_batches(step, dist.rank)),
+                                          loss_of)
         step += 1
-        local = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
-        local["loss"] = sum(losses_seen) / len(losses_seen)
-        averaged = mean_over_ranks(dist, local)
-        loss_value = averaged.pop("loss")
-        averaged["learning_rate"] = engine.learning_rate
-        averaged.update(device_metrics(dist))
         progress.update(step, loss_value, order.epoch_of(step - 1), averaged)
         if checkpointer.due(step) or step == total:
             checkpointer.save(engine, step, {"data": data.fingerprint(train)})
