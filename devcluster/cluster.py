@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -40,14 +41,29 @@ def default_state_dir() -> Path:
     return Path.home() / ".local" / "state" / "mmalign" / "dev"
 
 
+# Listening ports come from below the kernel's ephemeral range (net.ipv4.ip_local_port_range, 32768+ by
+# default): a port picked from inside it can be taken as the SOURCE port of some client's outgoing
+# connection between the moment we pick it and the moment the component binds it.
+PORT_RANGE = (20000, 32000)
+
+
 def free_ports(names: tuple[str, ...]) -> dict[str, int]:
     """Distinct free loopback ports: all sockets stay open until every port is picked."""
-    socks = []
+    socks: list[socket.socket] = []
+    candidates = random.sample(range(*PORT_RANGE), k=min(2000, PORT_RANGE[1] - PORT_RANGE[0]))
     try:
-        for _ in names:
+        for port in candidates:
+            if len(socks) == len(names):
+                break
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
             socks.append(sock)
+        if len(socks) < len(names):
+            raise RuntimeError(f"found only {len(socks)} free ports in {PORT_RANGE}, need {len(names)}")
         return {name: sock.getsockname()[1] for name, sock in zip(names, socks, strict=True)}
     finally:
         for sock in socks:

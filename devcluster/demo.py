@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from mmalign.devcluster import cluster as devcluster
+from mmalign.trainer.storage import StorageError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "manifests/examples/tiny-cpu-s3.yaml"
@@ -154,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"applied {EXAMPLE.relative_to(REPO)}")
         status = watch(cluster, name, namespace)
         code = report(status, name, namespace)
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, StorageError) as exc:
         say(f"FAILED: {exc}")
+        dead = [name for name, alive in cluster.alive().items() if not alive]
+        if dead:
+            say(f"dev cluster components no longer running: {', '.join(dead)} (logs: {cluster.layout.logs})")
         say("cluster logs: mmalign dev logs POD; stop everything with `make demo-down`")
         return 1
     say(f"done in {time.monotonic() - started:.0f} s; `make demo-down` stops the cluster")

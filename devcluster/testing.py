@@ -13,9 +13,11 @@ Knobs: MMALIGN_TEST_NODES (default 2), MMALIGN_TEST_GPUS_PER_NODE (default 0).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -74,6 +76,11 @@ def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.De
     try:
         yield dev
     finally:
+        # Keep the components' logs (and which of them were still alive) beside pytest's other temp
+        # folders: `down` removes the state folder, and a flaky failure is undebuggable without them.
+        kept = tmp_path_factory.getbasetemp() / "dev-cluster-logs"
+        shutil.copytree(dev.layout.logs, kept, dirs_exist_ok=True)
+        (kept / "alive-at-teardown.json").write_text(json.dumps(dev.alive(), indent=2))
         dev.down()
 
 

@@ -14,11 +14,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mmalign.devcluster.cluster import free_ports
+from mmalign.devcluster.components import seaweedfs_leftovers
 
 ACCESS_KEY = "mmalign-test-key"
 SECRET_KEY = "mmalign-test-secret"
@@ -42,18 +44,6 @@ def weed_binary() -> str | None:
     return shutil.which("weed")
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
 class S3Server:
     def __init__(self, workdir: str | Path, bucket: str = BUCKET) -> None:
         self.workdir = Path(workdir)
@@ -61,9 +51,9 @@ class S3Server:
         self.process: subprocess.Popen[bytes] | None = None
         # http ports; weed derives no grpc port we do not set, so each gets its own.
         names = ["master", "volume", "filer", "s3", "admin"]
-        ports = _free_ports(2 * len(names))
-        self.ports = {name: ports[i] for i, name in enumerate(names)}
-        self.grpc_ports = {name: ports[len(names) + i] for i, name in enumerate(names)}
+        ports = free_ports(tuple(names) + tuple(f"{name}_grpc" for name in names))
+        self.ports = {name: ports[name] for name in names}
+        self.grpc_ports = {name: ports[f"{name}_grpc"] for name in names}
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
 
     # -- lifecycle
@@ -90,6 +80,8 @@ class S3Server:
             f"-admin.port={p['admin']}", f"-admin.port.grpc={g['admin']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false", "-webdav=false",
             "-master.telemetry=false", f"-s3.config={config}",
+            # unix sockets beside the data, not in /tmp (where they would outlive a killed server)
+            f"-s3.localSocket={self.workdir / 's3.sock'}", f"-filer.localSocket={self.workdir / 'filer.sock'}",
         ]
         self.log_path = self.workdir / "weed.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
@@ -130,6 +122,8 @@ class S3Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.process = None
+        for leftover in seaweedfs_leftovers({**self.ports, **self.grpc_ports}):
+            leftover.unlink(missing_ok=True)
 
     def __enter__(self) -> S3Server:
         return self.start()
