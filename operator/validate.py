@@ -62,7 +62,7 @@ def _path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _message(error: dict[str, Any]) -> str:
+def _message(error: Any) -> str:  # pydantic's ErrorDetails
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return "unknown field (check the spelling; `kubectl explain aj.spec` lists the fields)"

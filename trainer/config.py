@@ -268,6 +268,14 @@ class ScoreStage(Model):
     temperature: float = Field(default=0.0, ge=0, description="0 = greedy decoding (the default).")
 
 
+# Cross-field rule messages: one text for the CEL rule (API server) and the Python check (validator).
+SCORE_NEEDS_REWARD_MODEL = "stages.score needs a reward model: add stages.reward or set stages.score.rewardModel.uri"
+DRS_NEEDS_MARGINS = (
+    "stages.dpo.dynamicRewardScaling needs reward margins: add stages.score or set stages.dpo.scoredData"
+)
+BETA_DPO_WITHOUT_DRS = "dynamicRewardScaling applies to loss mm-dpo; beta-dpo scales β per batch instead"
+
+
 class DynamicRewardScaling(Model):
     w: float = Field(default=0.5, ge=0, description="DRS weight w in β(δ) = β·(1 + w·(1 − e^(−kδ))).")
     k: float = Field(default=0.5, gt=0, description="DRS rate k in β(δ) = β·(1 + w·(1 − e^(−kδ))).")
@@ -277,7 +285,7 @@ class DpoStage(_Optimization):
     model_config = ConfigDict(
         json_schema_extra=_rules(
             ("!has(self.loss) || self.loss != 'beta-dpo' || !has(self.dynamicRewardScaling)",
-             "dynamicRewardScaling applies to loss mm-dpo; beta-dpo scales β per batch instead"),
+             BETA_DPO_WITHOUT_DRS),
         )
     )
 
@@ -325,13 +333,12 @@ class Stages(Model):
 _JOB_RULES = _rules(
     (
         "!has(self.stages.score) || has(self.stages.reward) || has(self.stages.score.rewardModel)",
-        "stages.score needs a reward model: add stages.reward or set stages.score.rewardModel.uri",
+        SCORE_NEEDS_REWARD_MODEL,
     ),
     (
         "!has(self.stages.dpo) || !has(self.stages.dpo.dynamicRewardScaling) || has(self.stages.score)"
         " || has(self.stages.dpo.scoredData)",
-        "stages.dpo.dynamicRewardScaling needs reward margins: add stages.score or set "
-        "stages.dpo.scoredData",
+        DRS_NEEDS_MARGINS,
     ),
 )
 
@@ -364,17 +371,16 @@ class AlignmentJobSpec(Model):
         if not stages.enabled():
             raise ValueError("stages: at least one stage is required (reward, score or dpo)")
         if stages.score and not stages.reward and not stages.score.reward_model:
-            raise ValueError(_JOB_RULES["x-kubernetes-validations"][0]["message"])
+            raise ValueError(SCORE_NEEDS_REWARD_MODEL)
         if (
             stages.dpo
             and stages.dpo.dynamic_reward_scaling
             and not stages.score
             and not stages.dpo.scored_data
         ):
-            raise ValueError(_JOB_RULES["x-kubernetes-validations"][1]["message"])
+            raise ValueError(DRS_NEEDS_MARGINS)
         if stages.dpo and stages.dpo.loss == "beta-dpo" and stages.dpo.dynamic_reward_scaling:
-            raise ValueError("stages.dpo: " + DpoStage.model_config["json_schema_extra"][  # type: ignore[index]
-                "x-kubernetes-validations"][0]["message"])
+            raise ValueError("stages.dpo: " + BETA_DPO_WITHOUT_DRS)
         return self
 
     # -- where each stage's artifacts live: the operator reports these, the next stage reads them.
