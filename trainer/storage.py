@@ -97,6 +97,7 @@ class _Settings:
 _settings = _Settings()
 _client_lock = threading.Lock()
 _client: Any = None
+_client_key: tuple[Any, ...] | None = None
 
 
 def configure(
@@ -177,18 +178,18 @@ def local_path(uri: str) -> Path:
 
 
 def _s3() -> Any:
-    global _client
+    """The process's S3 client, rebuilt whenever the endpoint/region it would use changes: `configure`
+    or the AWS_* environment may change after a first call (tests, the demo), and a client cached
+    with an old endpoint would silently talk to a server that is gone."""
+    global _client, _client_key
+    endpoint = _settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = _settings.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    key = (endpoint, region, _settings.path_style, _settings.concurrency)
     with _client_lock:
-        if _client is None:
+        if _client is None or _client_key != key:
             import boto3
             from botocore.config import Config
 
-            endpoint = _settings.endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-                "AWS_ENDPOINT_URL"
-            )
-            region = _settings.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get(
-                "AWS_REGION"
-            ) or "us-east-1"
             config = Config(
                 s3={"addressing_style": "path" if _settings.path_style else "virtual"},
                 retries={"mode": "standard", "max_attempts": 3},
@@ -202,6 +203,7 @@ def _s3() -> Any:
             _client = boto3.session.Session().client(
                 "s3", endpoint_url=endpoint, region_name=region, config=config
             )
+            _client_key = key
         return _client
 
 

@@ -119,3 +119,15 @@ def test_s3_errors_are_storage_errors(s3: S3Server, monkeypatch: pytest.MonkeyPa
 def _file(path: Path, size: int) -> Path:
     path.write_bytes(os.urandom(size))
     return path
+
+
+def test_client_follows_a_changed_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that used one S3 server and then another (the demo after a test, a test after a test)
+    must talk to the new one: the cached client is rebuilt when AWS_ENDPOINT_URL changes."""
+    storage.configure()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    first = storage._s3()
+    assert first.meta.endpoint_url == "http://127.0.0.1:9"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
+    assert storage._s3().meta.endpoint_url == "http://127.0.0.1:10"
+    assert storage._s3() is storage._s3()  # unchanged settings: the same client
