@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mmalign.trainer import storage
+from mmalign.trainer import data, storage
 from mmalign.trainer.config import AlignmentJobManifest, AlignmentJobSpec, ExitCode
 from mmalign.trainer.engine import Distributed
 
@@ -127,6 +127,18 @@ def check_enough_pairs(order: DataOrder, field: str) -> None:
             f"{order.micro_batch} x gradientAccumulation {order.accumulation} x world size "
             f"{order.world_size}) but the training split has {order.pairs}; lower them or add data"
         )
+
+
+def plan_training(ctx: Context, pairs: list[Any], config: Any, field: str,
+                  ) -> tuple[list[Any], list[Any], DataOrder, int]:
+    """Pairs -> (train, held_out, data order, optimizer steps): the split by query (a query's pairs stay
+    together), the seeded order every rank shares, and a clear error when the batch needs more pairs."""
+    spec = ctx.spec
+    train, held_out = data.split_by_query(pairs, spec.data.eval_fraction, spec.seed)
+    order = DataOrder(len(train), config.micro_batch_size, config.gradient_accumulation, ctx.dist.world_size,
+                      spec.seed)
+    check_enough_pairs(order, field)
+    return train, held_out, order, order.total_steps(config.epochs, config.max_steps)
 
 
 def rank_slice(count: int, rank: int, world_size: int) -> range:

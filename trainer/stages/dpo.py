@@ -39,10 +39,9 @@ from mmalign.trainer.engine import Engine, frozen, register_external_parameters
 from mmalign.trainer.progress import Progress
 from mmalign.trainer.stages.common import (
     Context,
-    DataOrder,
     StageConfigError,
-    check_enough_pairs,
     is_complete_model,
+    plan_training,
     rank_slice,
     remove_tree,
     say,
@@ -260,11 +259,7 @@ def run(ctx: Context) -> dict[str, Any]:
     # ---- build
     seed_everything(spec.seed)
     pairs = load_pairs(ctx)
-    train, held_out = data.split_by_query(pairs, spec.data.eval_fraction, spec.seed)
-    order = DataOrder(len(train), config.micro_batch_size, config.gradient_accumulation, dist.world_size,
-                      spec.seed)
-    check_enough_pairs(order, "stages.dpo")
-    total = order.total_steps(config.epochs, config.max_steps)
+    train, held_out, order, total = plan_training(ctx, pairs, config, "stages.dpo")
     loader = media.MediaLoader.from_spec(spec.data)
     started = time.monotonic()
     table: ReferenceTable | None = None

@@ -30,11 +30,10 @@ from mmalign.trainer.engine import Engine, register_external_parameters
 from mmalign.trainer.progress import Progress
 from mmalign.trainer.stages.common import (
     Context,
-    DataOrder,
     StageConfigError,
-    check_enough_pairs,
     chunks,
     is_complete_model,
+    plan_training,
     rank_slice,
     remove_tree,
     say,
@@ -111,11 +110,7 @@ def run(ctx: Context) -> dict[str, Any]:
     # ---- build
     seed_everything(spec.seed)
     pairs, stats = data.read_pairs(spec.data)
-    train, held_out = data.split_by_query(pairs, spec.data.eval_fraction, spec.seed)
-    order = DataOrder(len(train), config.micro_batch_size, config.gradient_accumulation, dist.world_size,
-                      spec.seed)
-    check_enough_pairs(order, "stages.reward")
-    total = order.total_steps(config.epochs, config.max_steps)
+    train, held_out, order, total = plan_training(ctx, pairs, config, "stages.reward")
     model, processor = models.load_reward_model(spec.model.uri, seed=spec.seed)
     wrapper = RewardForward(model)
     register_external_parameters(wrapper, spec.deepspeed)
