@@ -88,6 +88,20 @@ def report_failure(code: int, kind: str, error: BaseException) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = run_stage(argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        # A torchrun worker ends here, skipping the interpreter's teardown: with the stage's output saved
+        # and the process group destroyed, C++ threads left by gloo/DeepSpeed can still abort it
+        # ("terminate called without an active exception", SIGABRT; seen once in CI after the score
+        # stage), which would turn a finished stage into exit 134 and a pointless gang restart.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run_stage(argv: list[str] | None = None) -> int:
+    """Run one stage in this process; every failure becomes an exit code and one line on stderr."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=os.environ.get("MMALIGN_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
