@@ -10,9 +10,9 @@ PET_MASTER_ADDR, PET_MASTER_PORT, and MASTER_ADDR/MASTER_PORT). This command
 2. runs torchrun IN THIS PROCESS (torch.distributed.run) with a static rendezvous on the master:
    `torchrun --nnodes N --nproc-per-node P --node-rank R --master-addr A --master-port PORT
    --max-restarts 0 -m mmalign.cli train --job JOB --stage NAME`;
-3. exits with the FIRST failing worker's own exit code (torchrun alone exits 1, which would hide the
+3. exits with the root-cause worker's own exit code (torchrun alone exits 1, which would hide the
    NaN / data / storage codes the operator's failure policy reads); a worker killed by signal S gives
-   128+S.
+   128+S, and it wins over peers that died of the broken collective in the same instant.
 
 The operator restarts the whole gang on retryable failures; torchrun itself never restarts workers.
 """
@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from mmalign.trainer.config import ExitCode
 
@@ -67,12 +70,34 @@ def wait_for_dns(host: str, port: int, timeout: float, interval: float = 2.0) ->
             time.sleep(interval)
 
 
-def worker_exit_code(error: BaseException) -> int:
-    """The first failing worker's exit code from torchrun's ChildFailedError (signals -> 128+S)."""
-    failures = getattr(error, "failures", None)
-    if not failures:
-        return 1
-    _, failure = error.get_first_failure()  # type: ignore[attr-defined]
+# A stop request, not a crash: torchrun itself and the kubelet stop workers with these.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def root_failure(failures: Mapping[int, Any]) -> tuple[int, Any]:
+    """(rank, failure) that most likely caused the others, from torchrun's {rank: ProcessFailure}.
+
+    Earliest first; among failures seen together, a worker killed by a signal (SIGKILL from the OOM
+    killer, SIGSEGV) beats one that exited: when a rank dies, its peers fail their next collective
+    ("Connection reset by peer", exit 1) and torchrun records both in the same poll, where its own
+    get_first_failure() picks the lowest rank. torchrun stamps a failure with whole seconds taken when
+    it polls, so stamps one second apart can still be one poll. The operator applies the same rule
+    to pods (policy._failure_order).
+    """
+    earliest = min(float(getattr(f, "timestamp", 0)) for f in failures.values())
+
+    def order(item: tuple[int, Any]) -> tuple[int, int, int]:
+        rank, failure = item
+        code = int(failure.exitcode)
+        together = float(getattr(failure, "timestamp", 0)) <= earliest + 1
+        crashed_by_signal = code < 0 and -code not in _STOP_SIGNALS
+        return (0 if together else 1, 0 if crashed_by_signal else 1, rank)
+
+    return min(failures.items(), key=order)
+
+
+def worker_exit_code(failure: Any) -> int:
+    """A worker's exit status as a shell reports it: a signal S becomes 128+S, 0 (impossible) 1."""
     code = int(failure.exitcode)
     if code < 0:
         return 128 + (-code)
@@ -92,9 +117,14 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         _log(f"stopped by signal {error.sigval.name}")
         return 128 + int(error.sigval)
     except ChildFailedError as error:
-        code = worker_exit_code(error)
-        rank, failure = error.get_first_failure()
-        _log(f"worker rank {rank} failed first (exit {failure.exitcode}); exiting {code}")
+        if not error.failures:
+            _log("torchrun failed without a worker failure; exiting 1")
+            return 1
+        rank, failure = root_failure(error.failures)
+        code = worker_exit_code(failure)
+        others = {r: f.exitcode for r, f in error.failures.items() if r != rank}
+        _log(f"worker rank {rank} failed first (exit {failure.exitcode}); exiting {code}"
+             + (f"; also failed: {others}" if others else ""))
         return code
 
 

@@ -70,17 +70,21 @@ def test_launch_reads_torchrun_env_and_maps_worker_codes(monkeypatch: pytest.Mon
                                      "master_addr": "job-dpo-0-0.job.ns.svc", "master_port": 29400}
 
     class Failure:
-        def __init__(self, code: int) -> None:
-            self.exitcode = code
+        def __init__(self, code: int, timestamp: int = 1000) -> None:
+            self.exitcode, self.timestamp = code, timestamp
 
-    class Failed(Exception):
-        def __init__(self, codes: dict[int, int]) -> None:
-            self.failures = {rank: Failure(code) for rank, code in codes.items()}
+    def root(failures: dict[int, Failure]) -> tuple[int, int]:
+        rank, failure = launch.root_failure(failures)
+        return rank, launch.worker_exit_code(failure)
 
-        def get_first_failure(self) -> tuple[int, Failure]:
-            rank = min(self.failures)
-            return rank, self.failures[rank]
-
-    assert launch.worker_exit_code(Failed({0: 4, 1: -15})) == 4
-    assert launch.worker_exit_code(Failed({1: -9})) == 137
-    assert launch.worker_exit_code(Exception("no failures")) == 1
+    # rank 1 SIGKILLed (OOM); rank 0 saw "Connection reset by peer" and exited 1 in the same poll
+    assert root({0: Failure(1), 1: Failure(-9)}) == (1, 137)
+    # ... also when torchrun's whole-second stamps straddle a second within that one poll
+    assert root({0: Failure(1, timestamp=999), 1: Failure(-9)}) == (1, 137)
+    # a clearly earlier failure is the root cause, whatever its kind
+    assert root({0: Failure(1, timestamp=990), 1: Failure(-9)}) == (0, 1)
+    # a stop request (SIGTERM) is a consequence: the NaN exit explains the run
+    assert root({0: Failure(4), 1: Failure(-15)}) == (0, 4)
+    # two plain exits in the same instant: the lowest rank
+    assert root({3: Failure(5), 2: Failure(1)}) == (2, 1)
+    assert launch.worker_exit_code(Failure(0)) == 1
