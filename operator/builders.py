@@ -30,6 +30,7 @@ MAX_NAME = 63  # DNS-1123 label: pod hostnames, Service names and label values a
 MASTER_PORT = 29500
 JOB_FILE_DIR = "/etc/mmalign"
 JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
+SCRATCH_DIR = "/var/lib/mmalign"  # emptyDir: downloads and checkpoint shards of this pod
 CONTAINER = "trainer"
 
 LABEL_JOB = "mmalign.io/job"
@@ -221,6 +222,10 @@ def _env(job: JobRef, stage: StageName, attempt: int, node: int) -> list[dict[st
         "MMALIGN_CHECKPOINT_URI": spec.checkpoint_uri(stage),
         "MMALIGN_ARTIFACT_URI": spec.artifact_uri(stage),
         "PYTHONUNBUFFERED": "1",  # progress lines reach the log (and the operator) at once
+        # Downloads (model, data) and checkpoint shards go to the pod's scratch emptyDir, not to the
+        # image's writable layer; a user's own env entries may point them elsewhere.
+        "MMALIGN_CACHE": f"{SCRATCH_DIR}/cache",
+        "MMALIGN_LOCAL_DIR": f"{SCRATCH_DIR}/local",
     }
     if stage == "score":
         ours["MMALIGN_REWARD_MODEL_URI"] = spec.reward_model_uri()
@@ -269,7 +274,11 @@ def build_pod(
         "command": [*options.trainer_command, "--job", JOB_FILE, "--stage", stage],
         "env": _env(job, stage, attempt, node),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
-        "volumeMounts": [{"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": SCRATCH_DIR},
+        ],
     }
     if spec.storage.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": spec.storage.credentials_secret}}]
@@ -285,7 +294,14 @@ def build_pod(
         "hostname": name,  # pod names are cut to 63, so they are valid hostnames
         "subdomain": service_name(job.name),
         "containers": [container],
-        "volumes": [{"name": "job", "configMap": {"name": config_map_name(job.name)}}],
+        "volumes": [
+            {"name": "job", "configMap": {"name": config_map_name(job.name)}},
+            # Container runtimes give /dev/shm 64 MiB; NCCL's shared-memory transport and DataLoader
+            # workers need more ("Bus error" / NCCL shm errors otherwise): an in-memory emptyDir.
+            {"name": "dshm", "emptyDir": {"medium": "Memory", **({"sizeLimit": spec.resources.shm_size}
+                                                               if spec.resources.shm_size else {})}},
+            {"name": "scratch", "emptyDir": {}},
+        ],
     }
     if template.service_account_name:
         pod_spec["serviceAccountName"] = template.service_account_name

@@ -50,6 +50,7 @@ BAD_SPECS: list[tuple[str, str, str]] = [
     ("negative nodes", _with("spec.resources.nodes", -1), "spec.resources.nodes"),
     ("zero procPerNode", _with("spec.resources.procPerNode", 0), "spec.resources.procPerNode"),
     ("nodes as text", _with("spec.resources.nodes", "two"), "spec.resources.nodes"),
+    ("shm size not a quantity", _with("spec.resources.shmSize", "lots"), "spec.resources.shmSize"),
     ("unknown stage", _with("spec.stages.sft", {"learningRate": 1e-5}), "spec.stages.sft"),
     ("DRS w < 0", _with("spec.stages.dpo.dynamicRewardScaling", {"w": -0.5, "k": 0.5}),
      "spec.stages.dpo.dynamicRewardScaling.w"),

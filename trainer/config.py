@@ -152,6 +152,13 @@ class Resources(Model):
     limits: dict[str, int | str] = Field(
         default_factory=dict, description="Container resource limits. Default: none beyond requests."
     )
+    shm_size: str | None = Field(
+        default=None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+        description="Size limit of the in-memory /dev/shm (emptyDir, medium Memory), e.g. '16Gi'. NCCL and "
+        "DataLoader workers need more than a container runtime's 64 MiB default. Default: no limit of its own "
+        "(the pod's memory limit still counts it).",
+    )
 
 
 class DeepSpeedSpec(Model):

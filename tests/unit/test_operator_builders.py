@@ -101,12 +101,13 @@ def test_pod_template_fields_kueue_and_reserved_env() -> None:
         "model": {"uri": "builtin://tiny-text"}, "data": {"uri": "builtin://synthetic-colors"},
         "storage": {"uri": "s3://b/p/", "endpoint": "http://s3:8333", "region": "eu-1"},
         "stages": {"reward": {}},
-        "resources": {"nodes": 2},
+        "resources": {"nodes": 2, "shmSize": "8Gi"},
         "podTemplate": {
             "nodeSelector": {"pool": "gpu"}, "priorityClassName": "high", "schedulerName": "volcano",
             "serviceAccountName": "trainer", "labels": {"team": "a"}, "annotations": {"note": "x"},
             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "MASTER_PORT", "value": "1"}],
+            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "MASTER_PORT", "value": "1"},
+                    {"name": "MMALIGN_CACHE", "value": "/nvme/cache"}],
         },
     })
     job = JobRef("j", "ns", UID, spec, {KUEUE_QUEUE: "team-a"})
@@ -117,6 +118,12 @@ def test_pod_template_fields_kueue_and_reserved_env() -> None:
                                     "--stage", "reward"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["NCCL_DEBUG"] == "INFO" and env["MASTER_PORT"] == "29500"  # reserved: ours wins
+    # downloads and shards go to the scratch emptyDir unless the user says otherwise
+    assert env["MMALIGN_CACHE"] == "/nvme/cache" and env["MMALIGN_LOCAL_DIR"] == "/var/lib/mmalign/local"
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"} and mounts["dshm"] == "/dev/shm"
+    assert "emptyDir" in volumes["scratch"] and mounts["scratch"] == "/var/lib/mmalign"
     assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and env["AWS_DEFAULT_REGION"] == "eu-1"
     assert "envFrom" not in container  # no credentialsSecret: the pod's cloud identity
     assert pod_spec["nodeSelector"] == {"pool": "gpu"} and pod_spec["schedulerName"] == "volcano"
