@@ -56,8 +56,11 @@ def run(cluster: devcluster.DevCluster, *argv: str, input: str | None = None) ->
 
 def install_chart(cluster: devcluster.DevCluster) -> None:
     say("helm upgrade --install mmalign charts/mmalign (the operator runs as a pod, under its own SA)")
+    # --take-ownership: the AlignmentJob CRD is a chart template, and on a reused dev cluster it may
+    # exist already, kept by an earlier release (tests/integration's) or applied with kubectl.
     run(cluster, "helm", "upgrade", "--install", "mmalign", str(REPO / "charts/mmalign"),
-        "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--wait", "--timeout", "180s")
+        "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--take-ownership",
+        "--wait", "--timeout", "180s")
 
 
 def s3_env(cluster: devcluster.DevCluster) -> dict[str, str]:

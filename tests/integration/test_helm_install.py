@@ -6,9 +6,18 @@ process nodes that run each container's command with the pod's ServiceAccount to
 1. `helm install` -> the operator pod runs `mmalign operator ...` as the chart's ServiceAccount;
 2. one rule removed from the chart's ClusterRole -> an AlignmentJob gets no pods and the operator
    logs 403 Forbidden: the operator really runs under the chart's RBAC, not as an admin;
-3. `helm upgrade` with a changed value -> a new ReplicaSet rolls out, and Helm puts the rule back;
+3. `helm upgrade` with a changed value -> a new ReplicaSet rolls out, and Helm puts the rule back (and
+   the AlignmentJob CRD's printer column that was removed by hand: the CRD is a chart template);
 4. the job reaches Succeeded through reward -> score -> dpo (a stub trainer command, see below);
-5. `helm uninstall` -> no object of the release is left; the CRDs stay (charts/mmalign/README.md).
+5. `helm uninstall` -> no object of the release is left; the AlignmentJob CRD stays (`crds.keep`
+   defaults to true, charts/mmalign/README.md), and kopf's peering CRDs (crds/) too.
+
+`test_two_replicas_one_acts` installs with `crds.keep=false` and checks that its uninstall deletes the
+CRD. The CRD is cluster-wide and the `dev_cluster` fixture is one cluster for the whole session, so:
+every install here passes `--take-ownership` (the CRD may exist from another test's `kubectl apply` or
+from the e2e test's release, which a plain install refuses to adopt, see docs/install.md), the test
+that deletes the CRD is the last of this module and waits until it is gone, and the other modules
+that need the CRD apply it themselves.
 
 The trainer pods run a stub (`MMALIGN_TRAINER_COMMAND`, the operator's test-only override) that prints
 one progress line and exits 0: this test is about the chart, the trainer has its own tests.
@@ -41,6 +50,8 @@ RELEASE = "mmalign-it"  # contains "mmalign": object names are the release name
 SYSTEM_NS = "mmalign-it-system"
 JOBS_NS = "mmalign-it-jobs"
 JOB = "helm-smoke"
+CRD = "alignmentjobs.mmalign.io"
+KEEP = "helm.sh/resource-policy"
 INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
 DROPPED = "services"  # the rule removed in step 2: the operator applies the job's Service first
 
@@ -115,6 +126,11 @@ class Cluster:
             raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def install(self, values: Path, *extra: str) -> str:
+        """`helm install` of RELEASE; it takes over an AlignmentJob CRD left by another test or release."""
+        return self.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace",
+                         "--take-ownership", "-f", str(values), *extra).stdout
+
     def operator_logs(self) -> str:
         pods = self.items("pods", "-n", SYSTEM_NS, "-l", INSTANCE)
         return "\n".join(self.kubectl("logs", "-n", SYSTEM_NS, p["metadata"]["name"], check=False) for p in pods)
@@ -167,8 +183,7 @@ def _story(cluster: Cluster, values: Path, steps: Steps) -> None:
     cluster.kubectl("create", "namespace", JOBS_NS)
     cluster.kubectl("-n", JOBS_NS, "create", "secret", "generic", "s3-credentials",
                     "--from-literal=AWS_ACCESS_KEY_ID=unused", "--from-literal=AWS_SECRET_ACCESS_KEY=unused")
-    notes = cluster.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace",
-                         "-f", str(values)).stdout
+    notes = cluster.install(values)
     # NOTES.txt tells the user the next commands; the first one is the one we run next.
     assert f"kubectl -n {SYSTEM_NS} rollout status deployment/{RELEASE}" in notes, notes
     assert "kubectl apply -f manifests/examples/tiny-cpu.yaml" in notes, notes
@@ -186,7 +201,13 @@ def _story(cluster: Cluster, values: Path, steps: Steps) -> None:
     cannot = cluster.kubectl("auth", "can-i", "get", "secrets", "-n", JOBS_NS,
                              f"--as=system:serviceaccount:{SYSTEM_NS}:{RELEASE}", check=False)
     assert (can.strip(), cannot.strip()) == ("yes", "no")
-    assert cluster.get("crd", "alignmentjobs.mmalign.io"), "helm install creates the CRD from crds/"
+    # The CRD is the release's (a template, from files/crds/), labelled, and kept on uninstall.
+    crd = cluster.get("crd", CRD)
+    assert crd, "helm install creates the AlignmentJob CRD"
+    assert crd["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+    annotations = crd["metadata"]["annotations"]
+    assert (annotations["meta.helm.sh/release-name"], annotations[KEEP]) == (RELEASE, "keep")
 
     # -- 2. one rule less: the job makes no progress and the operator logs Forbidden -------------
     role = cluster.get("clusterrole", RELEASE)
@@ -194,6 +215,10 @@ def _story(cluster: Cluster, values: Path, steps: Steps) -> None:
     cluster.kubectl("patch", "clusterrole", RELEASE, "--type=json",
                     "-p", json.dumps([{"op": "remove", "path": f"/rules/{index}"}]))
     cluster.kubectl("apply", "-f", "-", input=job_manifest())
+    # ... and a printer column of the CRD removed by hand, for step 3.
+    columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+    cluster.kubectl("patch", "crd", CRD, "--type=json", "-p", json.dumps(
+        [{"op": "remove", "path": f"/spec/versions/0/additionalPrinterColumns/{columns.index('Progress')}"}]))
     # The API server names the identity it refused: the chart's ServiceAccount, not an admin.
     refused = f'User "system:serviceaccount:{SYSTEM_NS}:{RELEASE}" cannot patch resource "{DROPPED}"'
     wait_for(f"the operator to log: {refused}", lambda: refused in cluster.operator_logs(),
@@ -218,6 +243,8 @@ def _story(cluster: Cluster, values: Path, steps: Steps) -> None:
     assert len(pods) == 1 and "--verbose" in pods[0]["spec"]["containers"][0]["args"]
     rules = cluster.get("clusterrole", RELEASE)["rules"]
     assert any(DROPPED in rule["resources"] for rule in rules), "helm upgrade restores the chart's RBAC"
+    restored = cluster.get("crd", CRD)["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in restored] == columns, "helm upgrade upgrades the CRD (a template, not crds/)"
     steps.done("helm upgrade rolled a new ReplicaSet")
 
     # -- 4. the job runs through its three stages ------------------------------------------------
@@ -232,7 +259,7 @@ def _story(cluster: Cluster, values: Path, steps: Steps) -> None:
         ("reward", "score", "dpo"), "Succeeded")
     steps.done("AlignmentJob Succeeded")
 
-    # -- 5. uninstall: nothing of the release is left, the CRDs stay ----------------------------
+    # -- 5. uninstall: nothing of the release is left, the CRDs stay (crds.keep) ----------------
     cluster.kubectl("delete", "aj", JOB, "-n", JOBS_NS, "--timeout=60s")  # the operator lifts its finalizer
     cluster.helm("uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", "--timeout=90s")
     kinds = "deployments,replicasets,pods,serviceaccounts,services,configmaps,roles,rolebindings"
@@ -244,19 +271,24 @@ def _story(cluster: Cluster, values: Path, steps: Steps) -> None:
 
     wait_for("every object of the release to be gone", nothing_left, timeout=60,
              explain=lambda: cluster.kubectl("get", kinds, "-n", SYSTEM_NS, "-l", INSTANCE, check=False))
-    assert cluster.get("crd", "alignmentjobs.mmalign.io"), "CRDs are kept on uninstall (documented)"
+    kept = cluster.get("crd", CRD)
+    assert kept, "crds.keep (the default): helm uninstall leaves the AlignmentJob CRD"
+    assert "deletionTimestamp" not in kept["metadata"], kept["metadata"]
     assert cluster.get("crd", "clusterkopfpeerings.kopf.dev")
     steps.done("helm uninstall left nothing but the CRDs")
 
 
 def _cleanup(cluster: Cluster) -> None:
-    """Leave the shared dev cluster as we found it (the CRDs stay, as after any uninstall)."""
+    """Leave the shared dev cluster as we found it (the CRDs stay, as after any default uninstall)."""
     cluster.helm("uninstall", RELEASE, "-n", SYSTEM_NS, "--timeout=60s", check=False)
     for job in cluster.items("aj", "-n", JOBS_NS):  # no operator left to lift the finalizers
         cluster.kubectl("patch", "aj", job["metadata"]["name"], "-n", JOBS_NS, "--type=merge",
                         "-p", '{"metadata":{"finalizers":null}}', check=False)
     for namespace in (JOBS_NS, SYSTEM_NS):
         cluster.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--timeout=60s", check=False)
+    # A `crds.keep=false` release's CRD may still be terminating: the next install needs it gone.
+    if cluster.get("crd", CRD).get("metadata", {}).get("deletionTimestamp"):
+        cluster.kubectl("wait", "--for=delete", f"crd/{CRD}", "--timeout=60s", check=False)
 
 
 def test_watch_namespaces_mode_needs_nothing_cluster_wide(dev_cluster: Any, tmp_path: Path) -> None:
@@ -268,8 +300,7 @@ def test_watch_namespaces_mode_needs_nothing_cluster_wide(dev_cluster: Any, tmp_
         cluster.kubectl("create", "namespace", JOBS_NS)
         cluster.kubectl("-n", JOBS_NS, "create", "secret", "generic", "s3-credentials",
                         "--from-literal=AWS_ACCESS_KEY_ID=unused", "--from-literal=AWS_SECRET_ACCESS_KEY=unused")
-        cluster.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", "-f", str(values),
-                     "--set", f"operator.watchNamespaces={{{JOBS_NS}}}")
+        cluster.install(values, "--set", f"operator.watchNamespaces={{{JOBS_NS}}}")
         assert not cluster.items("clusterroles,clusterrolebindings,clusterkopfpeerings", "-l", INSTANCE)
         assert [r["metadata"]["namespace"] for r in cluster.items("roles", "-A", "-l", INSTANCE)] == [JOBS_NS]
         cluster.kubectl("-n", SYSTEM_NS, "rollout", "status", f"deployment/{RELEASE}", "--timeout=90s")
@@ -288,6 +319,9 @@ def test_two_replicas_one_acts(dev_cluster: Any, tmp_path: Path) -> None:
 
     kopf pauses ALL peers of equal priority, so this needs `mmalign operator` to give replicas distinct
     priorities (it orders them by start time); the chart passes no --priority.
+
+    Also `crds.keep=false`: this release's uninstall deletes the AlignmentJob CRD. Last in the module
+    (see the module docstring); it waits until the CRD is gone, so no later install meets a terminating one.
     """
     cluster = Cluster(dev_cluster)
     values = values_file(tmp_path)
@@ -295,8 +329,12 @@ def test_two_replicas_one_acts(dev_cluster: Any, tmp_path: Path) -> None:
         cluster.kubectl("create", "namespace", JOBS_NS)
         cluster.kubectl("-n", JOBS_NS, "create", "secret", "generic", "s3-credentials",
                         "--from-literal=AWS_ACCESS_KEY_ID=unused", "--from-literal=AWS_SECRET_ACCESS_KEY=unused")
-        cluster.helm("install", RELEASE, str(CHART), "-n", SYSTEM_NS, "--create-namespace", "-f", str(values),
-                     "--set", "operator.replicas=2")
+        cluster.install(values, "--set", "operator.replicas=2", "--set", "crds.keep=false")
+        # Helm's uninstall reads the policy from the release's manifest. (A CRD kept by an earlier test
+        # and adopted here keeps its old `keep` annotation on the live object: adoption adds, never removes.)
+        manifest = cluster.helm("get", "manifest", RELEASE, "-n", SYSTEM_NS).stdout
+        [released] = [doc for doc in yaml.safe_load_all(manifest) if doc and doc["kind"] == "CustomResourceDefinition"]
+        assert KEEP not in released["metadata"].get("annotations", {}), released["metadata"]
         cluster.kubectl("-n", SYSTEM_NS, "rollout", "status", f"deployment/{RELEASE}", "--timeout=90s")
         cluster.kubectl("apply", "-f", "-", input=job_manifest())
 
@@ -315,5 +353,11 @@ def test_two_replicas_one_acts(dev_cluster: Any, tmp_path: Path) -> None:
         acted = sorted("stages reward, score, dpo succeeded" in log for log in logs)
         assert acted == [False, True], "\n=====\n".join(logs)
         cluster.kubectl("delete", "aj", JOB, "-n", JOBS_NS, "--timeout=60s")
+
+        # crds.keep=false: uninstall deletes the CRD (no AlignmentJob is left to hold it up).
+        cluster.helm("uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", "--timeout=90s")
+        wait_for(f"crd/{CRD} to be deleted", lambda: not cluster.get("crd", CRD), timeout=60,
+                 explain=lambda: cluster.kubectl("get", "crd", CRD, "-o", "yaml", check=False))
+        assert cluster.get("crd", "clusterkopfpeerings.kopf.dev"), "Helm never deletes crds/ (kopf's peering)"
     finally:
         _cleanup(cluster)

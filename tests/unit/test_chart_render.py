@@ -6,6 +6,10 @@ helm is the dev cluster's cached, pinned binary (`make binaries` puts it in
 Refresh the goldens after an intended chart change:
 
     MMALIGN_UPDATE_GOLDEN=1 .venv/bin/pytest tests/unit/test_chart_render.py
+
+The goldens show the AlignmentJob CRD's metadata but not its `spec:` block, which the chart copies as
+text from the generated files/crds/alignmentjobs.yaml: an API change is `make crds`, not new goldens.
+`test_crd_template_is_the_generated_crd` compares the rendered spec with the generator's model.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts/mmalign"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CUSTOM_VALUES = GOLDEN / "chart-custom-values.yaml"
+CRD_FILE = CHART / "files/crds/alignmentjobs.yaml"
+CRD_NAME = "alignmentjobs.mmalign.io"
+KEEP = "helm.sh/resource-policy"
 RELEASE, NAMESPACE = "mmalign", "mmalign-system"
 
 
@@ -87,7 +94,11 @@ def test_helm_lint_strict(values: list[str]) -> None:
     ids=["default", "custom"],
 )
 def test_template_matches_golden(golden: str, values: list[str]) -> None:
+    generated = CRD_FILE.read_text()
+    crd_spec = generated[generated.index("\nspec:\n") + 1:]
     text = template_text(*values)
+    assert text.count(crd_spec) == 1, "the CRD template must copy the generated spec: block verbatim"
+    text = text.replace(crd_spec, f"spec:  # the spec: block of {CRD_FILE.relative_to(CHART)}, verbatim\n")
     path = GOLDEN / golden
     if os.environ.get("MMALIGN_UPDATE_GOLDEN"):
         path.write_text(text)
@@ -152,6 +163,54 @@ def test_metrics_service_selects_the_operator_pod() -> None:
 def test_service_monitor_is_optional() -> None:
     monitor = one(render("--set", "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+# ---------------------------------------------------------------- the CRD (crds.install, crds.keep)
+
+
+def test_crd_template_is_the_generated_crd() -> None:
+    """The rendered CRD is, as data, what `mmalign crds` builds from the models, plus the chart's metadata.
+
+    Parsed and compared, not diffed as text: a fromYaml/toYaml round trip in the template would turn
+    integers into floats (or `1e-08` into a string for YAML 1.1 parsers) and this would catch it.
+    """
+    from mmalign.operator import crdgen
+
+    expected = crdgen.build_crd()
+    assert yaml.safe_load(CRD_FILE.read_text()) == expected, "files/crds/ is stale: run `make crds`"
+    docs = render()
+    crd = one(docs, "CustomResourceDefinition")
+    assert (crd["apiVersion"], crd["kind"]) == (expected["apiVersion"], expected["kind"])
+    assert crd["metadata"]["name"] == expected["metadata"]["name"] == CRD_NAME
+    assert set(crd) == set(expected) and set(crd["metadata"]) == {"name", "labels", "annotations"}
+    assert json.dumps(crd["spec"], sort_keys=True) == json.dumps(expected["spec"], sort_keys=True)
+    # The chart's standard labels, the same as on the Deployment; the generator's own label included.
+    assert crd["metadata"]["labels"] == one(docs, "Deployment")["metadata"]["labels"]
+    assert expected["metadata"]["labels"].items() <= crd["metadata"]["labels"].items()
+    assert crd["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    # crds.keep (default true): `helm uninstall` leaves the CRD, and the users' AlignmentJobs.
+    assert crd["metadata"]["annotations"] == {KEEP: "keep"}
+
+
+def test_crd_toggles() -> None:
+    assert not by_kind(render("--set", "crds.install=false"), "CustomResourceDefinition")
+    assert not by_kind(render("--set", "crds.install=false", "--set", "crds.keep=false"),
+                       "CustomResourceDefinition")
+    removable = one(render("--set", "crds.keep=false"), "CustomResourceDefinition")
+    assert removable["metadata"]["name"] == CRD_NAME
+    assert KEEP not in removable["metadata"].get("annotations", {})
+    # commonLabels reach the CRD like every other object.
+    labelled = one(render("--set", "commonLabels.team=alignment"), "CustomResourceDefinition")
+    assert labelled["metadata"]["labels"]["team"] == "alignment"
+
+
+def test_crd_is_a_template_and_only_peering_crds_stay_in_crds_folder() -> None:
+    """crds/ is never upgraded or deleted by Helm: only kopf's shared peering CRDs may live there."""
+    names = sorted(path.name for path in (CHART / "crds").iterdir())
+    assert names == ["kopf-peering.yaml"], names
+    peering = yaml.safe_load_all((CHART / "crds/kopf-peering.yaml").read_text())
+    kinds = {doc["spec"]["names"]["kind"] for doc in peering}
+    assert kinds == {"ClusterKopfPeering", "KopfPeering"}
 
 
 # ---------------------------------------------------------------- RBAC modes and peering
@@ -313,6 +372,8 @@ def test_schema_rejects_typos_and_bad_values() -> None:
         (["--set", "operator.typo=1"], "typo"),
         (["--set", "operator.logFormat=xml"], "logFormat"),
         (["--set", "image.digest=latest"], "digest"),
+        (["--set", "crds.keep=maybe"], "keep"),
+        (["--set", "crds.typo=true"], "typo"),
     ]:
         proc = helm("template", RELEASE, str(CHART), *bad, check=False)
         assert proc.returncode != 0 and message in proc.stderr, (bad, proc.stderr)
