@@ -80,7 +80,7 @@ class NodeAgent:
         self.runs: dict[str, PodRun] = {}
         self.sent: dict[str, dict] = {}  # uid -> last status written
         self.unschedulable: dict[str, str] = {}  # uid -> last FailedScheduling message
-        self.bound: dict[str, float] = {}  # uid -> when we bound it (the watch may lag)
+        self.bound: dict[str, tuple[float, str]] = {}  # uid -> (when, node) we bound it: the watch may lag
         self.deleted: set[str] = set()
         self.hosts_text = ""
         self.stopping = False
@@ -181,17 +181,24 @@ class NodeAgent:
         self._write_hosts(pods)
 
     def _schedule(self, pending: list[dict], mine: list[dict]) -> None:
+        now = time.monotonic()
+        # Bound by us moments ago, but the watch has not shown the pod's nodeName yet (a loaded machine):
+        # not pending any more, and still taking its place on the node it went to, or a ReplicaSet's
+        # second pod would see an empty node and land beside the first.
+        in_flight = [(p, self.bound[p["metadata"]["uid"]][1]) for p in pending
+                     if now - self.bound.get(p["metadata"]["uid"], (0.0, ""))[0] <= 10]
         pending = [p for p in pending if not p["metadata"].get("deletionTimestamp")
                    and p["spec"].get("schedulerName", "default-scheduler") == "default-scheduler"
                    and p["status"].get("phase", "Pending") == "Pending"
-                   and time.monotonic() - self.bound.get(p["metadata"]["uid"], 0) > 10]
+                   and now - self.bound.get(p["metadata"]["uid"], (0.0, ""))[0] > 10]
         if not pending:
             return
         used: dict[str, dict[str, Decimal]] = {name: {} for name in self.contexts}
-        for pod in mine:
-            if pod["status"].get("phase") not in TERMINAL:
+        placed = [(pod, pod["spec"]["nodeName"]) for pod in mine if pod["status"].get("phase") not in TERMINAL]
+        for pod, node_name in placed + in_flight:
+            if node_name in used:
                 for res, amount in scheduling.usage(pod).items():
-                    bucket = used[pod["spec"]["nodeName"]]
+                    bucket = used[node_name]
                     bucket[res] = bucket.get(res, Decimal(0)) + amount
         node_objs = {uid: n for uid, n in self._nodes().items()}
         views = [nodes.node_view(n, used[n["metadata"]["name"]]) for n in node_objs.values()
@@ -211,7 +218,7 @@ class NodeAgent:
             except ApiError as err:
                 log.warning("bind %s/%s: %s", meta["namespace"], meta["name"], err)
                 continue
-            self.bound[meta["uid"]] = time.monotonic()
+            self.bound[meta["uid"]] = (time.monotonic(), target)
             self.unschedulable.pop(meta["uid"], None)
             for view in views:
                 if view.name == target:
