@@ -1,9 +1,11 @@
 """One pod on the process node: its folder, files, processes, restarts, and the status it reports.
 
-A pod is a folder `pods/<ns>_<name>_<uid>/` (volumes/, logs/, work/, home/, tmp/, kubeconfig) and one
-process group: the first container starts a new group and the others join it, so deleting the pod
-signals every process it started, torchrun's workers included. Containers run with the command/args of
-their spec in the project's Python environment; the image is recorded in the status, never pulled.
+A pod is a folder `pods/<ns>_<name>_<uid>/` (volumes/, logs/, termination/, work/, home/, tmp/,
+kubeconfig) and one process group: the first container starts a new group and the others join it, so
+deleting the pod signals every process it started, torchrun's workers included. Containers run with the
+command/args of their spec in the project's Python environment; the image is recorded in the status,
+never pulled. A container's exit is reported with the kubelet's termination message
+(podspec.termination_message).
 
 `step()` is called by the node's loop; it never blocks. The loop owns all API calls except the ones
 made while preparing a pod (Secrets, ConfigMaps, TokenRequest), which `prepare()` receives as a client.
@@ -62,6 +64,7 @@ class ContainerRun:
     last_state: dict = field(default_factory=dict)
     restarts: int = 0
     not_before: float = 0.0
+    termination_file: Path | None = None  # this start's stand-in for terminationMessagePath
 
     @property
     def name(self) -> str:
@@ -74,6 +77,22 @@ class ContainerRun:
     def log_file(self, previous: bool = False) -> Path:
         return self.log_dir / f"{self.restarts - (1 if previous else 0)}.log"
 
+    def termination_message(self, exit_code: int) -> str:
+        """What the kubelet reports as `terminated.message` for the attempt that just ended."""
+        file_tail = None
+        if self.termination_file is not None:
+            try:
+                file_tail = read_tail(self.termination_file, podspec.MAX_TERMINATION_MESSAGE_BYTES)
+            except FileNotFoundError:
+                pass
+            except OSError as err:  # the kubelet's wording
+                return f"Error on reading termination log {self.termination_file}: {err}"
+        try:
+            log_tail = read_tail(self.log_file(), podspec.MAX_TERMINATION_LOG_BYTES)
+        except OSError:
+            log_tail = b""
+        return podspec.termination_message(self.spec, exit_code, file_tail, log_tail)
+
     def status(self) -> dict:
         out = {"name": self.name, "image": self.spec.get("image", ""), "imageID": "",
                "restartCount": self.restarts, "ready": "running" in self.state,
@@ -81,6 +100,13 @@ class ContainerRun:
         if self.last_state:
             out["lastState"] = self.last_state
         return out
+
+
+def read_tail(path: Path, size: int) -> bytes:
+    """The last `size` bytes of a file."""
+    with open(path, "rb") as f:
+        f.seek(max(f.seek(0, os.SEEK_END) - size, 0))
+        return f.read()
 
 
 def pod_phase(restart_policy: str, init: list[ContainerRun], main: list[ContainerRun]) -> str:
@@ -244,6 +270,12 @@ class PodRun:
             base = self.base_env()
             own = podspec.container_env(pod, run.spec, self.secrets, self.configmaps, self.ctx.allocatable, base)
             mounts = podspec.container_mounts(pod, run.spec, self.root)
+            # The kubelet bind-mounts a new empty file at terminationMessagePath for every container
+            # start; here the file is named by MMALIGN_TERMINATION_LOG, and rewriting maps the path.
+            termination = self.root / "termination" / run.name / str(run.restarts)
+            mounts = sorted([*mounts, (podspec.termination_message_path(run.spec), str(termination))],
+                            key=lambda pair: len(pair[0]), reverse=True)
+            base[podspec.TERMINATION_LOG_ENV] = str(termination)
             env = {**base, **{k: podspec.rewrite_path(v, mounts) for k, v in own.items()}}
             if "LD_PRELOAD" in own:
                 env["LD_PRELOAD"] = f"{base['LD_PRELOAD']}:{own['LD_PRELOAD']}"
@@ -254,6 +286,10 @@ class PodRun:
             run.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
             run.not_before = time.monotonic() + 2.0
             return
+        termination.parent.mkdir(parents=True, exist_ok=True)
+        termination.write_bytes(b"")
+        termination.chmod(0o666)  # as the kubelet makes it: any user of the container may write it
+        run.termination_file = termination
         run.log_dir.mkdir(parents=True, exist_ok=True)
         with open(run.log_file(), "ab") as log:
             try:
@@ -284,9 +320,13 @@ class PodRun:
         code = run.proc.returncode
         exit_code = 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as in a container
         run.proc = None
-        run.state = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
-                                    "startedAt": run.state.get("running", {}).get("startedAt", now_iso()),
-                                    "finishedAt": now_iso(), "containerID": ""}}
+        terminated = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                      "startedAt": run.state.get("running", {}).get("startedAt", now_iso()),
+                      "finishedAt": now_iso(), "containerID": ""}
+        message = run.termination_message(exit_code)
+        if message:
+            terminated["message"] = message
+        run.state = {"terminated": terminated}
 
     def _maybe_restart(self, run: ContainerRun) -> None:
         term = run.terminated

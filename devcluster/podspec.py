@@ -14,6 +14,11 @@ docs/devcluster.md):
   values and workingDir are rewritten: a value equal to a mountPath, starting with `mountPath/`, or of the
   form `something=<such a path>` (e.g. `--config=/etc/job/spec.yaml`) gets the pod-folder path instead.
   Paths inside files and paths a program builds itself are NOT rewritten.
+- the termination message: the kubelet bind-mounts a fresh empty file at each container's
+  `terminationMessagePath` (default /dev/termination-log). A process cannot have /dev/termination-log
+  of its own, so the node gives each container start its own file, treats it as a mount (rewriting
+  applies) and passes its path in MMALIGN_TERMINATION_LOG. `termination_message` then computes
+  `state.terminated.message` exactly as the kubelet does, FallbackToLogsOnError included.
 """
 
 from __future__ import annotations
@@ -265,3 +270,38 @@ def working_dir(container: dict, mounts: list[tuple[str, str]], pod_root: Path) 
 
 def gpu_count(container_or_requests: dict[str, Decimal]) -> int:
     return int(container_or_requests.get("nvidia.com/gpu", Decimal(0)))
+
+
+# ---------------------------------------------------------------- termination message
+
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the API server's default
+# Where a process finds the file that stands for its terminationMessagePath (see the module docstring);
+# mmalign's trainer reads it, with /dev/termination-log as the default in a real container.
+TERMINATION_LOG_ENV = "MMALIGN_TERMINATION_LOG"
+# The kubelet's limits (pkg/kubelet/container/runtime.go): the file is read up to its last 4 KiB; the
+# log fallback is the last 80 lines, of which the last 2 KiB are kept.
+MAX_TERMINATION_MESSAGE_BYTES = 4 * 1024
+MAX_TERMINATION_LOG_BYTES = 2 * 1024
+MAX_TERMINATION_LOG_LINES = 80
+
+
+def termination_message_path(container: dict) -> str:
+    return container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
+
+
+def termination_message(container: dict, exit_code: int, file_tail: bytes | None, log_tail: bytes) -> str:
+    """`state.terminated.message`, as the kubelet computes it (kuberuntime_container.go,
+    getTerminationMessage and readLastStringFromContainerLogs).
+
+    `file_tail`: the end of the termination-message file (None: there is none); `log_tail`: the end of
+    the container's log, at least its last MAX_TERMINATION_LOG_BYTES (reading more changes nothing).
+    The file wins whenever it is not empty, whatever the exit code; with
+    `terminationMessagePolicy: FallbackToLogsOnError`, an empty or missing file and a non-zero exit,
+    the message is the log's last 80 lines, cut to their last 2 KiB.
+    """
+    if file_tail:
+        return file_tail[-MAX_TERMINATION_MESSAGE_BYTES:].decode("utf-8", "replace")
+    if container.get("terminationMessagePolicy") != "FallbackToLogsOnError" or exit_code == 0:
+        return ""
+    lines = re.findall(rb"[^\n]*\n|[^\n]+\Z", log_tail)  # the runtime's log lines end at \n only
+    return b"".join(lines[-MAX_TERMINATION_LOG_LINES:])[-MAX_TERMINATION_LOG_BYTES:].decode("utf-8", "replace")

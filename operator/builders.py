@@ -279,6 +279,10 @@ def build_pod(
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "scratch", "mountPath": SCRATCH_DIR},
         ],
+        # A failing trainer writes one line `mmalign: <KIND> (exit N): <reason>` to /dev/termination-log;
+        # when it could not (a crash, a signal, `mmalign launch` giving up on DNS), the kubelet uses the
+        # log's tail instead. The failure policy puts that message in the job's conditions and events.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.storage.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": spec.storage.credentials_secret}}]

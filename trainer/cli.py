@@ -8,7 +8,8 @@ Runs under torchrun (every rank runs this); `mmalign launch` (pods) and `mmalign
 Exit codes (config.ExitCode; the operator's failure policy reads them): 0 done, 2 the job spec cannot
 run as written, 3 bad data, 4 NaN/inf loss, 5 storage unreachable after retries (retryable), 1 any other
 crash. A failure prints ONE line `mmalign: <KIND> (exit N): <reason>` on stderr (the operator shows
-it) and, in a pod, writes it to /dev/termination-log (Kubernetes' termination message).
+it) and, in a pod, writes it to /dev/termination-log (Kubernetes' termination message; the dev
+cluster's process node names a per-container file in MMALIGN_TERMINATION_LOG instead).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from typing import Any
 from mmalign.trainer.config import STAGE_ORDER, ExitCode
 
 STAGE_MODULES = {name: f"mmalign.trainer.stages.{name}" for name in STAGE_ORDER}
-TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
+# A process cannot have /dev/termination-log of its own: the dev cluster's process node gives each
+# container start a file and its path in this variable (devcluster/podspec.py, docs/devcluster.md).
+TERMINATION_LOG_ENV = "MMALIGN_TERMINATION_LOG"
+
+
+def termination_log_path() -> str:
+    return os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -79,9 +87,10 @@ def one_line(error: BaseException) -> str:
 def report_failure(code: int, kind: str, error: BaseException) -> None:
     line = f"mmalign: {kind} (exit {code}): {one_line(error)}"
     print(line, file=sys.stderr, flush=True)
-    if os.path.exists(TERMINATION_LOG) and os.access(TERMINATION_LOG, os.W_OK):
+    path = termination_log_path()
+    if os.path.exists(path) and os.access(path, os.W_OK):  # in a pod; elsewhere stderr is enough
         try:
-            with open(TERMINATION_LOG, "w", encoding="utf-8") as f:
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(line + "\n")
         except OSError:
             pass

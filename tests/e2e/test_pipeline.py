@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from datetime import datetime
 from typing import Any
 
 import boto3
@@ -29,6 +31,28 @@ def _pods(dev_cluster: Any, namespace: str, name: str) -> list[dict[str, Any]]:
 
 def _env(pod: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0].get("env", [])}
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _event_order(event: dict[str, Any]) -> tuple[datetime, int]:
+    """When the operator posted it (eventTime has microseconds; kopf posts one object's events one by one,
+    in order), then the API server's write order."""
+    stamp = event.get("eventTime") or event.get("firstTimestamp") or event["metadata"]["creationTimestamp"]
+    return _time(stamp), int(event["metadata"]["resourceVersion"])
+
+
+def _label(reason: str, message: str) -> str:
+    """`StageStarted reward` for stage events (their message starts `stage <name>`), else the reason."""
+    match = re.match(r"stage (\w+)", message)
+    return f"{reason} {match.group(1)}" if match else reason
+
+
+# The operator's own event reasons (docs/operator.md); kopf may add others (warnings it logs).
+OPERATOR_REASONS = {"Created", "StageStarted", "Running", "StageSucceeded", "GangRestarting", "Suspended",
+                    "Resumed", "SpecChangeRefused", "Succeeded", "Failed"}
 
 
 @pytest.fixture
@@ -117,13 +141,54 @@ def test_tiny_pipeline_end_to_end(dev_cluster: Any, namespace: str, chart: None)
     # DPO used the scored δ: Dynamic Reward Scaling gave different β to the pairs of a batch.
     assert stages["dpo"]["metrics"]["beta/std"] > 0, stages["dpo"]["metrics"]
 
-    # An event for each transition.
+    # Conditions and stage times tell one story, in order: created, each stage started after the previous
+    # one completed, Running turned False in the very pass that set Succeeded.
+    created, running, succeeded = conditions["Created"], conditions["Running"], conditions["Succeeded"]
+    assert (created["reason"], running["reason"], succeeded["reason"]) == (
+        "JobAccepted", "Succeeded", "AllStagesSucceeded"), conditions
+    assert _time(created["lastTransitionTime"]) < _time(succeeded["lastTransitionTime"]), conditions
+    assert running["lastTransitionTime"] == succeeded["lastTransitionTime"] == status["completionTime"], conditions
+    assert set(conditions) <= {"Created", "Running", "Restarting", "Succeeded"}, conditions
+    if "Restarting" in conditions:  # only after a gang restart; it turned False when the new gang ran
+        assert conditions["Restarting"]["status"] == "False", conditions
+        assert (_time(created["lastTransitionTime"]) <= _time(conditions["Restarting"]["lastTransitionTime"])
+                <= _time(succeeded["lastTransitionTime"])), conditions
+    moments = [created["lastTransitionTime"], status["startTime"]]
+    for stage in STAGES:
+        moments += [stages[stage]["startTime"], stages[stage]["completionTime"]]
+    moments.append(succeeded["lastTransitionTime"])
+    assert [_time(m) for m in moments] == sorted(_time(m) for m in moments), moments
+
+    # The job's events, in the order the operator sent them: exactly one lifecycle, stage after stage.
     events = json.loads(demo.run(dev_cluster, "kubectl", "get", "events", "-n", namespace, "-o", "json",
                                  "--field-selector", f"involvedObject.name={name}"))["items"]
+    events.sort(key=_event_order)
     messages = " ".join(f"{e['reason']}: {e.get('message', '')}" for e in events)
+    ours = [e for e in events if e["involvedObject"].get("kind") == "AlignmentJob" and e["reason"] in OPERATOR_REASONS]
+    labels = [_label(e["reason"], e.get("message", "")) for e in ours]
+    expected = ["Created", *[f"{what} {stage}" for stage in STAGES for what in ("StageStarted", "StageSucceeded")],
+                "Succeeded"]
+    assert [x for x in labels if not x.startswith(("Running", "GangRestarting"))] == expected, labels
+    assert ours[0]["message"] == f"accepted: stages {', '.join(STAGES)}", ours[0]
+    assert ours[-1]["message"] == f"stages {', '.join(STAGES)} succeeded", ours[-1]
+    # `Running` says the job's phase became Running: when its first gang ran, and again only after a
+    # gang restart (GangRestarting), always inside the restarted stage's window
+    restarts = {stage: stages[stage]["restarts"] for stage in STAGES}
+    if not any(restarts.values()):
+        assert labels == [*expected[:2], "Running reward", *expected[2:]], labels
     for stage in STAGES:
-        assert stage in messages, messages
-    assert any(e["reason"] in ("Succeeded", "JobSucceeded") for e in events), messages
+        window = labels[labels.index(f"StageStarted {stage}"):labels.index(f"StageSucceeded {stage}")]
+        assert labels.count(f"GangRestarting {stage}") == window.count(f"GangRestarting {stage}") == restarts[stage]
+        assert labels.count(f"Running {stage}") == window.count(f"Running {stage}"), (stage, labels)
+    transitions = [x.split()[0] for x in labels if x.startswith(("Running", "GangRestarting"))]
+    assert "Running" in transitions and ("Running", "Running") not in zip(transitions, transitions[1:], strict=False), labels
+    # each event was sent after the status write it reports (condition times are whole seconds)
+    sent = {label: _time(e.get("eventTime") or e["firstTimestamp"]) for label, e in zip(labels, ours, strict=True)}
+    assert sent["Created"] >= _time(created["lastTransitionTime"]), sent
+    assert sent["Succeeded"] >= _time(succeeded["lastTransitionTime"]), sent
+    for stage in STAGES:
+        assert sent[f"StageStarted {stage}"] >= _time(stages[stage]["startTime"]), (stage, sent)
+        assert sent[f"StageSucceeded {stage}"] >= _time(stages[stage]["completionTime"]), (stage, sent)
 
     # After the TTL the job and everything it owned are gone.
     wait_for(lambda: not json.loads(demo.run(dev_cluster, "kubectl", "get", "aj", "-n", namespace, "-o", "json"))

@@ -7,11 +7,17 @@ from the pod's env (set through the job's podTemplate.env):
   STUB_STEPS (3), STUB_STEP_SECONDS (0.2)       how long a stage "trains"
   STUB_FAIL_CODE, STUB_FAIL_RANK (0), STUB_FAIL_STAGE (any), STUB_FAIL_ATTEMPTS (all)
       exit with STUB_FAIL_CODE at step 2 on that rank, in attempts below STUB_FAIL_ATTEMPTS
-      (codes >= 128 are raised as the real signal: 137 is SIGKILL)
+      (codes >= 128 are raised as the real signal: 137 is SIGKILL). Codes below 128 end the way the
+      real trainer ends: its own `report_failure` prints `mmalign: NAN_LOSS (exit 4): loss is nan at
+      step 2` (code 4; other codes `mmalign: <KIND> (exit N): stub failure at step 2`) on stderr and
+      writes it to the termination-message file.
+
+Like the real trainer it never prints a secret: the credentials it checks are shown as a digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -19,7 +25,24 @@ import socket
 import sys
 import time
 
-from mmalign.trainer.config import load_job
+from mmalign.trainer.cli import report_failure
+from mmalign.trainer.config import ExitCode, load_job
+
+
+def digest(value: str | None) -> str | None:
+    """Enough to check a credential arrived, without writing it to the log (or a status message)."""
+    return hashlib.sha256(value.encode()).hexdigest()[:12] if value is not None else None
+
+
+def fail(code: int, step: int) -> int:
+    """End like the real trainer (trainer/cli.py): one line on stderr and in the termination log."""
+    try:
+        kind = ExitCode(code).name
+    except ValueError:
+        kind = "ERROR"
+    why = f"loss is nan at step {step}" if code == ExitCode.NAN_LOSS else f"stub failure at step {step}"
+    report_failure(code, kind, RuntimeError(why))
+    return code
 
 
 def main(argv: list[str]) -> int:
@@ -27,8 +50,10 @@ def main(argv: list[str]) -> int:
     stage = argv[argv.index("--stage") + 1]
     env = os.environ
     names = ["PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
-             "MASTER_ADDR", "MASTER_PORT", "MMALIGN_ATTEMPT", "MMALIGN_STAGE", "AWS_ACCESS_KEY_ID"]
-    print("stub-env " + json.dumps({name: env.get(name) for name in names}), flush=True)
+             "MASTER_ADDR", "MASTER_PORT", "MMALIGN_ATTEMPT", "MMALIGN_STAGE"]
+    shown = {name: env.get(name) for name in names}
+    shown["AWS_ACCESS_KEY_ID_sha256"] = digest(env.get("AWS_ACCESS_KEY_ID"))
+    print("stub-env " + json.dumps(shown), flush=True)
     job = load_job(job_file)
     assert stage in job.spec.stages.enabled(), (stage, job.spec.stages.enabled())
     deadline = time.monotonic() + 30
@@ -55,7 +80,7 @@ def main(argv: list[str]) -> int:
         if fails and step == 2:
             if fail_code >= 128:
                 os.kill(os.getpid(), fail_code - 128)
-            return fail_code
+            return fail(fail_code, step)
         if rank == 0:
             eta = (time.monotonic() - started) / step * (steps - step)
             print("mmalign-progress " + json.dumps({

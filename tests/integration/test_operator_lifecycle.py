@@ -8,6 +8,7 @@ tests/integration/operator_stub_trainer.py so a stage takes about a second.
 from __future__ import annotations
 
 import copy
+import hashlib
 import signal
 import socket
 import subprocess
@@ -27,6 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).parent / "operator_stub_trainer.py"
 GROUP, VERSION, PLURAL = "mmalign.io", "v1alpha1", "alignmentjobs"
 JOB_LABEL = "mmalign.io/job"
+# The credentials Secret of every test namespace: values that must never appear in a status or event.
+ACCESS_KEY, SECRET_KEY = "stub-key", "stub-secret-never-in-a-message"
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -135,6 +138,14 @@ class Env:
         return wait_for(f"{name} phase in {phases}",
                         lambda: (lambda s: s if s.get("phase") in phases else None)(self.status(name)), timeout)
 
+    def no_secret_in_messages(self, name: str, status: dict[str, Any] | None = None) -> None:
+        """Termination messages (the trainer's line, or a log tail) reach conditions and events:
+        never a credential."""
+        status = self.status(name) if status is None else status
+        texts = [m for _, m in self.events(name)] + [c.get("message", "") for c in status.get("conditions", [])]
+        texts += [status.get("message", "")] + [(s or {}).get("message", "") for s in status.get("stages", {}).values()]
+        assert not [t for t in texts if ACCESS_KEY in t or SECRET_KEY in t], texts
+
     def events(self, name: str) -> list[tuple[str, str]]:
         items = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={name}").items
         return [(e.reason, e.message) for e in sorted(items, key=lambda e: e.metadata.creation_timestamp)]
@@ -171,7 +182,7 @@ def env(dev_cluster: Any, crd: None, tmp_path: Path, request: pytest.FixtureRequ
     namespace = create_namespace(dev_cluster, "op-" + request.node.name[5:30])
     # The tiny example's storage.credentialsSecret; the stub only checks it arrives as env.
     dev_cluster.kubectl("-n", namespace, "create", "secret", "generic", "s3-credentials",
-                        "--from-literal=AWS_ACCESS_KEY_ID=stub-key", "--from-literal=AWS_SECRET_ACCESS_KEY=stub")
+                        f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}", f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}")
     operator = Operator(Path(dev_cluster.kubeconfig), namespace, tmp_path / "operator.log")
     operator.start()
     environment = Env(dev_cluster, namespace, operator)
@@ -202,7 +213,9 @@ def test_pipeline_runs_every_stage_with_env_dns_progress_status_and_events(env: 
         assert values["PET_NODE_RANK"] == str(rank) and values["PET_NNODES"] == "2"
         assert values["MASTER_ADDR"] == values["PET_MASTER_ADDR"] == master
         assert values["MASTER_PORT"] == "29500" and values["MMALIGN_ATTEMPT"] == "0"
-        assert values["AWS_ACCESS_KEY_ID"] == "stub-key"  # envFrom the credentials Secret
+        # envFrom the credentials Secret (the stub logs a digest: logs may become status messages)
+        assert values["AWS_ACCESS_KEY_ID_sha256"] == hashlib.sha256(ACCESS_KEY.encode()).hexdigest()[:12]
+        assert ACCESS_KEY not in log and SECRET_KEY not in log
         # node 0's DNS name resolves, from every pod, to node 0's own address
         assert f"stub-dns {master} {pods[0].status.pod_ip}" in log
     service = env.core.read_namespaced_service("tiny", env.namespace)
@@ -258,6 +271,9 @@ def test_killed_pod_restarts_the_whole_gang_with_the_next_attempt(env: Env) -> N
     assert restarting["status"] == "False" and restarting["reason"] in ("GangRunning", "GangSucceeded")
     messages = [m for r, m in env.events("kill") if r == "GangRestarting"]
     assert len(messages) == 1 and "exited with code 137" in messages[0] and "attempt 1" in messages[0]
+    # a SIGKILLed process writes no termination message: FallbackToLogsOnError gives its log's tail
+    assert "stub-dns kill-reward-0-0.kill." in messages[0], messages[0]
+    env.no_secret_in_messages("kill")
 
 
 def test_deleted_pod_restarts_the_gang(env: Env) -> None:
@@ -288,10 +304,17 @@ def test_permanent_exit_fails_at_once_then_ttl_deletes_the_job(env: Env) -> None
                            env={"STUB_FAIL_CODE": "4", "STUB_FAIL_RANK": "0"}))
     status = env.phase("nan", "Failed", "Succeeded")
     assert status["phase"] == "Failed" and status["stages"]["reward"]["restarts"] == 0
-    failed = env.condition("nan", "Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")  # the TTL is 2 s: no more GETs
     assert failed["reason"] == "NanLoss" and "exited with code 4" in failed["message"]
     assert status["stages"]["score"]["phase"] == "Pending"
+    # WHY, as the trainer said it: its one line, through the termination message, in the condition and
+    # the event (the stub ends with the real trainer's report_failure)
+    why = "mmalign: NAN_LOSS (exit 4): loss is nan at step 2"
+    assert f"pod nan-reward-0-0 exited with code 4: {why} (permanent" in failed["message"], failed
+    assert why in status["stages"]["reward"]["message"]
     assert ("Failed", f"NanLoss: {status['message']}") in env.events("nan")
+    assert [m for r, m in env.events("nan") if r == "Failed" and why in m], env.events("nan")
+    env.no_secret_in_messages("nan", status)
     from kubernetes.client.exceptions import ApiException
 
     def gone() -> bool:

@@ -124,6 +124,9 @@ def test_pod_template_fields_kueue_and_reserved_env() -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"} and mounts["dshm"] == "/dev/shm"
     assert "emptyDir" in volumes["scratch"] and mounts["scratch"] == "/var/lib/mmalign"
+    # the trainer's one-line failure reason (or, when it wrote none, the log's tail) reaches the status
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert "terminationMessagePath" not in container  # the default, /dev/termination-log
     assert env["AWS_ENDPOINT_URL"] == "http://s3:8333" and env["AWS_DEFAULT_REGION"] == "eu-1"
     assert "envFrom" not in container  # no credentialsSecret: the pod's cloud identity
     assert pod_spec["nodeSelector"] == {"pool": "gpu"} and pod_spec["schedulerName"] == "volcano"
