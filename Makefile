@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv binaries test lint crds unit integration e2e demo demo-down clean
+.PHONY: help venv binaries test lint crds unit integration e2e bench demo demo-down clean
 
 help:
 	@echo "make test       set up everything, then lint + unit + integration + e2e tests"
@@ -15,6 +15,7 @@ help:
 	@echo "make demo-down  stop the demo cluster"
 	@echo "make crds       regenerate the CRD YAML from the API models"
 	@echo "make binaries   build/reuse the cached kube-apiserver, controller-manager, etcd, helm"
+	@echo "make bench      DPO step vs TRL's DPOTrainer on CPU, small size (docs/benchmarks.md)"
 
 # torch first (its pins are read from pyproject.toml, the one place they live); deepspeed is an sdist
 # that must build against THAT torch: --no-build-isolation, DS_BUILD_OPS=0 (ops JIT-compile if needed).
@@ -49,6 +50,18 @@ e2e: binaries
 
 test: lint binaries
 	$(BIN)/pytest tests/unit tests/trainer tests/integration tests/e2e -q --timeout=900 --durations=15
+
+# The bench extra (TRL) goes into the same venv only here, never in `make test`'s install.
+BENCH_STAMP := $(VENV)/.bench-installed
+BENCH_ARGS ?= --model tiny --pairs 4 --tokens 128 --steps 5 --warmup 2 --rounds 3
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q --no-build-isolation -e ".[bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	mkdir -p bench/results
+	$(BIN)/python bench/dpo_vs_trl.py $(BENCH_ARGS) --data image --out bench/results/cpu-tiny-image.json
+	$(BIN)/python bench/dpo_vs_trl.py $(BENCH_ARGS) --data text --out bench/results/cpu-tiny-text.json
 
 demo: binaries
 	$(BIN)/python -m mmalign.devcluster.demo
