@@ -86,14 +86,14 @@ def prepare_storage(cluster: devcluster.DevCluster, namespace: str) -> None:
     run(cluster, "kubectl", "apply", "-f", "-", input=json.dumps(secret))
     say(f"Secret {namespace}/s3-credentials created (keys only in the Secret, never in the job)")
 
-    from mmalign.trainer import builtin, models, storage
+    from mmalign.trainer import builtin, models, transfer
 
     with tempfile.TemporaryDirectory() as tmp:
         data = builtin.export_dataset("synthetic-colors", Path(tmp) / "data")
-        storage.upload_folder(str(data.parent), DATA_PREFIX)
+        transfer.upload_folder(str(data.parent), DATA_PREFIX)
         model, processor = models.load_model("builtin://tiny-qwen2-vl")
         models.save_model(model, processor, Path(tmp) / "model")
-        storage.upload_folder(str(Path(tmp) / "model"), MODEL_PREFIX)
+        transfer.upload_folder(str(Path(tmp) / "model"), MODEL_PREFIX)
     say(f"uploaded the dataset to {DATA_PREFIX} and a tiny random-init Qwen2-VL to {MODEL_PREFIX}")
 
 

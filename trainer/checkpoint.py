@@ -8,7 +8,7 @@ Protocol (one stage's prefix `P = spec.checkpoint_uri(stage)`, e.g. s3://bucket/
     P/latest                                    the marker, written LAST by rank 0
 
 1. `save(step)` (all ranks): DeepSpeed writes this rank's shards to a node-local folder; then the
-   rank uploads them (parallel multipart, checksums verified, storage.upload_file) and writes its
+   rank uploads them (parallel multipart, checksums verified, transfer.upload_file) and writes its
    `_done/rank-N.json`. With `async_upload` the upload runs in a background thread, joined before the
    next save and at `finish()`; training goes on meanwhile.
 2. Rank 0 waits until every rank's `_done` object of THIS run (nonce) exists, then writes `latest`
@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import storage
+from . import storage, transfer
 from .config import ExitCode
 from .engine import Distributed
 
@@ -162,7 +162,7 @@ class Checkpointer:
             self._error = error
 
     def _upload(self, folder: Path, info: CheckpointInfo) -> None:
-        files = storage.upload_folder(folder, info.uri)
+        files = transfer.upload_folder(folder, info.uri)
         done = {
             "rank": self.dist.rank,
             "nonce": self.nonce,
@@ -238,7 +238,7 @@ class Checkpointer:
         tag = marker["tag"]
         if self.dist.is_local_rank_0:
             shutil.rmtree(folder, ignore_errors=True)
-            storage.download_prefix(
+            transfer.download_prefix(
                 marker["uri"], folder / tag, checksums={f["name"]: f["sha256"] for f in marker["files"]}
             )
         self.dist.barrier()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmalign.trainer import builtin, logprobs, storage
+from mmalign.trainer import builtin, logprobs, storage, transfer
 from mmalign.trainer.collate import Batch, end_of_turn_ids
 
 SCORE_HEAD_FILE = "score_head.safetensors"
@@ -47,7 +47,7 @@ def model_dir(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path
         fcntl.flock(lock, fcntl.LOCK_EX)  # the other local ranks wait here for the first download
         if not (target / ".complete").exists():
             scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
-            storage.download_prefix(uri if uri.endswith("/") else uri + "/", scratch)
+            transfer.download_prefix(uri if uri.endswith("/") else uri + "/", scratch)
             if not (scratch / "config.json").exists():
                 shutil.rmtree(scratch, ignore_errors=True)
                 raise FileNotFoundError(f"{uri}: no config.json below this prefix; expected a model folder")

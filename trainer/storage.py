@@ -1,23 +1,18 @@
 """Object storage for everything the trainer reads and writes: `s3://bucket/key`, `file:///abs/path`
-and plain local paths, behind one set of functions.
+and plain local paths, behind one set of functions. This module holds URIs, configuration, the one S3
+client of the process, the retry policy and small objects (read/write/exists/list/delete); moving whole
+files and folders (multipart, checksums, parallel transfers) is `transfer.py`, which builds on these.
 
     from mmalign.trainer import storage
     storage.configure(endpoint=spec.storage.endpoint, region=spec.storage.region,
                       path_style=spec.storage.path_style)        # once per process (optional)
     for line in storage.open_lines("s3://bucket/data/pairs.jsonl"): ...
     storage.write_json("s3://bucket/run/score/manifest.json", {...})
-    storage.upload_file("/tmp/shard.pt", "s3://bucket/run/ckpt/step-5/shard.pt")  # -> ObjectInfo
-    storage.download_prefix("s3://bucket/run/reward/model/", "/tmp/rm")
 
 S3 client: endpoint from `configure(endpoint=...)` or `AWS_ENDPOINT_URL`; keys from
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (or the pod's cloud identity through the SDK's chain);
 region from `configure(region=...)` or `AWS_DEFAULT_REGION`/`AWS_REGION`; path-style addressing by
 default. Credentials are never logged or put into an error message.
-
-Integrity: uploads send SHA-256 checksums (the server rejects a corrupted part) and, afterwards, the
-object's size and the checksum the server stored are compared with the local file (the composite
-"sha-of-part-shas-N" form for multipart uploads). Every upload returns the file's whole-file SHA-256,
-which callers record (the checkpoint marker does) and `download_file(..., sha256=)` verifies.
 
 Transient errors (connection refused/reset, timeouts, 5xx, throttling) are retried with exponential
 backoff for `MMALIGN_STORAGE_RETRY_SECONDS` (default 60) in total; then, and for any permanent error
@@ -28,7 +23,6 @@ which the operator treats as retryable.
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import contextlib
 import hashlib
 import io
@@ -51,7 +45,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Multipart: parts of this size, this many in flight per file. S3 allows at most 10,000 parts, so the
-# chunk grows for files over 10,000 x 64 MiB (see _chunk_size_for).
+# chunk grows for files over 10,000 x 64 MiB (see transfer._chunk_size_for). They are set here, by
+# configure(), because the S3 client's connection pool is sized from the concurrency too.
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 DEFAULT_CONCURRENCY = 8
 _MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum size for every part but the last
@@ -107,7 +102,8 @@ def configure(
     chunk_bytes: int | None = None,
     concurrency: int | None = None,
 ) -> None:
-    """Set the S3 endpoint/region/addressing (the job's `storage:` block) and transfer sizes.
+    """Set the S3 endpoint/region/addressing (the job's `storage:` block) and transfer.py's part size and
+    parallelism.
 
     `endpoint`/`region` left None fall back to AWS_ENDPOINT_URL / AWS_DEFAULT_REGION.
     """
@@ -486,165 +482,6 @@ def delete_prefix(uri: str) -> int:
 
         _with_retries(f"delete {uri}", delete_batch)
     return len(objects)
-
-
-# ------------------------------------------------------------------------------------------ files
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 * 1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _chunk_size_for(size: int) -> int:
-    chunk = _settings.chunk_bytes
-    while size > chunk * 10_000:
-        chunk *= 2
-    return chunk
-
-
-def _expected_s3_checksum(path: str, size: int, chunk: int) -> tuple[str, str]:
-    """(whole-file sha256 hex, the ChecksumSHA256 S3 stores: base64, composite "-N" when multipart)."""
-    whole = hashlib.sha256()
-    parts: list[bytes] = []
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            whole.update(block)
-            parts.append(hashlib.sha256(block).digest())
-    if size >= chunk and len(parts) > 1:
-        composite = hashlib.sha256(b"".join(parts)).digest()
-        return whole.hexdigest(), f"{base64.b64encode(composite).decode()}-{len(parts)}"
-    return whole.hexdigest(), base64.b64encode(whole.digest()).decode()
-
-
-def upload_file(path: str | os.PathLike[str], uri: str) -> ObjectInfo:
-    """Upload a local file (parallel multipart for large files) and verify size + checksum.
-
-    Returns its ObjectInfo with the whole-file sha256. A failure after retries raises StorageError.
-    """
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    location = parse(uri)
-    if location.scheme == "file":
-        sha = file_sha256(path)
-        os.makedirs(os.path.dirname(location.path) or ".", exist_ok=True)
-        tmp = location.path + f".tmp-{os.getpid()}-{threading.get_ident()}"
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, location.path)
-        return ObjectInfo(uri, os.path.basename(location.path), size, sha)
-
-    from boto3.s3.transfer import TransferConfig
-
-    chunk = _chunk_size_for(size)
-    sha, expected = _expected_s3_checksum(path, size, chunk)
-    transfer = TransferConfig(
-        multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=_settings.concurrency
-    )
-
-    def upload() -> None:
-        _s3().upload_file(
-            path, location.bucket, location.key, Config=transfer, ExtraArgs={"ChecksumAlgorithm": "SHA256"}
-        )
-
-    _with_retries(f"upload {path} -> {uri}", upload)
-    head = _with_retries(
-        f"verify {uri}",
-        lambda: _s3().head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED"),
-    )
-    if head["ContentLength"] != size:
-        raise StorageError(f"upload {uri}: stored size {head['ContentLength']} != local size {size}")
-    stored = head.get("ChecksumSHA256")
-    if stored is not None and stored != expected:
-        raise StorageError(f"upload {uri}: stored SHA-256 {stored} != local {expected}")
-    return ObjectInfo(uri, os.path.basename(location.key), size, sha)
-
-
-def upload_folder(folder: str | os.PathLike[str], uri: str) -> list[ObjectInfo]:
-    """Upload every file below `folder` to `uri/<relative path>`, files in parallel."""
-    root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    if not files:
-        return []
-    workers = min(len(files), max(1, _settings.concurrency // 2)) if is_remote(uri) else 1
-    infos = _parallel(workers, [(upload_file, (p, join(uri, p.relative_to(root).as_posix()))) for p in files])
-    return [
-        ObjectInfo(info.uri, p.relative_to(root).as_posix(), info.size, info.sha256)
-        for p, info in zip(files, infos, strict=True)
-    ]
-
-
-def download_file(uri: str, path: str | os.PathLike[str], sha256: str | None = None) -> Path:
-    """Download one object to a local path (atomically); verify its sha256 when given."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    location = parse(uri)
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}-{threading.get_ident()}")
-    try:
-        if location.scheme == "file":
-            if not os.path.exists(location.path):
-                raise FileNotFoundError(uri)
-            shutil.copyfile(location.path, tmp)
-        else:
-            from boto3.s3.transfer import TransferConfig
-
-            transfer = TransferConfig(
-                multipart_threshold=_settings.chunk_bytes,
-                multipart_chunksize=_settings.chunk_bytes,
-                max_concurrency=_settings.concurrency,
-            )
-
-            def download() -> None:
-                try:
-                    _s3().download_file(location.bucket, location.key, str(tmp), Config=transfer)
-                except Exception as error:
-                    if _not_found(error):
-                        raise FileNotFoundError(uri) from error
-                    raise
-
-            try:
-                _with_retries(f"download {uri}", download)
-            except StorageError as error:
-                if isinstance(error.__cause__, FileNotFoundError):
-                    raise error.__cause__ from None
-                raise
-        if sha256 is not None:
-            actual = file_sha256(tmp)
-            if actual != sha256:
-                raise StorageError(f"download {uri}: sha256 {actual} != expected {sha256}")
-        os.replace(tmp, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return target
-
-
-def download_prefix(
-    uri: str, folder: str | os.PathLike[str], checksums: dict[str, str] | None = None
-) -> list[Path]:
-    """Download every object below `uri` into `folder` (same relative layout), files in parallel.
-
-    `checksums` maps relative name -> sha256 to verify. Returns the local paths.
-    """
-    objects = list_prefix(uri if uri.endswith("/") or not is_remote(uri) else uri + "/")
-    root = Path(folder)
-    checksums = checksums or {}
-    workers = min(len(objects), _settings.concurrency) if objects else 1
-    return _parallel(max(1, workers), [(download_file, (info.uri, root / info.relative,
-                                                        checksums.get(info.relative))) for info in objects])
-
-
-def _parallel(workers: int, calls: list[tuple[Callable[..., T], tuple[Any, ...]]]) -> list[T]:
-    """Run calls on a thread pool, results in order; the first failure cancels the calls not started
-    (a dead server then fails the transfer once, not once per remaining file)."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
-    try:
-        futures = [pool.submit(fn, *args) for fn, args in calls]
-        return [f.result() for f in futures]
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------ helpers

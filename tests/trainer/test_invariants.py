@@ -114,7 +114,7 @@ def test_sigkill_a_rank_then_resume_from_s3_is_exact(tmp_path: Path) -> None:
         before_kill = jobs.losses(first_output, "dpo")
         assert max(before_kill) < STEPS, "the kill came too late to interrupt the run"
 
-        from mmalign.trainer import storage
+        from mmalign.trainer import storage, transfer
 
         for key, value in s3.env().items():
             os.environ[key] = value
@@ -129,7 +129,7 @@ def test_sigkill_a_rank_then_resume_from_s3_is_exact(tmp_path: Path) -> None:
         assert sorted(after) == list(range(marker["step"] + 1, STEPS + 1))
 
         folder = tmp_path / "resumed-model"
-        storage.download_prefix(s3.uri("killed/dpo/model/"), folder)
+        transfer.download_prefix(s3.uri("killed/dpo/model/"), folder)
         resumed_weights = jobs.safetensors_state(folder)
 
     for step, loss in {**before_kill, **after}.items():

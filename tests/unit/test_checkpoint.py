@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import checkpoint, storage  # noqa: E402
+from mmalign.trainer import checkpoint, storage, transfer  # noqa: E402
 from mmalign.trainer.engine import Distributed  # noqa: E402
 from tests.s3_server import S3Server, require_weed  # noqa: E402
 
@@ -102,7 +102,7 @@ def test_failed_upload_keeps_previous_latest(tmp_path: Path, monkeypatch: pytest
         saver.wait()
         assert storage.read_json(uri + "latest")["step"] == 2
 
-        real_upload = storage.upload_file
+        real_upload = transfer.upload_file
         uploaded: list[str] = []
 
         def stop_server_after_first_file(path: Any, target: str) -> Any:
@@ -112,12 +112,12 @@ def test_failed_upload_keeps_previous_latest(tmp_path: Path, monkeypatch: pytest
                 server.stop()
             return info
 
-        monkeypatch.setattr(storage, "upload_file", stop_server_after_first_file)
+        monkeypatch.setattr(transfer, "upload_file", stop_server_after_first_file)
         engine.value = 2
         saver.save(engine, 4, {"data_position": 12})  # async: the error surfaces at the next join
         with pytest.raises(storage.StorageError):
             saver.wait()
-        monkeypatch.setattr(storage, "upload_file", real_upload)
+        monkeypatch.setattr(transfer, "upload_file", real_upload)
         assert len(uploaded) == 1
 
         server.start()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import builtin, collate, data, logprobs, media, models, storage  # noqa: E402
+from mmalign.trainer import builtin, collate, data, logprobs, media, models, storage, transfer  # noqa: E402
 from mmalign.trainer.config import DataSource  # noqa: E402
 from tests.s3_server import S3Server, require_weed  # noqa: E402
 
@@ -38,7 +38,7 @@ def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_pairs_and_images_stream_from_s3(bucket: str, tmp_path: Path) -> None:
     folder = tmp_path / "colors"
     builtin.export_dataset("synthetic-colors", folder)
-    storage.upload_folder(folder, f"{bucket}/colors/")
+    transfer.upload_folder(folder, f"{bucket}/colors/")
     pairs, stats = data.read_pairs(f"{bucket}/colors/pairs.jsonl")
     local, _ = data.read_pairs(str(folder / "pairs.jsonl"))
     assert [p.fields for p in pairs] == [p.fields for p in local] and stats.skipped == 0
@@ -56,7 +56,7 @@ def test_pairs_and_images_stream_from_s3(bucket: str, tmp_path: Path) -> None:
 def test_video_frames_from_an_s3_prefix(bucket: str, tmp_path: Path) -> None:
     for i in range(10):
         Image.new("RGB", (4, 4), (i * 10, 0, 0)).save(tmp_path / f"{i:02d}.jpg", quality=100)
-        storage.upload_file(tmp_path / f"{i:02d}.jpg", f"{bucket}/videos/clip/{i:02d}.jpg")
+        transfer.upload_file(tmp_path / f"{i:02d}.jpg", f"{bucket}/videos/clip/{i:02d}.jpg")
     row = data.pairs_from_row({"id": "v_1", "video": "clip", "prompt": "p", "chosen": "c", "rejected": "r"}, "x:1")[0]
     row.media_base = f"{bucket}/videos/"
     frames = media.MediaLoader(video_frames=2).load(row)
@@ -66,7 +66,7 @@ def test_video_frames_from_an_s3_prefix(bucket: str, tmp_path: Path) -> None:
 def test_model_from_an_s3_prefix_downloads_once(bucket: str, tmp_path: Path) -> None:
     model, processor = models.load_model("builtin://tiny-qwen2-vl")
     models.save_model(model, processor, tmp_path / "policy")
-    storage.upload_folder(tmp_path / "policy", f"{bucket}/models/tiny/")
+    transfer.upload_folder(tmp_path / "policy", f"{bucket}/models/tiny/")
     cache = tmp_path / "cache"
     again, processor2 = models.load_model(f"{bucket}/models/tiny/", cache_dir=cache)
     assert len(list(cache.iterdir())) == 2  # the model folder and its lock file

@@ -202,7 +202,7 @@ def test_s3_models_download_once_per_node(tmp_path: Path, monkeypatch: pytest.Mo
         shutil.copytree(tmp_path / "source", folder, dirs_exist_ok=True)
         return []
 
-    monkeypatch.setattr(models.storage, "download_prefix", fake_download)
+    monkeypatch.setattr(models.transfer, "download_prefix", fake_download)
     first = models.model_dir("s3://bucket/models/tiny", cache_dir=tmp_path / "cache")
     second = models.model_dir("s3://bucket/models/tiny", cache_dir=tmp_path / "cache")
     assert first == second and (first / "config.json").exists()

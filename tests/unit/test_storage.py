@@ -1,4 +1,5 @@
-"""trainer/storage.py against local paths, file:// URIs and a real S3 server (SeaweedFS weed mini)."""
+"""trainer/storage.py and trainer/transfer.py against local paths, file:// URIs and a real S3 server
+(SeaweedFS weed mini)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import storage  # noqa: E402
+from mmalign.trainer import storage, transfer  # noqa: E402
 from tests.s3_server import S3Server, require_weed  # noqa: E402
 
 
@@ -58,21 +59,21 @@ def _roundtrip(prefix: str, workdir: Path) -> None:
 
     big = workdir / "big.bin"
     big.write_bytes(os.urandom(11 * 1024 * 1024 + 123))  # 3 parts of 5 MiB when remote
-    info = storage.upload_file(big, storage.join(prefix, "b/big.bin"))
-    assert info.size == big.stat().st_size and info.sha256 == storage.file_sha256(big)
+    info = transfer.upload_file(big, storage.join(prefix, "b/big.bin"))
+    assert info.size == big.stat().st_size and info.sha256 == transfer.file_sha256(big)
     (workdir / "tree/sub").mkdir(parents=True)
     (workdir / "tree/x.txt").write_text("x")
     (workdir / "tree/sub/y.txt").write_text("yy")
-    storage.upload_folder(workdir / "tree", storage.join(prefix, "b/tree/"))
+    transfer.upload_folder(workdir / "tree", storage.join(prefix, "b/tree/"))
     listed = storage.list_prefix(storage.join(prefix, "b/"))
     assert [o.relative for o in listed] == ["big.bin", "tree/sub/y.txt", "tree/x.txt"]
 
     out = workdir / "down"
-    paths = storage.download_prefix(storage.join(prefix, "b/"), out, checksums={"big.bin": info.sha256})
+    paths = transfer.download_prefix(storage.join(prefix, "b/"), out, checksums={"big.bin": info.sha256})
     assert len(paths) == 3 and (out / "big.bin").read_bytes() == big.read_bytes()
     assert (out / "tree/sub/y.txt").read_text() == "yy"
     with pytest.raises(storage.StorageError, match="sha256"):
-        storage.download_file(storage.join(prefix, "b/tree/x.txt"), workdir / "z", sha256="0" * 64)
+        transfer.download_file(storage.join(prefix, "b/tree/x.txt"), workdir / "z", sha256="0" * 64)
     assert not (workdir / "z").exists()
 
     assert storage.put_if_absent(storage.join(prefix, "lock"), b"first")
@@ -97,7 +98,7 @@ def test_s3(s3: S3Server, tmp_path: Path) -> None:
     _roundtrip(s3.uri("roundtrip/"), tmp_path)
     # the multipart upload really was multipart and its composite checksum was verified
     client = s3.client()
-    storage.upload_file(_file(tmp_path / "f.bin", 6 * 1024 * 1024), s3.uri("mp/f.bin"))
+    transfer.upload_file(_file(tmp_path / "f.bin", 6 * 1024 * 1024), s3.uri("mp/f.bin"))
     head = client.head_object(Bucket=s3.bucket, Key="mp/f.bin", ChecksumMode="ENABLED")
     assert head["ChecksumSHA256"].endswith("-2")
 

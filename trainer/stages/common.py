@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mmalign.trainer import data, storage
+from mmalign.trainer import data, storage, transfer
 from mmalign.trainer.config import AlignmentJobManifest, AlignmentJobSpec, ExitCode
 from mmalign.trainer.engine import Distributed
 
@@ -202,7 +202,7 @@ def train_step(engine: Any, dist: Distributed, step: int, micro_batches: list[li
 
 def upload_model_folder(local: Path, uri: str) -> None:
     """Upload a saved model folder and mark it complete with `_complete.json` written last."""
-    infos = storage.upload_folder(local, uri)
+    infos = transfer.upload_folder(local, uri)
     storage.write_json(storage.join(uri, "_complete.json"),
                        {"files": [{"name": i.relative, "size": i.size, "sha256": i.sha256} for i in infos]})
 

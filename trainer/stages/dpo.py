@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmalign.trainer import collate, data, logprobs, losses, media, models, storage
+from mmalign.trainer import collate, data, logprobs, losses, media, models, storage, transfer
 from mmalign.trainer.checkpoint import Checkpointer
 from mmalign.trainer.config import DataSource
 from mmalign.trainer.engine import Engine, frozen, register_external_parameters
@@ -142,7 +142,7 @@ def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader:
                                                 dist.device)
                 for pair, c, r in zip(part, chosen.tolist(), rejected.tolist(), strict=True):
                     out.write(json.dumps({"uid": pair.uid, "chosen": c, "rejected": r}) + "\n")
-        storage.upload_file(out.name, shard)
+        transfer.upload_file(out.name, shard)
         os.unlink(out.name)
         del reference, model
         _free_memory()

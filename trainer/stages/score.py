@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mmalign.trainer import collate, data, media, metrics, models, storage
+from mmalign.trainer import collate, data, media, metrics, models, storage, transfer
 from mmalign.trainer.progress import Progress
 from mmalign.trainer.stages.common import Context, chunks, rank_slice, say, write_metrics
 
@@ -124,7 +124,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     rows_metrics.append((pair.query_id, pair.category, chosen[i], rejected[i]))
                 done += len(batch_pairs)
                 progress.update(min(len(pairs), done * dist.world_size))
-        storage.upload_file(out.name, shard_uri)  # the shard appears whole or not at all
+        transfer.upload_file(out.name, shard_uri)  # the shard appears whole or not at all
         os.unlink(out.name)
         del model
 
