@@ -273,6 +273,11 @@ class ScoreStage(Model):
     max_new_tokens: int = Field(default=1024, ge=1, description="Critique length limit.")
     batch_size: int = Field(default=16, ge=1, description="Responses per generation batch per process.")
     temperature: float = Field(default=0.0, ge=0, description="0 = greedy decoding (the default).")
+    shard_pairs: int = Field(
+        default=256, ge=1,
+        description="Pairs per output shard: the unit a restarted stage resumes from (finished shards are "
+        "kept, whatever the world size). Smaller loses less work on a failure; larger makes fewer files.",
+    )
 
 
 # Cross-field rule messages: one text for the CEL rule (API server) and the Python check (validator).

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
 from mmalign.trainer import storage, transfer  # noqa: E402
@@ -24,7 +25,7 @@ def test_pipeline_on_file_storage(tmp_path: Path) -> None:
         stages={
             "reward": {"critique": True, "learningRate": 1e-3, "maxSteps": 4, "microBatchSize": 2,
                        "evalEverySteps": 2},
-            "score": {"maxNewTokens": 8, "batchSize": 8},
+            "score": {"maxNewTokens": 8, "batchSize": 8, "shardPairs": 16},
             "dpo": {"beta": 0.1, "dynamicRewardScaling": {"w": 0.5, "k": 0.5}, "sftWeight": 0.25,
                     "learningRate": 1e-3, "maxSteps": 4, "microBatchSize": 2},
         },
@@ -45,10 +46,11 @@ def test_pipeline_on_file_storage(tmp_path: Path) -> None:
     reward_metrics = json.loads((store / "reward" / "metrics.json").read_text())
     assert reward_metrics["eval_pairs"] == 12 and 0 <= reward_metrics["eval_acc"] <= 1
 
-    # score: one shard per rank in input order, manifest last, the scored-pairs format
+    # score: 48 pairs in shards of 16 (whatever the world size) in input order, manifest last,
+    # the scored-pairs format
     scored = store / "score" / "scored"
     manifest = json.loads((scored / "manifest.json").read_text())
-    assert manifest["shards"] == ["shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
+    assert manifest["shards"] == [f"shard-0000{i}-of-00003.jsonl" for i in range(3)]
     rows = [json.loads(line) for name in manifest["shards"] for line in (scored / name).read_text().splitlines()]
     original = [json.loads(line) for line in data_file.read_text().splitlines()]
     assert [r["id"] for r in rows] == [r["id"] for r in original]
@@ -70,16 +72,24 @@ def test_pipeline_on_file_storage(tmp_path: Path) -> None:
         assert all(r["total"] == total for r in reports)
     assert jobs.progress(output, "dpo")[-1]["checkpoint"].endswith("dpo/checkpoints/step-00000004/")
 
-    # a restart of `score` with rank 1's shard and the manifest gone redoes only rank 1's shard
-    first = scored / "shard-00000-of-00002.jsonl"
-    before = first.stat().st_mtime_ns
+    # a restart of `score` on ONE process, with a shard and the manifest gone, keeps the other shards
+    # (written by 2 ranks) and redoes only the missing one, identically
+    kept = {name: (scored / name).stat().st_mtime_ns for name in manifest["shards"] if name != "shard-00001-of-00003.jsonl"}
+    lost = (scored / "shard-00001-of-00003.jsonl").read_text()
     (scored / "manifest.json").unlink()
-    (scored / "shard-00001-of-00002.jsonl").unlink()
-    result = jobs.mmalign("run", str(job), "--local", "--storage", store.as_uri() + "/", "--stages", "score",
-                          env=env, timeout=200)
-    jobs.check(result)
-    assert first.stat().st_mtime_ns == before
-    assert (scored / "shard-00001-of-00002.jsonl").exists() and (scored / "manifest.json").exists()
+    (scored / "shard-00001-of-00003.jsonl").unlink()
+    one_process = jobs.write_job(tmp_path / "job-1.yaml", data_uri=str(data_file), storage_uri="s3://unused/",
+                                 procs=1, stages=yaml.safe_load(job.read_text())["spec"]["stages"])
+    result = jobs.mmalign("run", str(one_process), "--local", "--storage", store.as_uri() + "/", "--stages",
+                          "score", env=env, timeout=200)
+    assert "2 of 3 shards already written by an earlier attempt" in jobs.check(result)
+    assert {name: (scored / name).stat().st_mtime_ns for name in kept} == kept
+    redone = [json.loads(line) for line in (scored / "shard-00001-of-00003.jsonl").read_text().splitlines()]
+    for row, before in zip(redone, [json.loads(line) for line in lost.splitlines()], strict=True):
+        assert row["id"] == before["id"] and row["chosen_critique"] == before["chosen_critique"]
+        assert row["chosen_reward"] == pytest.approx(before["chosen_reward"], abs=1e-5)
+    rerun_manifest = json.loads((scored / "manifest.json").read_text())
+    assert rerun_manifest["resumed_shards"] == 2 and rerun_manifest["world_size"] == 1
 
 
 def test_scalar_reward_and_dpo_with_reference_model_on_s3(tmp_path: Path) -> None:
