@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,23 @@ def test_s3_errors_are_storage_errors(s3: S3Server, monkeypatch: pytest.MonkeyPa
     assert time.monotonic() - started < 30
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(error.value)
     storage.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
+
+
+def test_a_write_waits_out_an_s3_outage(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server goes away and comes back (a restarted S3 gateway): the write retries and lands."""
+    monkeypatch.setenv("MMALIGN_STORAGE_RETRY_SECONDS", "120")
+    storage.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
+    s3.stop()
+    back = threading.Timer(2.0, s3.start)
+    back.start()
+    try:
+        started = time.monotonic()
+        storage.write_bytes(s3.uri("outage/payload"), b"after the outage")
+        waited = time.monotonic() - started
+    finally:
+        back.join()
+    assert waited >= 2.0  # it really was down, and the write was retried until it came back
+    assert storage.read_bytes(s3.uri("outage/payload")) == b"after the outage"
 
 
 def _file(path: Path, size: int) -> Path:
