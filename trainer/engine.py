@@ -214,15 +214,23 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """On the Hugging Face model inside `model` (stages wrap it): recompute each decoder layer's
     activations in backward. Non-reentrant, as ZeRO-3 and the chunked log-probs need."""
+    kwargs = {"use_reentrant": False}
     for module in model.modules():
-        enable = getattr(module, "gradient_checkpointing_enable", None)
+        # transformers 5.x renamed it activation_checkpointing_enable; the old name warns (FutureWarning)
+        # and goes away in v6, where looking only for it would silently train without checkpointing.
+        enable = getattr(module, "activation_checkpointing_enable", None)
         if callable(enable):
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            config = getattr(module, "config", None)
-            if config is not None:
-                config.use_cache = False
-            return
-    log.warning("gradient checkpointing asked for, but the model has no gradient_checkpointing_enable")
+            enable(activation_checkpointing_kwargs=kwargs)
+        elif callable(enable := getattr(module, "gradient_checkpointing_enable", None)):
+            enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            continue
+        config = getattr(module, "config", None)
+        if config is not None:
+            config.use_cache = False
+        return
+    log.warning("gradient checkpointing asked for, but the model has no activation_checkpointing_enable "
+                "(or gradient_checkpointing_enable)")
 
 
 class Engine:

@@ -45,8 +45,12 @@ def small_colors(folder: Path, queries: int = 16, seed: int = 0) -> Path:
 
 
 def write_job(path: Path, *, data_uri: str, storage_uri: str, stages: dict[str, Any], procs: int = 2,
-              nodes: int = 1, zero_stage: int = 2, checkpoint: dict[str, Any] | None = None,
-              eval_fraction: float = 0.25, seed: int = 0, name: str = "t") -> Path:
+              nodes: int = 1, zero_stage: int = 2, gradient_checkpointing: bool = False,
+              checkpoint: dict[str, Any] | None = None, eval_fraction: float = 0.25, seed: int = 0,
+              name: str = "t") -> Path:
+    deepspeed: dict[str, Any] = {"zeroStage": zero_stage}
+    if gradient_checkpointing:
+        deepspeed["gradientCheckpointing"] = True
     document = {
         "apiVersion": "mmalign.io/v1alpha1",
         "kind": "AlignmentJob",
@@ -56,7 +60,7 @@ def write_job(path: Path, *, data_uri: str, storage_uri: str, stages: dict[str, 
             "data": {"uri": data_uri, "evalFraction": eval_fraction, "maxLength": 256},
             "storage": {"uri": storage_uri},
             "resources": {"nodes": nodes, "procPerNode": procs},
-            "deepspeed": {"zeroStage": zero_stage},
+            "deepspeed": deepspeed,
             "stages": stages,
             "checkpoint": checkpoint or {"everySteps": 1000, "keepLast": 2},
             "seed": seed,
