@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--peering", metavar="NAME",
                         help="kopf peering object: replicas sharing it elect one active operator "
                         "(created if missing). Without it the operator runs standalone.")
+    parser.add_argument("--peering-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for a missing peering object before creating it (the chart "
+                        "sets 60: Helm creates its peering object after the Deployment)")
     parser.add_argument("--priority", type=int, default=None,
                         help="peering priority (higher wins). Default: by start time, the oldest replica "
                         "wins (kopf pauses ALL operators of equal priority, so replicas must differ)")
@@ -118,7 +121,7 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
         operator_settings.peering.name = args.peering
         operator_settings.peering.priority = args.priority
         operator_settings.peering.mandatory = True
-        await _ensure_peering(api_client, args.peering, [] if clusterwide else args.namespace)
+        await _ensure_peering(api_client, args.peering, [] if clusterwide else args.namespace, args.peering_wait)
     if args.metrics_port:
         from prometheus_client import start_http_server
 
@@ -151,8 +154,13 @@ def _quiet_wakeups(record: logging.LogRecord) -> bool:
     return not (record.levelno <= logging.INFO and "'pod_changed'" in record.getMessage())
 
 
-async def _ensure_peering(api_client: object, name: str, namespaces: list[str]) -> None:
-    """kopf only patches an existing peering object; a missing one would silently disable peering."""
+async def _ensure_peering(api_client: object, name: str, namespaces: list[str], wait_seconds: float) -> None:
+    """kopf only patches an existing peering object; a missing one would silently disable peering.
+
+    The chart creates the object, but Helm applies custom kinds after the Deployment, so a fast-starting
+    operator can get here first; creating it then makes `helm install` fail with "already exists".
+    So the chart passes --peering-wait: wait that long for it to appear, and only then create it.
+    """
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -160,7 +168,27 @@ async def _ensure_peering(api_client: object, name: str, namespaces: list[str]) 
     targets: list[tuple[str | None, str, str]] = [
         (ns, "KopfPeering", "kopfpeerings") for ns in namespaces
     ] if namespaces else [(None, "ClusterKopfPeering", "clusterkopfpeerings")]
+
+    def exists(namespace: str | None, plural: str) -> bool:
+        try:
+            if namespace is None:
+                custom.get_cluster_custom_object("kopf.dev", "v1", plural, name)
+            else:
+                custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, plural, name)
+            return True
+        except ApiException as error:
+            if error.status == 404:  # no such object (or no such CRD: the create below tells which)
+                return False
+            raise
+
+    deadline = time.monotonic() + wait_seconds
     for namespace, kind, plural in targets:
+        while not await asyncio.to_thread(exists, namespace, plural):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            continue  # there (the chart's): nothing to create
         body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
         try:
             if namespace is None:
