@@ -170,14 +170,17 @@ async def _ensure_peering(api_client: object, name: str, namespaces: list[str], 
     ] if namespaces else [(None, "ClusterKopfPeering", "clusterkopfpeerings")]
 
     def exists(namespace: str | None, plural: str) -> bool:
+        # list, not get: kopf needs list/watch/patch on peerings anyway, so RBAC grants no `get`
+        selector = f"metadata.name={name}"
         try:
             if namespace is None:
-                custom.get_cluster_custom_object("kopf.dev", "v1", plural, name)
+                found = custom.list_cluster_custom_object("kopf.dev", "v1", plural, field_selector=selector)
             else:
-                custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, plural, name)
-            return True
+                found = custom.list_namespaced_custom_object("kopf.dev", "v1", namespace, plural,
+                                                             field_selector=selector)
+            return bool(dict(found).get("items"))  # type: ignore[call-overload]
         except ApiException as error:
-            if error.status == 404:  # no such object (or no such CRD: the create below tells which)
+            if error.status == 404:  # no such CRD: the create below says so clearly
                 return False
             raise
 
