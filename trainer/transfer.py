@@ -1,10 +1,10 @@
 """Moving whole files and folders to and from storage: `upload_file`/`upload_folder` and
 `download_file`/`download_prefix`, used for checkpoints, models, datasets and the stages' output
 shards. Large files go up as multipart parts in parallel, folders move several files at once, and a
-local target appears only when complete (temp file + rename). This is apart from `storage` (URIs, the
-S3 client, retries, small objects) because part sizes, thread pools and checksum forms matter only to
-code that moves files; it reuses storage's client, retry loop and the sizes set by
-`storage.configure(chunk_bytes=, concurrency=)`, so both modules talk to one endpoint under one policy.
+local target appears only when complete (temp file + rename). This is apart from `storage` (URIs,
+small objects) because part sizes, thread pools and checksum forms matter only to code that moves
+files; like storage it uses s3client's client, retry loop and the sizes set by
+`s3client.configure(chunk_bytes=, concurrency=)`, so both modules talk to one endpoint under one policy.
 
     from mmalign.trainer import transfer
     transfer.upload_file("/tmp/shard.pt", "s3://bucket/run/ckpt/step-5/shard.pt")  # -> ObjectInfo
@@ -30,9 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-# storage's private _s3, _with_retries, _not_found and _settings are used here on purpose: one client
-# cache, one retry policy and one place that configures sizes for both modules.
-from . import storage
+from . import s3client, storage
 
 T = TypeVar("T")
 
@@ -46,7 +44,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def _chunk_size_for(size: int) -> int:
-    chunk = storage._settings.chunk_bytes
+    chunk = s3client.settings().chunk_bytes
     while size > chunk * 10_000:
         chunk *= 2
     return chunk
@@ -87,18 +85,20 @@ def upload_file(path: str | os.PathLike[str], uri: str) -> storage.ObjectInfo:
     chunk = _chunk_size_for(size)
     sha, expected = _expected_s3_checksum(path, size, chunk)
     transfer = TransferConfig(
-        multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=storage._settings.concurrency
+        multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=s3client.settings().concurrency
     )
 
     def upload() -> None:
-        storage._s3().upload_file(
+        s3client.client().upload_file(
             path, location.bucket, location.key, Config=transfer, ExtraArgs={"ChecksumAlgorithm": "SHA256"}
         )
 
-    storage._with_retries(f"upload {path} -> {uri}", upload)
-    head = storage._with_retries(
+    s3client.with_retries(f"upload {path} -> {uri}", upload)
+    head = s3client.with_retries(
         f"verify {uri}",
-        lambda: storage._s3().head_object(Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED"),
+        lambda: s3client.client().head_object(
+            Bucket=location.bucket, Key=location.key, ChecksumMode="ENABLED"
+        ),
     )
     if head["ContentLength"] != size:
         raise storage.StorageError(f"upload {uri}: stored size {head['ContentLength']} != local size {size}")
@@ -114,7 +114,8 @@ def upload_folder(folder: str | os.PathLike[str], uri: str) -> list[storage.Obje
     files = sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
         return []
-    workers = min(len(files), max(1, storage._settings.concurrency // 2)) if storage.is_remote(uri) else 1
+    concurrency = s3client.settings().concurrency
+    workers = min(len(files), max(1, concurrency // 2)) if storage.is_remote(uri) else 1
     infos = _parallel(workers, [(upload_file, (p, storage.join(uri, p.relative_to(root).as_posix()))) for p in files])
     return [
         storage.ObjectInfo(info.uri, p.relative_to(root).as_posix(), info.size, info.sha256)
@@ -136,22 +137,23 @@ def download_file(uri: str, path: str | os.PathLike[str], sha256: str | None = N
         else:
             from boto3.s3.transfer import TransferConfig
 
+            sizes = s3client.settings()
             transfer = TransferConfig(
-                multipart_threshold=storage._settings.chunk_bytes,
-                multipart_chunksize=storage._settings.chunk_bytes,
-                max_concurrency=storage._settings.concurrency,
+                multipart_threshold=sizes.chunk_bytes,
+                multipart_chunksize=sizes.chunk_bytes,
+                max_concurrency=sizes.concurrency,
             )
 
             def download() -> None:
                 try:
-                    storage._s3().download_file(location.bucket, location.key, str(tmp), Config=transfer)
+                    s3client.client().download_file(location.bucket, location.key, str(tmp), Config=transfer)
                 except Exception as error:
-                    if storage._not_found(error):
+                    if s3client.is_not_found(error):
                         raise FileNotFoundError(uri) from error
                     raise
 
             try:
-                storage._with_retries(f"download {uri}", download)
+                s3client.with_retries(f"download {uri}", download)
             except storage.StorageError as error:
                 if isinstance(error.__cause__, FileNotFoundError):
                     raise error.__cause__ from None
@@ -177,7 +179,7 @@ def download_prefix(
     objects = storage.list_prefix(uri if uri.endswith("/") or not storage.is_remote(uri) else uri + "/")
     root = Path(folder)
     checksums = checksums or {}
-    workers = min(len(objects), storage._settings.concurrency) if objects else 1
+    workers = min(len(objects), s3client.settings().concurrency) if objects else 1
     return _parallel(max(1, workers), [(download_file, (info.uri, root / info.relative,
                                                         checksums.get(info.relative))) for info in objects])
 

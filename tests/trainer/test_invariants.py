@@ -114,11 +114,11 @@ def test_sigkill_a_rank_then_resume_from_s3_is_exact(tmp_path: Path) -> None:
         before_kill = jobs.losses(first_output, "dpo")
         assert max(before_kill) < STEPS, "the kill came too late to interrupt the run"
 
-        from mmalign.trainer import storage, transfer
+        from mmalign.trainer import s3client, storage, transfer
 
         for key, value in s3.env().items():
             os.environ[key] = value
-        storage.configure()
+        s3client.configure()
         marker = storage.read_json(s3.uri("killed/dpo/checkpoints/latest"))
         assert marker["step"] in (2, 4, 6) and marker["world_size"] == 2
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import storage, transfer  # noqa: E402
+from mmalign.trainer import s3client, storage, transfer  # noqa: E402
 from tests.s3_server import S3Server, require_weed  # noqa: E402
 from tests.trainer import jobs  # noqa: E402
 
@@ -103,7 +103,7 @@ def test_scalar_reward_and_dpo_with_reference_model_on_s3(tmp_path: Path) -> Non
             import os
 
             os.environ[key] = value
-        storage.configure()
+        s3client.configure()
         transfer.upload_folder(data_file.parent, s3.uri("data/"))
         job = jobs.write_job(
             tmp_path / "job.yaml", data_uri=s3.uri("data/pairs.jsonl"), storage_uri=s3.uri("run/"), procs=2,

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import checkpoint, storage, transfer  # noqa: E402
+from mmalign.trainer import checkpoint, s3client, storage, transfer  # noqa: E402
 from mmalign.trainer.engine import Distributed  # noqa: E402
 from tests.s3_server import S3Server, require_weed  # noqa: E402
 
@@ -94,7 +94,7 @@ def test_failed_upload_keeps_previous_latest(tmp_path: Path, monkeypatch: pytest
         for key, value in server.env().items():
             monkeypatch.setenv(key, value)
         monkeypatch.setenv("MMALIGN_STORAGE_RETRY_SECONDS", "2")
-        storage.configure(chunk_bytes=5 * 1024 * 1024, concurrency=2)
+        s3client.configure(chunk_bytes=5 * 1024 * 1024, concurrency=2)
         uri = server.uri("job/reward/checkpoints/")
         saver = _checkpointer(uri, tmp_path, async_upload=True)
         engine = FakeEngine(value=1, shard_bytes=6 * 1024 * 1024)  # multipart: 2 parts
@@ -128,5 +128,5 @@ def test_failed_upload_keeps_previous_latest(tmp_path: Path, monkeypatch: pytest
         assert state == {"step": 2, "data_position": 6} and resumed.value == 1
     finally:
         server.stop()
-        storage.configure()
+        s3client.configure()
         os.environ.pop("MMALIGN_STORAGE_RETRY_SECONDS", None)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import builtin, collate, data, logprobs, media, models, storage, transfer  # noqa: E402
+from mmalign.trainer import builtin, collate, data, logprobs, media, models, s3client, transfer  # noqa: E402
 from mmalign.trainer.config import DataSource  # noqa: E402
 from tests.s3_server import S3Server, require_weed  # noqa: E402
 
@@ -24,14 +24,14 @@ def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
-    storage.configure()
+    s3client.configure()
     yield f"s3://{server.bucket}"
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    storage.configure()
+    s3client.configure()
     server.stop()
 
 

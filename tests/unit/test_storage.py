@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import storage, transfer  # noqa: E402
+from mmalign.trainer import s3client, storage, transfer  # noqa: E402
 from tests.s3_server import S3Server, require_weed  # noqa: E402
 
 
@@ -23,9 +23,9 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
     server.start()
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
-    storage.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
+    s3client.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
     yield server
-    storage.configure()
+    s3client.configure()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -109,19 +109,19 @@ def test_s3_errors_are_storage_errors(s3: S3Server, monkeypatch: pytest.MonkeyPa
         storage.list_prefix("s3://no-such-bucket-here/x/")
     # unreachable endpoint: retried with backoff for MMALIGN_STORAGE_RETRY_SECONDS, then StorageError
     monkeypatch.setenv("MMALIGN_STORAGE_RETRY_SECONDS", "2")
-    storage.configure(endpoint="http://127.0.0.1:9", chunk_bytes=5 * 1024 * 1024)
+    s3client.configure(endpoint="http://127.0.0.1:9", chunk_bytes=5 * 1024 * 1024)
     started = time.monotonic()
     with pytest.raises(storage.StorageError, match="Could not connect") as error:
         storage.write_bytes(s3.uri("x"), b"1")
     assert time.monotonic() - started < 30
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(error.value)
-    storage.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
+    s3client.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
 
 
 def test_a_write_waits_out_an_s3_outage(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server goes away and comes back (a restarted S3 gateway): the write retries and lands."""
     monkeypatch.setenv("MMALIGN_STORAGE_RETRY_SECONDS", "120")
-    storage.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
+    s3client.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
     s3.stop()
     back = threading.Timer(2.0, s3.start)
     back.start()
@@ -143,10 +143,10 @@ def _file(path: Path, size: int) -> Path:
 def test_client_follows_a_changed_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     """A process that used one S3 server and then another (the demo after a test, a test after a test)
     must talk to the new one: the cached client is rebuilt when AWS_ENDPOINT_URL changes."""
-    storage.configure()
+    s3client.configure()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    first = storage._s3()
+    first = s3client.client()
     assert first.meta.endpoint_url == "http://127.0.0.1:9"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
-    assert storage._s3().meta.endpoint_url == "http://127.0.0.1:10"
-    assert storage._s3() is storage._s3()  # unchanged settings: the same client
+    assert s3client.client().meta.endpoint_url == "http://127.0.0.1:10"
+    assert s3client.client() is s3client.client()  # unchanged settings: the same client
