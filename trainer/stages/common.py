@@ -11,6 +11,7 @@ give the same updates up to float rounding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -25,8 +26,10 @@ from typing import Any
 import torch
 
 from mmalign.trainer import data, storage, transfer
+from mmalign.trainer.checkpoint import Checkpointer
 from mmalign.trainer.config import AlignmentJobManifest, AlignmentJobSpec, ExitCode
 from mmalign.trainer.engine import Distributed
+from mmalign.trainer.progress import Progress
 
 log = logging.getLogger("mmalign.trainer")
 
@@ -174,7 +177,12 @@ def mean_over_ranks(dist: Distributed, values: dict[str, float], counts: dict[st
     return {k: sums[i] / dist.world_size for i, k in enumerate(keys)}
 
 
-# ------------------------------------------------------------------------------ outputs
+# ------------------------------------------------------------------------------ the training loop
+# reward and dpo share it: resume from the last committed checkpoint, step to the end with progress and
+# checkpoints, export the trained module's weights.
+
+LossOf = Callable[[int, int, list[int]], tuple[torch.Tensor, dict[str, float]]]
+"""(step, micro-batch index, pair indices) -> (loss, metrics)."""
 
 
 def train_step(engine: Any, dist: Distributed, step: int, micro_batches: list[list[int]],
@@ -198,6 +206,63 @@ def train_step(engine: Any, dist: Distributed, step: int, micro_batches: list[li
     averaged["learning_rate"] = engine.learning_rate
     averaged.update(device_metrics(dist))
     return loss_value, averaged
+
+
+def finished_before(ctx: Context, out_uri: str) -> bool:
+    """An earlier attempt exported this stage's model: a restarted gang has nothing to do."""
+    if not is_complete_model(out_uri):
+        return False
+    if ctx.dist.is_rank_0:
+        say(f"{ctx.stage}: {out_uri} is complete; nothing to do")
+    return True
+
+
+def resume(ctx: Context, engine: Any, train: list[Any], total: int) -> tuple[Checkpointer, dict[str, Any], Progress]:
+    """The stage's checkpointer; the client state of its last committed checkpoint, restored into
+    `engine` ({"step": 0} when there is none); progress reporting from that step. A checkpoint written
+    for other training pairs is refused: its data order would not continue where it stopped."""
+    checkpointer = Checkpointer.for_stage(ctx.spec, ctx.job_name, ctx.stage, ctx.dist)
+    state = checkpointer.restore(engine) or {"step": 0}
+    if state.get("data") not in (None, data.fingerprint(train)):
+        raise StageConfigError(f"{ctx.stage}: the training pairs changed since the checkpoint was written; "
+                               f"delete {ctx.spec.checkpoint_uri(ctx.stage)} to start over")
+    interval = float(os.environ.get("MMALIGN_PROGRESS_INTERVAL", "10"))
+    progress = Progress(ctx.stage, total, ctx.dist.is_rank_0, start_step=int(state["step"]), interval=interval)
+    return checkpointer, state, progress
+
+
+def train_loop(ctx: Context, engine: Any, order: DataOrder, total: int, step: int, loss_of: LossOf,
+               checkpointer: Checkpointer, progress: Progress, client_state: dict[str, Any],
+               after_step: Callable[[int], None] | None = None) -> None:
+    """Optimizer steps `step`+1 .. `total`: each reports progress, saves a checkpoint (with
+    `client_state`) when due and at the end, then runs `after_step(step)` (e.g. an eval); finally
+    waits for the last checkpoint's upload."""
+    dist = ctx.dist
+    while step < total:
+        loss_value, averaged = train_step(engine, dist, step, list(order.micro_batches(step, dist.rank)),
+                                          functools.partial(loss_of, step))
+        step += 1
+        progress.update(step, loss_value, order.epoch_of(step - 1), averaged)
+        if checkpointer.due(step) or step == total:
+            checkpointer.save(engine, step, client_state)
+        if checkpointer.last_committed is not None:
+            progress.checkpoint_uri = checkpointer.last_committed.uri
+        if after_step is not None:
+            after_step(step)
+    checkpointer.finish()
+    if checkpointer.last_committed is not None:
+        progress.checkpoint(step, checkpointer.last_committed.uri)
+
+
+def export_state(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The trained model's full weights on rank 0 (names without the wrapper's `model.` prefix); None
+    elsewhere. A collective under ZeRO-3 (it gathers the shards): every rank must call it."""
+    prefix = "model."
+    state = engine.state_dict_for_export()
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or None
+
+
+# ------------------------------------------------------------------------------ outputs
 
 
 def upload_model_folder(local: Path, uri: str) -> None:

@@ -33,20 +33,19 @@ import torch
 from torch import nn
 
 from mmalign.trainer import collate, data, logprobs, losses, media, models, storage, transfer
-from mmalign.trainer.checkpoint import Checkpointer
 from mmalign.trainer.config import DataSource
 from mmalign.trainer.engine import Engine, frozen, register_external_parameters
-from mmalign.trainer.progress import Progress
 from mmalign.trainer.stages.common import (
     Context,
-    StageConfigError,
-    is_complete_model,
+    export_state,
+    finished_before,
     plan_training,
     rank_slice,
     remove_tree,
+    resume,
     say,
     seed_everything,
-    train_step,
+    train_loop,
     upload_model_folder,
     write_metrics,
 )
@@ -251,9 +250,7 @@ def run(ctx: Context) -> dict[str, Any]:
     spec, dist, config = ctx.spec, ctx.dist, ctx.spec.stages.dpo
     assert config is not None
     out_uri = spec.artifact_uri("dpo")
-    if is_complete_model(out_uri):
-        if dist.is_rank_0:
-            say(f"dpo: {out_uri} is complete; nothing to do")
+    if finished_before(ctx, out_uri):
         return {}
 
     # ---- build
@@ -275,38 +272,21 @@ def run(ctx: Context) -> dict[str, Any]:
     wrapper = SequenceLogps(policy)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
-    checkpointer = Checkpointer.for_stage(spec, ctx.job_name, "dpo", dist)
-    state = checkpointer.restore(engine) or {"step": 0}
-    if state.get("data") not in (None, data.fingerprint(train)):
-        raise StageConfigError("dpo: the training pairs changed since the checkpoint was written; "
-                               f"delete {spec.checkpoint_uri('dpo')} to start over")
-    step = int(state["step"])
-    interval = float(os.environ.get("MMALIGN_PROGRESS_INTERVAL", "10"))
-    progress = Progress("dpo", total, dist.is_rank_0, start_step=step, interval=interval)
+    checkpointer, state, progress = resume(ctx, engine, train, total)
     initial = state.get("initial_eval")
     if initial is None:
         initial = evaluate(ctx, engine, processor, held_out, loader, table, reference, config.micro_batch_size)
     engine.train()
 
     # ---- train
-    def loss_of(micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_of(step: int, micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         # beta-dpo's subset draw: the same on every rank, different per step and micro-batch
         generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step * 1009 + micro)
         return micro_batch_loss(ctx, engine, processor, [train[i] for i in indices], loader, table, reference,
                                 generator)
 
-    while step < total:
-        loss_value, averaged = train_step(engine, dist, step, list(order.micro_batches(step, dist.rank)),
-                                          loss_of)
-        step += 1
-        progress.update(step, loss_value, order.epoch_of(step - 1), averaged)
-        if checkpointer.due(step) or step == total:
-            checkpointer.save(engine, step, {"data": data.fingerprint(train), "initial_eval": initial})
-        if checkpointer.last_committed is not None:
-            progress.checkpoint_uri = checkpointer.last_committed.uri
-    checkpointer.finish()
-    if checkpointer.last_committed is not None:
-        progress.checkpoint(step, checkpointer.last_committed.uri)
+    train_loop(ctx, engine, order, total, int(state["step"]), loss_of, checkpointer, progress,
+               {"data": data.fingerprint(train), "initial_eval": initial})
 
     # ---- final eval and export
     final: dict[str, Any] = {"steps": total, "train_pairs": len(train), "eval_pairs": len(held_out),
@@ -315,14 +295,11 @@ def run(ctx: Context) -> dict[str, Any]:
     final.update(evaluate(ctx, engine, processor, held_out, loader, table, reference, config.micro_batch_size))
     final.update({f"{k}_initial": v for k, v in (initial or {}).items()})
     final["final_loss"] = progress.loss
-    state_dict = engine.state_dict_for_export()  # collective under ZeRO-3
+    policy_state = export_state(engine)
     if dist.is_rank_0:
         folder = ctx.scratch("export")
         remove_tree(folder)
-        prefix = "model."
-        policy_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} or None
-        models.save_model(engine.module.model, processor, folder,
-                          state_dict=policy_state)
+        models.save_model(engine.module.model, processor, folder, state_dict=policy_state)
         upload_model_folder(folder, out_uri)
         remove_tree(folder)
         write_metrics(ctx, final)

@@ -17,7 +17,6 @@ folder + `score_head.safetensors` + `mmalign_reward.json`, marked complete by `_
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -25,20 +24,19 @@ import torch
 from torch import nn
 
 from mmalign.trainer import collate, data, losses, media, metrics, models, storage
-from mmalign.trainer.checkpoint import Checkpointer
 from mmalign.trainer.engine import Engine, register_external_parameters
-from mmalign.trainer.progress import Progress
 from mmalign.trainer.stages.common import (
     Context,
-    StageConfigError,
     chunks,
-    is_complete_model,
+    export_state,
+    finished_before,
     plan_training,
     rank_slice,
     remove_tree,
+    resume,
     say,
     seed_everything,
-    train_step,
+    train_loop,
     upload_model_folder,
     write_metrics,
 )
@@ -102,9 +100,7 @@ def run(ctx: Context) -> dict[str, Any]:
     spec, dist, config = ctx.spec, ctx.dist, ctx.spec.stages.reward
     assert config is not None
     out_uri = spec.artifact_uri("reward")
-    if is_complete_model(out_uri):
-        if dist.is_rank_0:
-            say(f"reward: {out_uri} is complete; nothing to do")
+    if finished_before(ctx, out_uri):
         return {}
 
     # ---- build
@@ -115,42 +111,27 @@ def run(ctx: Context) -> dict[str, Any]:
     wrapper = RewardForward(model)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
-    checkpointer = Checkpointer.for_stage(spec, ctx.job_name, "reward", dist)
-    state = checkpointer.restore(engine) or {"step": 0}
-    if state.get("data") not in (None, data.fingerprint(train)):
-        raise StageConfigError("reward: the training data changed since the checkpoint was written; "
-                               f"delete {spec.checkpoint_uri('reward')} to start over")
-    step = int(state["step"])
+    checkpointer, state, progress = resume(ctx, engine, train, total)
     loader = media.MediaLoader.from_spec(spec.data)
-    interval = float(os.environ.get("MMALIGN_PROGRESS_INTERVAL", "10"))
-    progress = Progress("reward", total, dist.is_rank_0, start_step=step, interval=interval)
     eval_every = config.eval_every_steps
     can_eval = bool(held_out) and spec.deepspeed.zero_stage < 3  # see docs/trainer.md (ZeRO-3 eval)
     started = time.monotonic()
     engine.train()
 
     # ---- train
-    def loss_of(micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_of(step: int, micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         examples = [collate.Example.from_pair(train[i], loader.load(train[i])) for i in indices]
         return micro_batch_loss(engine, processor, examples, config, spec.data.max_length, dist.device)
 
-    while step < total:
-        loss_value, averaged = train_step(engine, dist, step, list(order.micro_batches(step, dist.rank)),
-                                          loss_of)
-        step += 1
-        progress.update(step, loss_value, order.epoch_of(step - 1), averaged)
-        if checkpointer.due(step) or step == total:
-            checkpointer.save(engine, step, {"data": data.fingerprint(train)})
-        if checkpointer.last_committed is not None:
-            progress.checkpoint_uri = checkpointer.last_committed.uri
+    def after_step(step: int) -> None:
         if can_eval and eval_every and step % eval_every == 0 and step < total:
             table = evaluate(ctx, model, processor, held_out, loader, config.critique,
                              config.micro_batch_size * 2)
             progress.evaluated(step, {"eval_acc": table["overall"]["acc"],
                                       "eval_acc_plus": table["overall"]["acc_plus"]})
-    checkpointer.finish()
-    if checkpointer.last_committed is not None:
-        progress.checkpoint(step, checkpointer.last_committed.uri)
+
+    train_loop(ctx, engine, order, total, int(state["step"]), loss_of, checkpointer, progress,
+               {"data": data.fingerprint(train)}, after_step)
 
     # ---- final eval and export
     final: dict[str, Any] = {"steps": total, "train_pairs": len(train), "eval_pairs": len(held_out),
@@ -162,12 +143,10 @@ def run(ctx: Context) -> dict[str, Any]:
         final["eval_acc"] = final["reward_bench"]["overall"]["acc"]
         final["eval_acc_plus"] = final["reward_bench"]["overall"]["acc_plus"]
     final["final_loss"] = progress.loss
-    state_dict = engine.state_dict_for_export()  # collective under ZeRO-3
+    reward_state = export_state(engine)
     if dist.is_rank_0:
         folder = ctx.scratch("export")
         remove_tree(folder)
-        prefix = "model."
-        reward_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)} or None
         model.save(folder, processor, state_dict=reward_state)
         storage.write_json(str(folder / REWARD_INFO), {"critique": config.critique,
                                                          "base_model": spec.model.uri})

@@ -115,7 +115,8 @@ def run(ctx: Context) -> dict[str, Any]:
 
     # ---- score this rank's shards (those an earlier attempt finished are read back for the metrics)
     rows_metrics: list[tuple[str, str, float, float]] = []
-    model = processor = loader = None
+    loader = media.MediaLoader.from_spec(spec.data)
+    model = processor = None  # loaded for the first shard this rank has to score
     done = 0
     for index in mine:
         shard_uri = storage.join(out_uri, names[index])
@@ -131,8 +132,6 @@ def run(ctx: Context) -> dict[str, Any]:
                 if spec.deepspeed.bf16 and dist.device.type == "cuda":
                     model = model.to(torch.bfloat16)
                 model.to(dist.device).eval()
-                loader = media.MediaLoader.from_spec(spec.data)
-            assert loader is not None
             torch.manual_seed(spec.seed + index)  # sampled critiques depend on the shard, not on the rank
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
                 for batch_pairs in chunks(shard, config.batch_size):
