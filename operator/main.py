@@ -174,11 +174,11 @@ async def _ensure_peering(api_client: object, name: str, namespaces: list[str], 
         selector = f"metadata.name={name}"
         try:
             if namespace is None:
-                found = custom.list_cluster_custom_object("kopf.dev", "v1", plural, field_selector=selector)
+                listed = custom.list_cluster_custom_object("kopf.dev", "v1", plural, field_selector=selector)
             else:
-                found = custom.list_namespaced_custom_object("kopf.dev", "v1", namespace, plural,
+                listed = custom.list_namespaced_custom_object("kopf.dev", "v1", namespace, plural,
                                                              field_selector=selector)
-            return bool(dict(found).get("items"))  # type: ignore[call-overload]
+            return isinstance(listed, dict) and bool(listed.get("items"))
         except ApiException as error:
             if error.status == 404:  # no such CRD: the create below says so clearly
                 return False
@@ -186,11 +186,9 @@ async def _ensure_peering(api_client: object, name: str, namespaces: list[str], 
 
     deadline = time.monotonic() + wait_seconds
     for namespace, kind, plural in targets:
-        while not await asyncio.to_thread(exists, namespace, plural):
-            if time.monotonic() >= deadline:
-                break
+        while not (found := await asyncio.to_thread(exists, namespace, plural)) and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-        else:
+        if found:
             continue  # there (the chart's): nothing to create
         body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
         try:
