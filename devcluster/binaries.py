@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmalign.api import keys
+
 KUBERNETES_VERSION = "v1.37.2"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
@@ -36,8 +38,8 @@ GO_PARALLEL = "2"
 
 
 def cache_dir() -> Path:
-    if os.environ.get("MMALIGN_CACHE"):
-        return Path(os.environ["MMALIGN_CACHE"])
+    if os.environ.get(keys.ENV_CACHE):
+        return Path(os.environ[keys.ENV_CACHE])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "mmalign"
 

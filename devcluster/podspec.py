@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+from mmalign.api import keys
 from mmalign.devcluster.scheduling import parse_quantity
 
 
@@ -277,7 +278,7 @@ def gpu_count(container_or_requests: dict[str, Decimal]) -> int:
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the API server's default
 # Where a process finds the file that stands for its terminationMessagePath (see the module docstring);
 # mmalign's trainer reads it, with /dev/termination-log as the default in a real container.
-TERMINATION_LOG_ENV = "MMALIGN_TERMINATION_LOG"
+TERMINATION_LOG_ENV = keys.ENV_TERMINATION_LOG
 # The kubelet's limits (pkg/kubelet/container/runtime.go): the file is read up to its last 4 KiB; the
 # log fallback is the last 80 lines, of which the last 2 KiB are kept.
 MAX_TERMINATION_MESSAGE_BYTES = 4 * 1024

@@ -20,33 +20,19 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from mmalign.operator.api import API_VERSION_FULL
-from mmalign.trainer.config import KIND, AlignmentJobSpec, StageName
+from mmalign.api import jobfile, keys
+from mmalign.api.groupversion import API_VERSION_FULL, KIND
+from mmalign.api.layout import StageName
+from mmalign.api.spec import AlignmentJobSpec
 
 FIELD_MANAGER = "mmalign-operator"
 MAX_NAME = 63  # DNS-1123 label: pod hostnames, Service names and label values are all limited to 63
 MASTER_PORT = 29500
 JOB_FILE_DIR = "/etc/mmalign"
-JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
+JOB_FILE_KEY = "job.yaml"
+JOB_FILE = f"{JOB_FILE_DIR}/{JOB_FILE_KEY}"
 SCRATCH_DIR = "/var/lib/mmalign"  # emptyDir: downloads and checkpoint shards of this pod
 CONTAINER = "trainer"
-
-LABEL_JOB = "mmalign.io/job"
-LABEL_STAGE = "mmalign.io/stage"
-LABEL_ATTEMPT = "mmalign.io/attempt"
-LABEL_NODE_RANK = "mmalign.io/node-rank"
-KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
-KUEUE_POD_GROUP = "kueue.x-k8s.io/pod-group-name"
-KUEUE_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
-
-# Environment the operator owns: the user's podTemplate.env cannot override these (a wrong
-# PET_NODE_RANK would hang the rendezvous).
-RESERVED_ENV = (
-    "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
-    "MASTER_ADDR", "MASTER_PORT", "MMALIGN_JOB", "MMALIGN_STAGE", "MMALIGN_ATTEMPT",
-)
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
 
@@ -157,7 +143,7 @@ def _metadata(job: JobRef, name: str, labels: dict[str, str] | None = None) -> d
     return {
         "name": name,
         "namespace": job.namespace,
-        "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER, LABEL_JOB: job.label, **(labels or {})},
+        "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER, keys.LABEL_JOB: job.label, **(labels or {})},
         "ownerReferences": [owner_reference(job)],
     }
 
@@ -171,31 +157,21 @@ def build_service(job: JobRef) -> dict[str, Any]:
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {LABEL_JOB: job.label},
+            "selector": {keys.LABEL_JOB: job.label},
             "ports": [{"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"}],
         },
     }
 
 
-def job_document(job: JobRef) -> dict[str, Any]:
-    """The whole AlignmentJob as the trainer reads it with `load_job` (no status, no server fields).
-
-    Defaults are left out: `load_job` fills them in from the same models.
-    """
-    return {
-        "apiVersion": API_VERSION_FULL,
-        "kind": KIND,
-        "metadata": {"name": job.name, "namespace": job.namespace},
-        "spec": job.spec.model_dump(by_alias=True, exclude_defaults=True, mode="json"),
-    }
-
-
 def build_config_map(job: JobRef) -> dict[str, Any]:
+    """The job document the trainer reads (mmalign.api.jobfile): the fully defaulted spec the operator
+    validated, and the operator's version."""
+    document = jobfile.job_document(job.name, job.namespace, job.spec)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job.name)),
-        "data": {"job.yaml": yaml.safe_dump(job_document(job), sort_keys=False)},
+        "data": {JOB_FILE_KEY: jobfile.dump(document)},
     }
 
 
@@ -208,36 +184,29 @@ def _env(job: JobRef, stage: StageName, attempt: int, node: int) -> list[dict[st
     spec = job.spec
     master = master_address(job, stage, attempt)
     ours: dict[str, str] = {
-        "PET_NNODES": str(spec.resources.nodes),
-        "PET_NPROC_PER_NODE": str(spec.resources.proc_per_node),
-        "PET_NODE_RANK": str(node),
-        "PET_MASTER_ADDR": master,
-        "PET_MASTER_PORT": str(MASTER_PORT),
-        "MASTER_ADDR": master,
-        "MASTER_PORT": str(MASTER_PORT),
-        "MMALIGN_JOB": job.name,
-        "MMALIGN_STAGE": stage,
-        "MMALIGN_ATTEMPT": str(attempt),
-        # Informational: the trainer derives these from the job file itself.
-        "MMALIGN_CHECKPOINT_URI": spec.checkpoint_uri(stage),
-        "MMALIGN_ARTIFACT_URI": spec.artifact_uri(stage),
+        keys.ENV_NNODES: str(spec.resources.nodes),
+        keys.ENV_NPROC_PER_NODE: str(spec.resources.proc_per_node),
+        keys.ENV_NODE_RANK: str(node),
+        keys.ENV_MASTER_ADDR: master,
+        keys.ENV_MASTER_PORT: str(MASTER_PORT),
+        keys.ENV_TORCH_MASTER_ADDR: master,
+        keys.ENV_TORCH_MASTER_PORT: str(MASTER_PORT),
+        keys.ENV_JOB: job.name,
+        keys.ENV_STAGE: stage,
+        keys.ENV_ATTEMPT: str(attempt),
         "PYTHONUNBUFFERED": "1",  # progress lines reach the log (and the operator) at once
         # Downloads (model, data) and checkpoint shards go to the pod's scratch emptyDir, not to the
         # image's writable layer; a user's own env entries may point them elsewhere.
-        "MMALIGN_CACHE": f"{SCRATCH_DIR}/cache",
-        "MMALIGN_LOCAL_DIR": f"{SCRATCH_DIR}/local",
+        keys.ENV_CACHE: f"{SCRATCH_DIR}/cache",
+        keys.ENV_LOCAL_DIR: f"{SCRATCH_DIR}/local",
     }
-    if stage == "score":
-        ours["MMALIGN_REWARD_MODEL_URI"] = spec.reward_model_uri()
-    if stage == "dpo":
-        ours["MMALIGN_DPO_DATA_URI"] = spec.dpo_data_uri()
     if spec.storage.endpoint:
         ours["AWS_ENDPOINT_URL"] = spec.storage.endpoint
     if spec.storage.region:
         ours["AWS_DEFAULT_REGION"] = spec.storage.region
     merged = dict(ours)
     for variable in spec.pod_template.env:
-        if variable.name not in RESERVED_ENV:
+        if variable.name not in keys.RESERVED_ENV:
             merged[variable.name] = variable.value
     return [{"name": name, "value": value} for name, value in merged.items()]
 
@@ -247,7 +216,7 @@ def _quantities(values: dict[str, int | str]) -> dict[str, str]:
 
 
 def stage_labels(job: JobRef, stage: str, attempt: int) -> dict[str, str]:
-    return {LABEL_JOB: job.label, LABEL_STAGE: stage, LABEL_ATTEMPT: str(attempt)}
+    return {keys.LABEL_JOB: job.label, keys.LABEL_STAGE: stage, keys.LABEL_ATTEMPT: str(attempt)}
 
 
 def build_pod(
@@ -257,14 +226,14 @@ def build_pod(
     template = spec.pod_template
     name = pod_name(job.name, stage, attempt, node)
     group = object_name(job.name, stage, attempt)
-    labels = {**template.labels, **stage_labels(job, stage, attempt), LABEL_NODE_RANK: str(node)}
+    labels = {**template.labels, **stage_labels(job, stage, attempt), keys.LABEL_NODE_RANK: str(node)}
     annotations = dict(template.annotations)
-    queue = job.labels.get(KUEUE_QUEUE)
+    queue = job.labels.get(keys.KUEUE_QUEUE)
     if queue:
         # Kueue's pod-group integration admits the gang as one workload (all pods or none).
-        labels[KUEUE_QUEUE] = queue
-        labels[KUEUE_POD_GROUP] = group
-        annotations[KUEUE_POD_GROUP_COUNT] = str(spec.resources.nodes)
+        labels[keys.KUEUE_QUEUE] = queue
+        labels[keys.KUEUE_POD_GROUP] = group
+        annotations[keys.KUEUE_POD_GROUP_COUNT] = str(spec.resources.nodes)
     metadata = _metadata(job, name, labels)
     if annotations:
         metadata["annotations"] = annotations

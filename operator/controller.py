@@ -20,8 +20,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mmalign.operator import metrics, progress
-from mmalign.operator.api import AlignmentJobStatus, StageStatus
+from mmalign.api import progress
+from mmalign.api.spec import STAGE_ORDER, AlignmentJobSpec
+from mmalign.api.status import AlignmentJobStatus, StageStatus
+from mmalign.operator import metrics
 from mmalign.operator.builders import (
     BuildOptions,
     JobRef,
@@ -36,7 +38,6 @@ from mmalign.operator.builders import (
 from mmalign.operator.kube import Kube, error_summary
 from mmalign.operator.policy import PodView, observe_pod, spec_change
 from mmalign.operator.status import Event, Observation, Plan, reconcile, rfc3339, set_condition
-from mmalign.trainer.config import STAGE_ORDER, AlignmentJobSpec
 
 ACTIVE_PHASES = ("Pending", "Running", "Restarting")
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import yaml
 
-from mmalign.operator.api import CRD_NAME, PLURAL, SHORT_NAMES, SINGULAR, AlignmentJobStatus
-from mmalign.trainer.config import API_GROUP, API_VERSION, KIND, AlignmentJobSpec
+from mmalign.api.groupversion import API_GROUP, API_VERSION, CRD_NAME, KIND, PLURAL, SHORT_NAMES, SINGULAR
+from mmalign.api.spec import AlignmentJobSpec
+from mmalign.api.status import AlignmentJobStatus
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUTS = [REPO / "manifests/crds/alignmentjobs.yaml", REPO / "charts/mmalign/files/crds/alignmentjobs.yaml"]

@@ -15,14 +15,14 @@ from typing import Any
 
 import kopf
 
+from mmalign.api.groupversion import API_GROUP, API_VERSION, PLURAL
+from mmalign.api.keys import LABEL_JOB
 from mmalign.operator import metrics
-from mmalign.operator.api import PLURAL
-from mmalign.operator.builders import LABEL_JOB, config_map_name, object_name, service_name
+from mmalign.operator.builders import config_map_name, object_name, service_name
 from mmalign.operator.controller import JobController, LoopSettings
 from mmalign.operator.kube import Kube
 from mmalign.operator.policy import PodView, observe_pod
 from mmalign.operator.status import Event
-from mmalign.trainer.config import API_GROUP, API_VERSION
 
 REGISTRY = kopf.OperatorRegistry()
 OUR_PODS = {LABEL_JOB: kopf.PRESENT}

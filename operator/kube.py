@@ -15,10 +15,9 @@ from typing import Any, TypeVar
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from mmalign.api.groupversion import API_GROUP, API_VERSION, PLURAL
 from mmalign.operator import metrics
-from mmalign.operator.api import PLURAL
 from mmalign.operator.builders import FIELD_MANAGER
-from mmalign.trainer.config import API_GROUP, API_VERSION
 
 APPLY = "application/apply-patch+yaml"
 PARALLEL_CALLS = 32  # concurrent API calls per batch (a 256-node gang is 8 rounds, not 256)

@@ -76,11 +76,11 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
               ready_flag: asyncio.Event | None = None) -> None:
     import kopf
 
+    from mmalign.api.spec import PodTemplate
     from mmalign.operator import handlers
     from mmalign.operator.builders import BuildOptions
     from mmalign.operator.controller import LoopSettings
     from mmalign.operator.kube import Kube, load_api_client
-    from mmalign.trainer.config import PodTemplate
 
     kopf.configure(verbose=args.verbose, log_format={
         "json": kopf.LogFormat.JSON, "plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,

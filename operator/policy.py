@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from mmalign.trainer.config import ExitCode, RunPolicy
+from mmalign.api.exit_codes import ExitCode
+from mmalign.api.spec import RunPolicy
 
 # A permanent-looking exit is often a consequence: when one node is killed, torchrun on the others sees
 # the collective break and exits 1 a moment later (or its pod status arrives first). A permanent
@@ -66,7 +67,7 @@ def _time(value: Any) -> datetime | None:
 
 def observe_pod(pod: Mapping[str, Any]) -> PodView:
     """A pod dict (as the API server or kopf gives it) -> PodView. Labels name the stage and attempt."""
-    from mmalign.operator.builders import LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
+    from mmalign.api.keys import LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
 
     metadata = pod.get("metadata") or {}
     labels = metadata.get("labels") or {}

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from mmalign.operator.api import AlignmentJobStatus, Condition, StageProgress, StageStatus
+from mmalign.api import layout
+from mmalign.api.layout import StageName
+from mmalign.api.progress import ProgressReport
+from mmalign.api.spec import STAGE_ORDER, AlignmentJobSpec
+from mmalign.api.status import AlignmentJobStatus, Condition, StageProgress, StageStatus
 from mmalign.operator.builders import pod_name
 from mmalign.operator.policy import PodView, deadline_exceeded, gang_state, ttl_expires_at
-from mmalign.operator.progress import ProgressReport
-from mmalign.trainer.config import STAGE_ORDER, AlignmentJobSpec, StageName
 
 # How soon to look again while something is about to change (pods terminating, a gang starting).
 SOON = 1.0
@@ -295,7 +297,7 @@ class _Reconciler:
         entry.attempt += 1
         entry.pods_created = False
         entry.phase = "Restarting"
-        resume = spec.checkpoint_uri(name) + "latest"
+        resume = layout.marker_uri(spec.storage.uri, name)
         if not entry.last_checkpoint:
             entry.last_checkpoint = resume
         entry.message = (f"{why}; restarting all {spec.resources.nodes} pods as attempt {entry.attempt} "

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from mmalign.trainer.config import AlignmentJobManifest
+from mmalign.api.spec import AlignmentJobManifest
 
 # metadata.name becomes the prefix of pod and Service names: DNS-1123 label rules.
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

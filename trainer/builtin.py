@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from mmalign.api import keys
+
 MODELS = {  # name -> (architecture, size preset in tiny.SIZES)
     "tiny-qwen2-vl": ("qwen2-vl", "tiny"),
     "tiny-qwen2.5-vl": ("qwen2.5-vl", "tiny"),
@@ -162,7 +164,7 @@ def export_dataset(name: str, folder: str | os.PathLike[str], seed: int = 0) -> 
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MMALIGN_CACHE", Path.home() / ".cache" / "mmalign"))
+    return Path(os.environ.get(keys.ENV_CACHE) or Path.home() / ".cache" / "mmalign")
 
 
 def dataset_file(uri: str) -> str:

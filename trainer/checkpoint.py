@@ -42,8 +42,9 @@ from typing import Any, Protocol
 
 import torch
 
+from mmalign.api.exit_codes import ExitCode
+
 from . import storage, transfer
-from .config import ExitCode
 from .engine import Distributed
 
 log = logging.getLogger(__name__)

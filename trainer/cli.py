@@ -5,7 +5,7 @@ Runs under torchrun (every rank runs this); `mmalign launch` (pods) and `mmalign
     torchrun --standalone --nproc-per-node 2 --no-python \
         mmalign train --job manifests/examples/tiny-cpu.yaml --stage reward --storage file://./runs/
 
-Exit codes (config.ExitCode; the operator's failure policy reads them): 0 done, 2 the job spec cannot
+Exit codes (mmalign.api.exit_codes.ExitCode; the operator's failure policy reads them): 0 done, 2 the job spec cannot
 run as written, 3 bad data, 4 NaN/inf loss, 5 storage unreachable after retries (retryable), 1 any other
 crash. A failure prints ONE line `mmalign: <KIND> (exit N): <reason>` on stderr (the operator shows
 it) and, in a pod, writes it to /dev/termination-log (Kubernetes' termination message; the dev
@@ -22,17 +22,18 @@ import sys
 import traceback
 from typing import Any
 
-from mmalign.trainer.config import STAGE_ORDER, ExitCode
+from mmalign.api import keys
+from mmalign.api.exit_codes import ExitCode
+from mmalign.api.spec import STAGE_ORDER
 
 STAGE_MODULES = {name: f"mmalign.trainer.stages.{name}" for name in STAGE_ORDER}
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
-# A process cannot have /dev/termination-log of its own: the dev cluster's process node gives each
-# container start a file and its path in this variable (devcluster/podspec.py, docs/devcluster.md).
-TERMINATION_LOG_ENV = "MMALIGN_TERMINATION_LOG"
 
 
 def termination_log_path() -> str:
-    return os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG
+    # A process cannot have /dev/termination-log of its own: the dev cluster's process node gives each
+    # container start a file and names it in keys.ENV_TERMINATION_LOG (devcluster/podspec.py).
+    return os.environ.get(keys.ENV_TERMINATION_LOG) or TERMINATION_LOG
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -55,7 +56,7 @@ def storage_override(uri: str) -> str:
 
 
 def load_manifest(path: str, storage_uri: str | None) -> Any:
-    from mmalign.trainer.config import load_job
+    from mmalign.api.jobfile import load_job
 
     manifest = load_job(path)
     if storage_uri:

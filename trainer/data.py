@@ -40,8 +40,9 @@ import random
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from mmalign.api.exit_codes import ExitCode
+from mmalign.api.spec import DataSource
 from mmalign.trainer import storage
-from mmalign.trainer.config import DataSource, ExitCode
 
 UNCATEGORIZED = "uncategorized"
 _TEXT_KEYS = ("text", "response", "answer")

@@ -18,7 +18,7 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any
 
-from mmalign.trainer.config import ExitCode
+from mmalign.api.exit_codes import ExitCode
 
 _LIST_LIMIT = 100  # rows listed per problem kind; the counts are always complete
 
@@ -38,8 +38,8 @@ def _media_exists(pair: Any) -> tuple[bool, str]:
 
 
 def summarize(uri: str, media_uri: str | None = None, fmt: str = "auto", check_media: bool = True) -> dict[str, Any]:
+    from mmalign.api.spec import DataSource
     from mmalign.trainer import data
-    from mmalign.trainer.config import DataSource
 
     stats = data.ReadStats()
     stats_limit: list[dict[str, Any]] = []

@@ -28,7 +28,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from mmalign.trainer.config import ExitCode
+from mmalign.api import keys
+from mmalign.api.exit_codes import ExitCode
 
 
 def _log(message: str) -> None:
@@ -39,11 +40,11 @@ def torchrun_env() -> dict[str, str | int]:
     """nnodes, nproc_per_node, node_rank, master_addr, master_port from PET_* (else MASTER_*/defaults)."""
     env = os.environ
     return {
-        "nnodes": int(env.get("PET_NNODES", "1")),
-        "nproc_per_node": int(env.get("PET_NPROC_PER_NODE", "1")),
-        "node_rank": int(env.get("PET_NODE_RANK", env.get("NODE_RANK", "0"))),
-        "master_addr": env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR") or "127.0.0.1",
-        "master_port": int(env.get("PET_MASTER_PORT") or env.get("MASTER_PORT") or "29500"),
+        "nnodes": int(env.get(keys.ENV_NNODES, "1")),
+        "nproc_per_node": int(env.get(keys.ENV_NPROC_PER_NODE, "1")),
+        "node_rank": int(env.get(keys.ENV_NODE_RANK, env.get("NODE_RANK", "0"))),
+        "master_addr": env.get(keys.ENV_MASTER_ADDR) or env.get(keys.ENV_TORCH_MASTER_ADDR) or "127.0.0.1",
+        "master_port": int(env.get(keys.ENV_MASTER_PORT) or env.get(keys.ENV_TORCH_MASTER_PORT) or "29500"),
     }
 
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from mmalign.trainer.config import ExitCode
+from mmalign.api.exit_codes import ExitCode
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from mmalign.trainer.config import ExitCode
+from mmalign.api.exit_codes import ExitCode
 
 
 def main(argv: list[str] | None = None) -> int:

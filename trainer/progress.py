@@ -1,39 +1,20 @@
 """Progress: the channel to the operator, and a bar for people.
 
-Rank 0 prints one line to stdout per report; the operator tails the node-0 pod's log and parses them:
-
-    mmalign-progress {"stage": "dpo", "step": 12, "total": 40, "loss": 0.61, "eta_seconds": 31.5,
-                      "epoch": 0, "event": "step", "metrics": {"reward_accuracy": 0.75, ...}}
-
-`event` is "start", "step" (at least every `interval` seconds while training, default 10,
-MMALIGN_PROGRESS_INTERVAL; 0 = every step), "checkpoint", "eval" or "end" (with the final metrics).
-`checkpoint` is the URI of the last COMMITTED checkpoint (null before the first), on every line, so
-the last line alone tells the operator everything. Keys are always present; `loss`/`eta_seconds` may
-be null. When stderr is a terminal, a one-line bar is
-redrawn there too (no dependency). Other ranks report nothing.
+Rank 0 prints one line to stdout per report, in the format `mmalign.api.progress` defines (and parses,
+for the operator): "start", "step" (at least every `interval` seconds while training, default 10,
+MMALIGN_PROGRESS_INTERVAL; 0 = every step), "checkpoint", "eval" and "end" (with the final metrics).
+When stderr is a terminal, a one-line bar is redrawn there too (no dependency). Other ranks report
+nothing.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from typing import Any, TextIO
 
-PREFIX = "mmalign-progress "
-
-
-def parse_line(line: str) -> dict[str, Any] | None:
-    """The report in a log line, or None (the operator's side of the channel; tests use it too)."""
-    index = line.find(PREFIX)
-    if index < 0:
-        return None
-    try:
-        value = json.loads(line[index + len(PREFIX):])
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
+from mmalign.api.progress import ProgressReport
 
 
 class Progress:
@@ -97,23 +78,16 @@ class Progress:
 
     # ------------------------------------------------------------------------------ output
 
-    def _report(self, event: str, **extra: Any) -> None:
+    def _report(self, event: str) -> None:
         self.last_report = time.monotonic()
         if not self.enabled:
             return
-        record = {
-            "stage": self.stage,
-            "step": self.step,
-            "total": self.total,
-            "loss": _finite(self.loss),
-            "eta_seconds": self.eta_seconds(),
-            "epoch": self.epoch,
-            "event": event,
-            "metrics": {k: _finite(v) if isinstance(v, float) else v for k, v in self.metrics.items()},
-            "checkpoint": self.checkpoint_uri,
-            **extra,
-        }
-        self.out.write(PREFIX + json.dumps(record, sort_keys=True) + "\n")
+        report = ProgressReport(
+            stage=self.stage, step=self.step, total=self.total, event=event, loss=self.loss,
+            eta_seconds=None if (eta := self.eta_seconds()) is None else int(eta), epoch=self.epoch, metrics=dict(self.metrics),
+            checkpoint=self.checkpoint_uri,
+        )
+        self.out.write(report.to_line() + "\n")
         self.out.flush()
 
     def _draw(self) -> None:
@@ -129,9 +103,3 @@ class Progress:
         self.bar.write(line)
         self.bar.flush()
 
-
-def _finite(value: float | None) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None

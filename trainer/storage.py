@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from mmalign.api.layout import join_uri as join  # noqa: F401 - storage.join is the URI join callers use
+
 from . import s3client
 
 # Storage's one error type, for every scheme: it is defined in s3client.py because the retry loop there
@@ -92,14 +94,6 @@ def parse(uri: str | os.PathLike[str]) -> Location:
 def _keep_slash(path: str, original: str) -> str:
     # abspath drops a trailing slash; prefixes keep it so that join() behaves the same for both schemes.
     return path + "/" if original.endswith("/") and not path.endswith("/") else path
-
-
-def join(prefix: str, *parts: str) -> str:
-    """Join URI segments with single slashes: join("s3://b/run/", "ckpt", "x") == "s3://b/run/ckpt/x"."""
-    out = prefix
-    for part in parts:
-        out = out.rstrip("/") + "/" + part.lstrip("/")
-    return out
 
 
 def is_remote(uri: str) -> bool:

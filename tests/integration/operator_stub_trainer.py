@@ -25,8 +25,9 @@ import socket
 import sys
 import time
 
+from mmalign.api.exit_codes import ExitCode
+from mmalign.api.jobfile import load_job
 from mmalign.trainer.cli import report_failure
-from mmalign.trainer.config import ExitCode, load_job
 
 
 def digest(value: str | None) -> str | None:

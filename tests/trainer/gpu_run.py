@@ -74,7 +74,7 @@ spec:
                             capture_output=True, text=True)
     wall = time.monotonic() - started
     (out / "log.txt").write_text(result.stdout + "\n----- stderr -----\n" + result.stderr)
-    from mmalign.trainer.progress import parse_line
+    from mmalign.api.progress import parse_line
 
     reports = [r for r in map(parse_line, result.stdout.splitlines()) if r]
     summary: dict = {"parameters": parameters, "exit_code": result.returncode, "wall_seconds": round(wall, 1)}
@@ -85,13 +85,13 @@ spec:
     for name in ("transformers", "deepspeed"):
         summary["versions"][name] = __import__(name).__version__
     for stage in ("reward", "score", "dpo"):
-        stage_reports = [r for r in reports if r["stage"] == stage]
+        stage_reports = [r for r in reports if r.stage == stage]
         metrics_file = work / "runs" / stage / "metrics.json"
         stage_summary: dict = {"metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else None}
-        steps_seen = [r for r in stage_reports if r["event"] == "step"]
+        steps_seen = [r for r in stage_reports if r.event == "step"]
         if steps_seen:
-            stage_summary["peak_gpu_gib"] = max(r["metrics"].get("gpu_peak_memory_gib", 0) for r in steps_seen)
-            stage_summary["losses"] = [r["loss"] for r in steps_seen]
+            stage_summary["peak_gpu_gib"] = max(r.metrics.get("gpu_peak_memory_gib", 0) for r in steps_seen)
+            stage_summary["losses"] = [r.loss for r in steps_seen]
         summary[stage] = stage_summary
     for line in result.stderr.splitlines():
         if "[mmalign run] stage" in line and "done in" in line:

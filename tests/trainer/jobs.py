@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from mmalign.api.progress import ProgressReport, parse_line
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -91,17 +93,15 @@ def start(*args: str, env: dict[str, str], cwd: Path | None = None) -> subproces
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def progress(output: str, stage: str | None = None) -> list[dict[str, Any]]:
-    from mmalign.trainer.progress import parse_line
-
+def progress(output: str, stage: str | None = None) -> list[ProgressReport]:
     reports = [r for r in (parse_line(line) for line in output.splitlines()) if r is not None]
-    return [r for r in reports if stage is None or r["stage"] == stage]
+    return [r for r in reports if stage is None or r.stage == stage]
 
 
-def losses(output: str, stage: str) -> dict[int, float]:
+def losses(output: str, stage: str) -> dict[int, float | None]:
     """step -> loss of every "step" report of `stage` (a resumed run overwrites nothing: same steps
     give the same numbers, which the tests check)."""
-    return {r["step"]: r["loss"] for r in progress(output, stage) if r["event"] == "step"}
+    return {r.step: r.loss for r in progress(output, stage) if r.event == "step"}
 
 
 def safetensors_state(folder: Path) -> dict[str, Any]:

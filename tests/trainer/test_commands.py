@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
+from mmalign.api.exit_codes import ExitCode  # noqa: E402
 from mmalign.trainer import launch  # noqa: E402
-from mmalign.trainer.config import ExitCode  # noqa: E402
 from tests.trainer import jobs  # noqa: E402
 
 

@@ -101,7 +101,7 @@ def test_sigkill_a_rank_then_resume_from_s3_is_exact(tmp_path: Path) -> None:
             lines.append(line)
             report = jobs.progress(line, "dpo")
             # kill once a checkpoint is committed (async upload: a step or two after it was saved)
-            if report and report[0]["event"] == "step" and report[0]["checkpoint"] and not killed:
+            if report and report[0].event == "step" and report[0].checkpoint and not killed:
                 deadline = time.monotonic() + 10
                 while 1 not in (workers := _workers(psutil.Process(process.pid))) and time.monotonic() < deadline:
                     time.sleep(0.1)
@@ -124,7 +124,7 @@ def test_sigkill_a_rank_then_resume_from_s3_is_exact(tmp_path: Path) -> None:
 
         resumed_output = jobs.check(jobs.mmalign("run", str(job), "--local", env=env, timeout=300))
         start = jobs.progress(resumed_output, "dpo")[0]
-        assert start["event"] == "start" and start["step"] == marker["step"]  # continues at the same step
+        assert start.event == "start" and start.step == marker["step"]  # continues at the same step
         after = jobs.losses(resumed_output, "dpo")
         assert sorted(after) == list(range(marker["step"] + 1, STEPS + 1))
 

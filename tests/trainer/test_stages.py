@@ -68,8 +68,8 @@ def test_pipeline_on_file_storage(tmp_path: Path) -> None:
     # progress: every stage reported start ... end, with total and the committed checkpoint
     for stage, total in (("reward", 4), ("score", 48), ("dpo", 4)):
         reports = jobs.progress(output, stage)
-        assert reports[0]["event"] == "start" and reports[-1]["event"] == "end", stage
-        assert all(r["total"] == total for r in reports)
+        assert reports[0].event == "start" and reports[-1].event == "end", stage
+        assert all(r.total == total for r in reports)
     assert jobs.progress(output, "dpo")[-1]["checkpoint"].endswith("dpo/checkpoints/step-00000004/")
 
     # a restart of `score` on ONE process, with a shard and the manifest gone, keeps the other shards

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mmalign.api.jobfile import load_job
+from mmalign.api.spec import AlignmentJobManifest
 from mmalign.operator import crdgen
 from mmalign.operator.validate import validate_text
-from mmalign.trainer.config import AlignmentJobManifest, load_job
 from tests.bad_specs import BAD_SPECS
 
 REPO = Path(__file__).resolve().parents[2]

@@ -324,7 +324,7 @@ def test_trainer_image_defaults_to_the_operator_image_and_pod_defaults_are_omitt
 
 def test_pod_defaults_have_the_fields_of_an_alignment_jobs_pod_template() -> None:
     """The operator reads MMALIGN_POD_DEFAULTS with the same model as spec.podTemplate."""
-    from mmalign.trainer.config import PodTemplate
+    from mmalign.api.spec import PodTemplate
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     fields = set(PodTemplate.model_json_schema(by_alias=True)["properties"])

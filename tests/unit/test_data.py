@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from mmalign.api.exit_codes import ExitCode
+from mmalign.api.spec import DataSource
 from mmalign.trainer import data, media
-from mmalign.trainer.config import DataSource, ExitCode
 
 BENCH = Path(__file__).resolve().parents[1] / "data" / "mm_reward_bench.jsonl"
 BENCH_SHA256 = "6d7b3589750b8837b54291b601220cdb000593a17b8bb1b81de298e5ebe772b9"

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
+from mmalign.api.spec import DataSource  # noqa: E402
 from mmalign.trainer import builtin, collate, data, logprobs, media, models, s3client, transfer  # noqa: E402
-from mmalign.trainer.config import DataSource  # noqa: E402
 from tests.s3_server import S3Server, require_weed  # noqa: E402
 
 

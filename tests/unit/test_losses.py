@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
+from mmalign.api.spec import DpoStage
 from mmalign.trainer import losses
-from mmalign.trainer.config import DpoStage
 
 SHAPES = (1, 2, 7, 64)
 

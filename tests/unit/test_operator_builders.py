@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmalign.operator.builders import (
+from mmalign.api.jobfile import load_job
+from mmalign.api.keys import (
     KUEUE_POD_GROUP,
     KUEUE_POD_GROUP_COUNT,
     KUEUE_QUEUE,
@@ -19,6 +20,9 @@ from mmalign.operator.builders import (
     LABEL_JOB,
     LABEL_NODE_RANK,
     LABEL_STAGE,
+)
+from mmalign.api.spec import AlignmentJobSpec
+from mmalign.operator.builders import (
     BuildOptions,
     JobRef,
     build_attempt,
@@ -28,7 +32,6 @@ from mmalign.operator.builders import (
     pod_name,
     service_name,
 )
-from mmalign.trainer.config import AlignmentJobSpec, load_job
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"

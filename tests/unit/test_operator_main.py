@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from mmalign.api.spec import AlignmentJobSpec
 from mmalign.operator.builders import BuildOptions, JobRef, build_pod, with_operator_defaults
 from mmalign.operator.main import default_priority, parse_args
-from mmalign.trainer.config import AlignmentJobSpec
 
 SPEC = {"model": {"uri": "builtin://tiny-text"}, "data": {"uri": "builtin://synthetic-colors"},
         "storage": {"uri": "s3://b/p/"}, "stages": {"reward": {}}}

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from mmalign.api.spec import RunPolicy
 from mmalign.operator.policy import (
     SETTLE_SECONDS,
     PodView,
@@ -17,7 +18,6 @@ from mmalign.operator.policy import (
     spec_change,
     ttl_expires_at,
 )
-from mmalign.trainer.config import RunPolicy
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmalign.operator.progress import last_report, parse_line
+from mmalign.api.progress import last_report, parse_line
 
 
 def test_last_well_formed_line_wins() -> None:

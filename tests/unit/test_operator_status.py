@@ -10,12 +10,12 @@ import copy
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from mmalign.operator.api import AlignmentJobStatus
+from mmalign.api.progress import ProgressReport
+from mmalign.api.spec import AlignmentJobSpec
+from mmalign.api.status import AlignmentJobStatus
 from mmalign.operator.builders import pod_name
 from mmalign.operator.policy import SETTLE_SECONDS, PodView
-from mmalign.operator.progress import ProgressReport
 from mmalign.operator.status import Observation, Plan, reconcile
-from mmalign.trainer.config import AlignmentJobSpec
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 SPEC = {

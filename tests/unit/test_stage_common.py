@@ -8,8 +8,9 @@ import json
 
 import pytest
 
+from mmalign.api.progress import parse_line
 from mmalign.trainer import launch
-from mmalign.trainer.progress import Progress, parse_line
+from mmalign.trainer.progress import Progress
 from mmalign.trainer.stages.common import DataOrder, StageConfigError, check_enough_pairs, rank_slice
 
 
@@ -42,8 +43,6 @@ def test_rank_slices_cover_in_order() -> None:
 
 
 def test_progress_lines_parse_for_the_operator() -> None:
-    from mmalign.operator.progress import parse_line as operator_parse
-
     out = io.StringIO()
     progress = Progress("dpo", total=10, enabled=True, interval=0, out=out)
     progress.update(1, loss=0.69, epoch=0, metrics={"rewards/accuracy": 0.5})
@@ -51,8 +50,8 @@ def test_progress_lines_parse_for_the_operator() -> None:
     progress.update(2, loss=float("nan"))
     progress.finish({"eval_reward_accuracy": 0.75})
     lines = out.getvalue().splitlines()
-    assert [parse_line(line)["event"] for line in lines] == ["start", "step", "checkpoint", "step", "end"]
-    last = operator_parse(lines[-1])
+    assert [parse_line(line).event for line in lines] == ["start", "step", "checkpoint", "step", "end"]
+    last = parse_line(lines[-1])
     assert last is not None and last.step == 2 and last.total == 10
     assert last.checkpoint == "s3://b/j/dpo/checkpoints/step-00000001/"
     assert last.metrics["eval_reward_accuracy"] == 0.75

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from mmalign.api.exit_codes import ExitCode
+from mmalign.api.spec import AlignmentJobManifest, AlignmentJobSpec
 from mmalign.trainer import data, storage, transfer
 from mmalign.trainer.checkpoint import Checkpointer
-from mmalign.trainer.config import AlignmentJobManifest, AlignmentJobSpec, ExitCode
 from mmalign.trainer.engine import Distributed
 from mmalign.trainer.progress import Progress
 

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmalign.api.spec import DataSource
 from mmalign.trainer import collate, data, logprobs, losses, media, models, storage, transfer
-from mmalign.trainer.config import DataSource
 from mmalign.trainer.engine import Engine, frozen, register_external_parameters
 from mmalign.trainer.stages.common import (
     Context,

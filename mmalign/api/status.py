@@ -1,7 +1,6 @@
-"""The AlignmentJob custom resource: status models and the CRD's identity.
+"""The AlignmentJob status: what the operator writes to the status subresource.
 
-The spec models live in `mmalign.trainer.config` (the trainer reads them too, and must not import the
-operator); the status is the operator's alone and lives here. `crdgen.py` turns both into the CRD.
+`operator/crdgen.py` turns these models and the spec's (`mmalign.api.spec`) into the CRD.
 """
 
 from __future__ import annotations
@@ -11,19 +10,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from mmalign.trainer.config import API_GROUP, API_VERSION
-
-PLURAL = "alignmentjobs"
-SINGULAR = "alignmentjob"
-SHORT_NAMES = ["aj"]
-CRD_NAME = f"{PLURAL}.{API_GROUP}"
-API_VERSION_FULL = f"{API_GROUP}/{API_VERSION}"
+from mmalign.api.conditions import CONDITION_TYPES, ConditionType
 
 JobPhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 StagePhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Skipped"]
-ConditionType = Literal[
-    "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "SpecChangeRefused"
-]
 
 
 class StatusModel(BaseModel):
@@ -33,7 +23,7 @@ class StatusModel(BaseModel):
 
 class Condition(StatusModel):
     type: ConditionType = Field(
-        description="Created, Running, Restarting, Suspended, Succeeded, Failed or SpecChangeRefused."
+        description=", ".join(CONDITION_TYPES[:-1]) + " or " + CONDITION_TYPES[-1] + "."
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="One CamelCase word for machines.")

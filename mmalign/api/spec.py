@@ -1,41 +1,29 @@
 """The AlignmentJob spec: ONE set of pydantic models for the CRD schema, the operator and the trainer.
 
 The operator imports this module (pydantic only, no torch) to validate jobs and to generate the CRD
-(`mmalign crds`); the trainer reads the same YAML with `load_job`. Field names are camelCase in YAML
+(`mmalign crds`); the trainer reads the job document the operator wrote (`mmalign.api.jobfile`). Field names are camelCase in YAML
 (Kubernetes convention) and snake_case in Python. Every field has a description: it becomes the text of
 `kubectl explain aj.spec...`.
 
 Cross-field rules are written twice on purpose, next to each other: as a Python check (for
 `mmalign validate` and the trainer) and as a CEL rule (`x-kubernetes-validations`, enforced by the API
-server). tests/unit/test_api_bad_input.py runs the same bad specs against both.
+server). tests/bad_specs.py holds bad specs that tests/unit/test_api.py (Python) and
+tests/integration/test_operator_api.py (the real API server) both run.
 """
 
 from __future__ import annotations
 
-import enum
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-API_GROUP = "mmalign.io"
-API_VERSION = "v1alpha1"
-KIND = "AlignmentJob"
-STAGE_ORDER = ("reward", "score", "dpo")
-StageName = Literal["reward", "score", "dpo"]
+from mmalign.api import layout
+from mmalign.api.exit_codes import ExitCode
+from mmalign.api.groupversion import API_VERSION_FULL, KIND
+from mmalign.api.layout import StageName
 
-
-class ExitCode(enum.IntEnum):
-    """Trainer exit codes. The operator's failure policy reads them (operator/policy.py)."""
-
-    OK = 0
-    CONFIG_ERROR = 2  # the job spec cannot run as written: permanent
-    DATA_ERROR = 3  # a malformed line, missing media, empty dataset: permanent
-    NAN_LOSS = 4  # the loss became NaN/inf: permanent (restarting would repeat it)
-    STORAGE_ERROR = 5  # S3 unreachable after retries: retryable
-    RENDEZVOUS_ERROR = 6  # `mmalign launch`: the master address never resolved (MMALIGN_DNS_WAIT_SECONDS)
+STAGE_ORDER: tuple[StageName, ...] = ("reward", "score", "dpo")
 
 
 def _rules(*rules: tuple[str, str]) -> dict[str, Any]:
@@ -399,12 +387,11 @@ class AlignmentJobSpec(Model):
 
     def artifact_uri(self, stage: StageName) -> str:
         """The stage's final output: reward model folder, scored-pairs folder, or final policy folder."""
-        leaf = {"reward": "reward/model/", "score": "score/scored/", "dpo": "dpo/model/"}[stage]
-        return join_uri(self.storage.uri, leaf)
+        return layout.artifact_uri(self.storage.uri, stage)
 
     def checkpoint_uri(self, stage: StageName) -> str:
         """Prefix of the stage's checkpoints; `<prefix>latest` is the marker of the last complete one."""
-        return join_uri(self.storage.uri, f"{stage}/checkpoints/")
+        return layout.checkpoint_uri(self.storage.uri, stage)
 
     def reward_model_uri(self) -> str:
         """The reward model the score stage reads."""
@@ -424,17 +411,13 @@ class AlignmentJobSpec(Model):
         return self.resources.nodes * self.resources.proc_per_node
 
 
-def join_uri(prefix: str, leaf: str) -> str:
-    return prefix.rstrip("/") + "/" + leaf.lstrip("/")
-
-
 class AlignmentJobManifest(Model):
     """The whole YAML document as a user writes it (status is the operator's)."""
 
     model_config = ConfigDict(extra="ignore")  # `status` and server-side metadata fields
 
-    api_version: Literal["mmalign.io/v1alpha1"] = Field(description="mmalign.io/v1alpha1")
-    kind: Literal["AlignmentJob"] = Field(description="AlignmentJob")
+    api_version: Literal["mmalign.io/v1alpha1"] = Field(description=API_VERSION_FULL)
+    kind: Literal["AlignmentJob"] = Field(description=KIND)
     metadata: dict[str, Any] = Field(description="Kubernetes object metadata; `name` is required.")
     spec: AlignmentJobSpec
 
@@ -445,12 +428,3 @@ class AlignmentJobManifest(Model):
             raise ValueError("metadata.name is required")
         return self
 
-
-def load_job(path: str | Path) -> AlignmentJobManifest:
-    """Read the job file the trainer is given (`--job FILE`): a whole AlignmentJob document.
-
-    Raises pydantic.ValidationError on a bad spec; `mmalign validate` turns those into file:line reports.
-    """
-    with open(path, encoding="utf-8") as f:
-        document = yaml.safe_load(f)
-    return AlignmentJobManifest.model_validate(document)

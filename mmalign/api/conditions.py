@@ -1,0 +1,66 @@
+"""Condition types and the reasons the operator sets on them, and the reasons of its Events.
+
+Conditions follow Kubernetes' `{type, status, reason, message, lastTransitionTime}`; a reason is one
+CamelCase word for machines (alerts, `kubectl wait --for=condition=...`), the message is for people.
+Failure reasons come from the failure policy: an exit code's name (ExitCode.NAN_LOSS -> "NanLoss", see
+`exit_reason`), a signal ("Signal9"), or a pod's own reason (OOMKilled, Evicted, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from mmalign.api.exit_codes import ExitCode
+
+ConditionType = Literal["Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed",
+                        "SpecChangeRefused"]
+CONDITION_TYPES: tuple[str, ...] = get_args(ConditionType)
+
+CREATED: ConditionType = "Created"
+RUNNING: ConditionType = "Running"
+RESTARTING: ConditionType = "Restarting"
+SUSPENDED: ConditionType = "Suspended"
+SUCCEEDED: ConditionType = "Succeeded"
+FAILED: ConditionType = "Failed"
+SPEC_CHANGE_REFUSED: ConditionType = "SpecChangeRefused"
+
+# -- condition reasons the reconciler sets
+JOB_ACCEPTED = "JobAccepted"  # Created=True
+STAGE_RUNNING = "StageRunning"  # Running=True
+GANG_RUNNING = "GangRunning"  # Restarting=False: the new gang runs
+GANG_SUCCEEDED = "GangSucceeded"  # Restarting=False: the stage finished
+JOB_SUSPENDED = "JobSuspended"  # Suspended=True
+RESUMED = "Resumed"  # Suspended=False
+UNSAFE_SPEC_CHANGE = "UnsafeSpecChange"  # SpecChangeRefused=True
+SPEC_MATCHES = "SpecMatches"  # SpecChangeRefused=False
+ALL_STAGES_SUCCEEDED = "AllStagesSucceeded"  # Succeeded=True
+DEADLINE_EXCEEDED = "DeadlineExceeded"  # Failed=True: runPolicy.activeDeadlineSeconds
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # Failed=True: runPolicy.backoffLimit restarts used
+POD_FAILED = "PodFailed"  # a pod failed without an exit code
+POD_DELETED = "PodDeleted"  # a pod of a running gang vanished
+DISRUPTED = "Disrupted"  # evicted/preempted without a reason of its own
+OOM_KILLED = "OOMKilled"  # the container hit its memory limit (the kubelet's reason, kept)
+
+# -- Event reasons (the job's `kubectl describe` timeline)
+EVENT_CREATED = "Created"
+EVENT_STAGE_STARTED = "StageStarted"
+EVENT_RUNNING = "Running"
+EVENT_STAGE_SUCCEEDED = "StageSucceeded"
+EVENT_GANG_RESTARTING = "GangRestarting"
+EVENT_SUSPENDED = "Suspended"
+EVENT_RESUMED = "Resumed"
+EVENT_SPEC_CHANGE_REFUSED = "SpecChangeRefused"
+EVENT_SUCCEEDED = "Succeeded"
+EVENT_FAILED = "Failed"
+
+
+def exit_reason(code: int) -> str:
+    """The condition reason of a trainer exit code: NAN_LOSS -> "NanLoss", unknown 7 -> "ExitCode7"."""
+    try:
+        return "".join(word.capitalize() for word in ExitCode(code).name.split("_"))
+    except ValueError:
+        return f"ExitCode{code}"
+
+
+def signal_reason(signal: int) -> str:
+    return f"Signal{signal}"

@@ -1,0 +1,15 @@
+"""The trainer's exit codes: `mmalign train`/`mmalign launch` end with one of them, the operator's failure
+policy (operator/policy.py) turns them into retryable or permanent failures and condition reasons."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    CONFIG_ERROR = 2  # the job spec cannot run as written: permanent
+    DATA_ERROR = 3  # a malformed line, missing media, empty dataset: permanent
+    NAN_LOSS = 4  # the loss became NaN/inf: permanent (restarting would repeat it)
+    STORAGE_ERROR = 5  # S3 unreachable after retries: retryable
+    RENDEZVOUS_ERROR = 6  # `mmalign launch`: the master address never resolved (MMALIGN_DNS_WAIT_SECONDS)
