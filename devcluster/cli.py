@@ -17,6 +17,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmalign.devcluster.cluster import DevCluster
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     return _logs(got, args)
 
 
-def _logs(got, args: argparse.Namespace) -> int:
+def _logs(got: DevCluster, args: argparse.Namespace) -> int:
     """Fallback to `kubectl logs`: reads the node's files directly (same content, no API server)."""
     pods = sorted(got.state_dir.glob(f"pods/{args.namespace}_{args.pod}_*/logs"))
     if not pods:

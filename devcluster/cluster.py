@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 import yaml
@@ -89,7 +90,7 @@ def port_open(port: int) -> bool:
 class DevCluster:
     state_dir: Path
     ports: dict[str, int]
-    processes: dict[str, dict]  # name -> {"pid", "start"}
+    processes: dict[str, dict[str, Any]]  # name -> {"pid", "start"}
     nodes: int
 
     @property
@@ -124,7 +125,7 @@ class DevCluster:
         return KubeApi(self.apiserver, folder / "ca.crt", (folder / "admin.crt", folder / "admin.key"))
 
     def kubectl(self, *args: str, check: bool = False, input: str | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess:
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(binaries.bin_dir() / "kubectl"), *args], env={**os.environ, **self.env},
                               capture_output=True, text=True, check=check, input=input, timeout=timeout)
 
@@ -148,7 +149,7 @@ def load(state_dir: Path | None = None) -> DevCluster:
     return DevCluster(state_dir, state["ports"], state["processes"], state["nodes"])
 
 
-def _spawn(cluster: DevCluster, name: str, argv: list[str], env: dict | None = None) -> None:
+def _spawn(cluster: DevCluster, name: str, argv: list[str], env: dict[str, Any] | None = None) -> None:
     log = open(cluster.layout.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, **(env or {})}, cwd=cluster.state_dir)

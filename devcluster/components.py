@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SERVICE_CIDR = "10.96.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -116,12 +117,12 @@ def seaweedfs_leftovers(ports: dict[str, int]) -> list[Path]:
     return [Path(f"/tmp/seaweedfs-{kind}-{port}.sock") for kind in kinds for port in ports.values()]
 
 
-def s3_identities() -> dict:
+def s3_identities() -> dict[str, Any]:
     return {"identities": [{"name": "dev", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
                             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
 
 
-def kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str = "admin") -> dict:
+def kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str = "admin") -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Config", "current-context": "mmalign-dev",
         "clusters": [{"name": "mmalign-dev", "cluster": {"server": server, "certificate-authority": str(ca)}}],

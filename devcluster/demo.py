@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from mmalign.devcluster import cluster as devcluster
-from mmalign.trainer.storage import StorageError
+from mmalign.trainer.s3client import StorageError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "manifests/examples/tiny-cpu-s3.yaml"
@@ -99,7 +99,8 @@ def prepare_storage(cluster: devcluster.DevCluster, namespace: str) -> None:
 
 def job_status(cluster: devcluster.DevCluster, name: str, namespace: str) -> dict[str, Any]:
     out = run(cluster, "kubectl", "get", "alignmentjob", name, "-n", namespace, "-o", "json")
-    return json.loads(out).get("status", {})
+    status: dict[str, Any] = json.loads(out).get("status", {})
+    return status
 
 
 def watch(cluster: devcluster.DevCluster, name: str, namespace: str, timeout: float = 1200) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import os
 import subprocess
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 CLUSTER_DOMAIN = "cluster.local"
 
@@ -26,25 +27,25 @@ def search_domains(namespace: str) -> str:
     return f"{namespace}.svc.{CLUSTER_DOMAIN} svc.{CLUSTER_DOMAIN} {CLUSTER_DOMAIN}"
 
 
-def _ready(pod: dict) -> bool:
+def _ready(pod: dict[str, Any]) -> bool:
     conditions = pod.get("status", {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
-def _live(pod: dict) -> bool:
+def _live(pod: dict[str, Any]) -> bool:
     status = pod.get("status", {})
     return bool(status.get("podIP")) and status.get("phase") not in ("Succeeded", "Failed") \
         and not pod["metadata"].get("deletionTimestamp")
 
 
-def _selects(service: dict, pod: dict) -> bool:
+def _selects(service: dict[str, Any], pod: dict[str, Any]) -> bool:
     selector = service.get("spec", {}).get("selector") or {}
     labels = pod["metadata"].get("labels") or {}
     return bool(selector) and pod["metadata"]["namespace"] == service["metadata"]["namespace"] \
         and all(labels.get(k) == v for k, v in selector.items())
 
 
-def render_hosts(pods: list[dict], services: list[dict], apiserver_ip: str = "127.0.0.1") -> str:
+def render_hosts(pods: list[dict[str, Any]], services: list[dict[str, Any]], apiserver_ip: str = "127.0.0.1") -> str:
     """The hosts file: one `IP name...` line per address; a name with several addresses repeats."""
     records: dict[str, list[str]] = {}
 

@@ -42,7 +42,7 @@ class KubeApi:
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
         self.session.mount("https://", adapter)
 
-    def request(self, method: str, path: str, body: Any = None, params: dict | None = None,
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None,
                 content_type: str = "application/json", timeout: float = 30) -> Any:
         data = json.dumps(body) if body is not None else None
         resp = self.session.request(method, self.server + path, data=data, params=params, timeout=timeout,
@@ -54,20 +54,20 @@ class KubeApi:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params or None)
 
-    def create(self, path: str, body: dict) -> Any:
+    def create(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("POST", path, body)
 
-    def merge_patch(self, path: str, body: dict) -> Any:
+    def merge_patch(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("PATCH", path, body, content_type="application/merge-patch+json")
 
-    def strategic_patch(self, path: str, body: dict) -> Any:
+    def strategic_patch(self, path: str, body: dict[str, Any]) -> Any:
         """Built-in types only; lists merge by their key (e.g. node conditions by `type`)."""
         return self.request("PATCH", path, body, content_type="application/strategic-merge-patch+json")
 
-    def delete(self, path: str, body: dict | None = None) -> Any:
+    def delete(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self.request("DELETE", path, body)
 
-    def watch(self, path: str, resource_version: str, timeout_seconds: int = 300) -> Iterator[dict]:
+    def watch(self, path: str, resource_version: str, timeout_seconds: int = 300) -> Iterator[dict[str, Any]]:
         """Yield watch events; raises ApiError(410) when the resource version is too old (re-list)."""
         params = {"watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(timeout_seconds)}

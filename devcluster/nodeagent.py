@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from mmalign.devcluster import dns, kubeletserver, nodes, scheduling
 from mmalign.devcluster.kubeapi import ApiError, KubeApi, pod_path
@@ -34,11 +35,11 @@ class Informer:
 
     def __init__(self, api: KubeApi, path: str, on_change: Callable[[], None]):
         self.api, self.path, self.on_change = api, path, on_change
-        self.items: dict[str, dict] = {}
+        self.items: dict[str, dict[str, Any]] = {}
         self.synced = threading.Event()
         self.stopping = False
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self) -> list[dict[str, Any]]:
         return list(self.items.values())
 
     def run(self) -> None:
@@ -65,7 +66,7 @@ class Informer:
 
 
 class NodeAgent:
-    def __init__(self, state_dir: Path, config: dict):
+    def __init__(self, state_dir: Path, config: dict[str, Any]):
         self.state_dir, self.config = state_dir, config
         pki = Path(config["pki"])
         self.api = KubeApi(config["apiserver"], pki / "ca.crt", (pki / "admin.crt", pki / "admin.key"))
@@ -78,7 +79,7 @@ class NodeAgent:
         self.free_gpus = {n: list(range(i * gpus, (i + 1) * gpus)) for i, n in enumerate(self.names)}
         self.addresses = nodes.AddressPool(config["pod_network"])
         self.runs: dict[str, PodRun] = {}
-        self.sent: dict[str, dict] = {}  # uid -> last status written
+        self.sent: dict[str, dict[str, Any]] = {}  # uid -> last status written
         self.unschedulable: dict[str, str] = {}  # uid -> last FailedScheduling message
         self.bound: dict[str, tuple[float, str]] = {}  # uid -> (when, node) we bound it: the watch may lag
         self.deleted: set[str] = set()
@@ -180,7 +181,7 @@ class NodeAgent:
             self._run(pod)
         self._write_hosts(pods)
 
-    def _schedule(self, pending: list[dict], mine: list[dict]) -> None:
+    def _schedule(self, pending: list[dict[str, Any]], mine: list[dict[str, Any]]) -> None:
         now = time.monotonic()
         # Bound by us moments ago, but the watch has not shown the pod's nodeName yet (a loaded machine):
         # not pending any more, and still taking its place on the node it went to, or a ReplicaSet's
@@ -227,11 +228,11 @@ class NodeAgent:
             self._event(pod, "Normal", "Scheduled",
                         f"Successfully assigned {meta['namespace']}/{meta['name']} to {target}", "default-scheduler")
 
-    def _nodes(self) -> dict[str, dict]:
+    def _nodes(self) -> dict[str, dict[str, Any]]:
         return {n["metadata"]["uid"]: n for n in self.api.get("/api/v1/nodes",
                                                                 labelSelector=nodes.NODE_LABEL)["items"]}
 
-    def _unschedulable(self, pod: dict, message: str) -> None:
+    def _unschedulable(self, pod: dict[str, Any], message: str) -> None:
         meta = pod["metadata"]
         condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
                      "lastTransitionTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -242,7 +243,7 @@ class NodeAgent:
             log.warning("status of unschedulable %s: %s", meta["name"], err)
         self._event(pod, "Warning", "FailedScheduling", message, "default-scheduler")
 
-    def _run(self, pod: dict) -> None:
+    def _run(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         uid = meta["uid"]
         run = self.runs.get(uid)
@@ -276,7 +277,7 @@ class NodeAgent:
                             pod["spec"]["nodeName"])
         self._report(run)
 
-    def _admit(self, pod: dict) -> PodRun:
+    def _admit(self, pod: dict[str, Any]) -> PodRun:
         node = pod["spec"]["nodeName"]
         wanted = int(scheduling.pod_requests(pod).get("nvidia.com/gpu", 0))
         gpus, self.free_gpus[node] = self.free_gpus[node][:wanted], self.free_gpus[node][wanted:]
@@ -308,7 +309,7 @@ class NodeAgent:
             table.pop(uid, None)
         self.deleted.discard(uid)
 
-    def _write_hosts(self, pods: list[dict]) -> None:
+    def _write_hosts(self, pods: list[dict[str, Any]]) -> None:
         """Pods of this node are rendered with what the node knows now, ahead of the watch."""
         effective = []
         for pod in pods:
@@ -319,7 +320,7 @@ class NodeAgent:
             dns.write_atomically(self.hosts_file, text)
             self.hosts_text = text
 
-    def _event(self, pod: dict, kind: str, reason: str, message: str, component: str, host: str = "") -> None:
+    def _event(self, pod: dict[str, Any], kind: str, reason: str, message: str, component: str, host: str = "") -> None:
         try:
             self.api.create(f"/api/v1/namespaces/{pod['metadata']['namespace']}/events",
                             nodes.event(pod, kind, reason, message, component, host))
@@ -328,7 +329,8 @@ class NodeAgent:
 
     # ------------------------------------------------------------ logs and shutdown
 
-    def lookup_log(self, namespace: str, name: str, container: str, previous: bool):
+    def lookup_log(self, namespace: str, name: str, container: str,
+                   previous: bool) -> tuple[Path, Callable[[], bool]] | None:
         for run in list(self.runs.values()):
             if run.namespace == namespace and run.name == name:
                 for c in run.init + run.main:

@@ -7,6 +7,7 @@ import platform
 import secrets
 import time
 from decimal import Decimal
+from typing import Any
 
 from mmalign.devcluster.scheduling import NodeView, parse_quantity
 
@@ -27,7 +28,7 @@ def capacity(cpu: str, memory: str, gpus: int, max_pods: int) -> dict[str, str]:
 
 
 def node_object(name: str, cap: dict[str, str], kubelet_port: int, kubernetes_version: str,
-                host_ip: str = "127.0.0.1") -> dict:
+                host_ip: str = "127.0.0.1") -> dict[str, Any]:
     """A Node as a kubelet registers it: labels, capacity = allocatable, Ready, addresses, endpoint."""
     labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
               "kubernetes.io/arch": "amd64", "node.kubernetes.io/instance-type": "process", NODE_LABEL: "true"}
@@ -38,10 +39,10 @@ def node_object(name: str, cap: dict[str, str], kubelet_port: int, kubernetes_ve
 
 
 def node_status(name: str, cap: dict[str, str], kubelet_port: int, kubernetes_version: str,
-                host_ip: str = "127.0.0.1") -> dict:
+                host_ip: str = "127.0.0.1") -> dict[str, Any]:
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-    def condition(kind: str, ok: bool, reason: str, message: str) -> dict:
+    def condition(kind: str, ok: bool, reason: str, message: str) -> dict[str, Any]:
         return {"type": kind, "status": "True" if ok else "False", "reason": reason, "message": message,
                 "lastHeartbeatTime": now, "lastTransitionTime": now}
 
@@ -63,7 +64,7 @@ def node_status(name: str, cap: dict[str, str], kubelet_port: int, kubernetes_ve
     }
 
 
-def lease_object(name: str, node_uid: str) -> dict:
+def lease_object(name: str, node_uid: str) -> dict[str, Any]:
     return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": name, "namespace": "kube-node-lease",
                          "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name,
@@ -76,7 +77,7 @@ def micro_time() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
-def event(obj: dict, kind: str, reason: str, message: str, component: str, host: str = "") -> dict:
+def event(obj: dict[str, Any], kind: str, reason: str, message: str, component: str, host: str = "") -> dict[str, Any]:
     """A core/v1 Event about `obj`, as `kubectl describe` and `kubectl get events` show them."""
     meta = obj["metadata"]
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -89,7 +90,7 @@ def event(obj: dict, kind: str, reason: str, message: str, component: str, host:
             "reportingComponent": component, "reportingInstance": host or component}
 
 
-def node_view(node: dict, used: dict[str, Decimal]) -> NodeView:
+def node_view(node: dict[str, Any], used: dict[str, Decimal]) -> NodeView:
     return NodeView(name=node["metadata"]["name"], labels=node["metadata"].get("labels") or {},
                     allocatable={k: parse_quantity(v) for k, v in node["status"].get("allocatable", {}).items()},
                     taints=node.get("spec", {}).get("taints") or [],

@@ -20,6 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import yaml
 
@@ -56,22 +57,23 @@ class NodeContext:
 
 @dataclass
 class ContainerRun:
-    spec: dict
+    spec: dict[str, Any]
     init: bool
     log_dir: Path
-    proc: subprocess.Popen | None = None
-    state: dict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
-    last_state: dict = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    state: dict[str, Any] = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_state: dict[str, Any] = field(default_factory=dict)
     restarts: int = 0
     not_before: float = 0.0
     termination_file: Path | None = None  # this start's stand-in for terminationMessagePath
 
     @property
     def name(self) -> str:
-        return self.spec["name"]
+        name: str = self.spec["name"]
+        return name
 
     @property
-    def terminated(self) -> dict | None:
+    def terminated(self) -> dict[str, Any] | None:
         return self.state.get("terminated")
 
     def log_file(self, previous: bool = False) -> Path:
@@ -93,7 +95,7 @@ class ContainerRun:
             log_tail = b""
         return podspec.termination_message(self.spec, exit_code, file_tail, log_tail)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         out = {"name": self.name, "image": self.spec.get("image", ""), "imageID": "",
                "restartCount": self.restarts, "ready": "running" in self.state,
                "started": "running" in self.state, "state": self.state}
@@ -121,14 +123,14 @@ def pod_phase(restart_policy: str, init: list[ContainerRun], main: list[Containe
     if all(run.terminated for run in main):
         if restart_policy == "Always":
             return "Running"  # about to restart
-        if all(run.terminated["exitCode"] == 0 for run in main):
+        if all(run.terminated is not None and run.terminated["exitCode"] == 0 for run in main):
             return "Succeeded"
         return "Failed" if restart_policy == "Never" else "Running"
     return "Running" if any(run.restarts or run.terminated for run in main) else "Pending"
 
 
 class PodRun:
-    def __init__(self, pod: dict, ctx: NodeContext, ip: str, gpus: list[int], fast: bool):
+    def __init__(self, pod: dict[str, Any], ctx: NodeContext, ip: str, gpus: list[int], fast: bool):
         meta = pod["metadata"]
         self.pod, self.ctx, self.ip, self.gpus, self.fast = pod, ctx, ip, gpus, fast
         self.uid, self.namespace, self.name = meta["uid"], meta["namespace"], meta["name"]
@@ -166,7 +168,7 @@ class PodRun:
             for run in self.init + self.main:
                 run.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
 
-    def _referenced_data(self) -> tuple[dict, dict]:
+    def _referenced_data(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Only the Secrets and ConfigMaps this pod names: the node never lists all of them."""
         secrets: dict[str, dict[str, bytes]] = {}
         configmaps: dict[str, dict[str, bytes]] = {}
@@ -205,15 +207,16 @@ class PodRun:
 
     def _token(self, audience: str | None, seconds: int) -> str:
         sa = self.pod["spec"].get("serviceAccountName") or "default"
-        spec: dict = {"expirationSeconds": max(seconds, 600),
+        spec: dict[str, Any] = {"expirationSeconds": max(seconds, 600),
                       "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": self.name, "uid": self.uid}}
         if audience:
             spec["audiences"] = [audience]
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
         got = self.ctx.api.create(f"/api/v1/namespaces/{self.namespace}/serviceaccounts/{sa}/token", body)
-        return got["status"]["token"]
+        token: str = got["status"]["token"]
+        return token
 
-    def _write_volumes(self, secrets: dict, configmaps: dict) -> None:
+    def _write_volumes(self, secrets: dict[str, Any], configmaps: dict[str, Any]) -> None:
         for vol in self.pod["spec"].get("volumes") or []:
             if "hostPath" in vol:
                 continue
@@ -302,7 +305,7 @@ class PodRun:
         run.state = {"running": {"startedAt": now_iso()}}
         (self.root / "pgid").write_text(str(self.pgid))
 
-    def _spawn(self, argv: list[str], env: dict, cwd: Path, log) -> subprocess.Popen:
+    def _spawn(self, argv: list[str], env: dict[str, Any], cwd: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
         if self.pgid is not None:
             try:
                 return subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
@@ -399,6 +402,7 @@ class PodRun:
     def _step_terminating(self) -> None:
         for run in self.init + self.main:
             self._poll(run)
+        assert self.kill_deadline is not None  # begin_termination set it
         if time.monotonic() >= self.kill_deadline:
             self._kill_group(signal.SIGKILL)
             for run in self.init + self.main:
@@ -432,7 +436,7 @@ class PodRun:
     def phase(self) -> str:
         return pod_phase(self.policy, self.init, self.main)
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         phase = self.phase()
         ready = phase == "Running" and all("running" in run.state for run in self.main)
         initialized = all(run.terminated and run.terminated["exitCode"] == 0 for run in self.init)
@@ -440,7 +444,7 @@ class PodRun:
             ("PodScheduled", True), ("Initialized", initialized), ("PodReadyToStartContainers", True),
             ("ContainersReady", ready), ("Ready", ready),
         ]
-        status: dict = {
+        status: dict[str, Any] = {
             "phase": phase, "hostIP": self.ctx.host_ip, "hostIPs": [{"ip": self.ctx.host_ip}],
             "podIP": self.ip, "podIPs": [{"ip": self.ip}], "startTime": self.start_time,
             "conditions": [{"type": name, "status": "True" if ok else "False"} for name, ok in conditions],

@@ -30,6 +30,7 @@ import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from mmalign.api import keys
 from mmalign.devcluster.scheduling import parse_quantity
@@ -42,7 +43,7 @@ class ContainerConfigError(Exception):
 # ---------------------------------------------------------------- downward API
 
 
-def field_value(pod: dict, path: str) -> str:
+def field_value(pod: dict[str, Any], path: str) -> str:
     meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
     simple = {
         "metadata.name": meta.get("name"), "metadata.namespace": meta.get("namespace"),
@@ -55,14 +56,15 @@ def field_value(pod: dict, path: str) -> str:
         return simple[path] or ""
     match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
     if match:
-        return (meta.get(match.group(1)) or {}).get(match.group(2), "")
+        value: str = (meta.get(match.group(1)) or {}).get(match.group(2), "")
+        return value
     if path in ("metadata.labels", "metadata.annotations"):
         items = meta.get(path.split(".")[1]) or {}
         return "\n".join(f'{k}="{v}"' for k, v in sorted(items.items()))
     raise ContainerConfigError(f"unsupported fieldRef.fieldPath {path!r}")
 
 
-def resource_value(container: dict, ref: dict, node_allocatable: dict[str, str]) -> str:
+def resource_value(container: dict[str, Any], ref: dict[str, Any], node_allocatable: dict[str, str]) -> str:
     """`resourceFieldRef`: limits fall back to the node's allocatable, as in Kubernetes; rounded up."""
     kind, name = ref["resource"].split(".", 1)
     res = container.get("resources") or {}
@@ -79,7 +81,7 @@ def resource_value(container: dict, ref: dict, node_allocatable: dict[str, str])
 def expand(text: str, env: dict[str, str]) -> str:
     """Kubernetes `$(VAR)` expansion: known names are replaced, unknown ones kept, `$$` escapes `$`."""
 
-    def sub(match: re.Match) -> str:
+    def sub(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         name = match.group(1)
@@ -88,7 +90,7 @@ def expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)", sub, text)
 
 
-def _lookup(store: dict[str, dict[str, bytes]], kind: str, ref: dict, key: str | None) -> bytes | None:
+def _lookup(store: dict[str, dict[str, bytes]], kind: str, ref: dict[str, Any], key: str | None) -> bytes | None:
     data = store.get(ref.get("name", ""))
     if data is None or (key is not None and key not in data):
         if ref.get("optional"):
@@ -98,7 +100,7 @@ def _lookup(store: dict[str, dict[str, bytes]], kind: str, ref: dict, key: str |
     return data[key] if key is not None else b""
 
 
-def container_env(pod: dict, container: dict, secrets: dict[str, dict[str, bytes]],
+def container_env(pod: dict[str, Any], container: dict[str, Any], secrets: dict[str, dict[str, bytes]],
                   configmaps: dict[str, dict[str, bytes]], node_allocatable: dict[str, str] | None = None,
                   base: dict[str, str] | None = None) -> dict[str, str]:
     """The container's own variables, in order; `base` (PATH, HOSTNAME...) is visible to `$(VAR)`."""
@@ -125,10 +127,10 @@ def container_env(pod: dict, container: dict, secrets: dict[str, dict[str, bytes
         elif "secretKeyRef" in source or "configMapKeyRef" in source:
             is_secret = "secretKeyRef" in source
             ref = source["secretKeyRef" if is_secret else "configMapKeyRef"]
-            value = _lookup(secrets if is_secret else configmaps, "secret" if is_secret else "configmap",
+            found = _lookup(secrets if is_secret else configmaps, "secret" if is_secret else "configmap",
                             ref, ref.get("key"))
-            if value is not None:
-                env[name] = value.decode()
+            if found is not None:
+                env[name] = found.decode()
         else:
             raise ContainerConfigError(f"env {name!r}: unsupported valueFrom {sorted(source)}")
     return env
@@ -148,14 +150,14 @@ class VolumeFile:
     token_seconds: int = 3600
 
 
-def _items(data: dict[str, bytes], items: list[dict] | None, default_mode: int) -> list[VolumeFile]:
+def _items(data: dict[str, bytes], items: list[dict[str, Any]] | None, default_mode: int) -> list[VolumeFile]:
     if not items:
         return [VolumeFile(key, value, default_mode) for key, value in sorted(data.items())]
     return [VolumeFile(item["path"], data.get(item["key"], b""), item.get("mode", default_mode))
             for item in items if item["key"] in data]
 
 
-def _from_store(store: dict[str, dict[str, bytes]], kind: str, name: str, source: dict,
+def _from_store(store: dict[str, dict[str, bytes]], kind: str, name: str, source: dict[str, Any],
                 default_mode: int) -> list[VolumeFile]:
     if name not in store:
         if source.get("optional"):
@@ -164,7 +166,7 @@ def _from_store(store: dict[str, dict[str, bytes]], kind: str, name: str, source
     return _items(store[name], source.get("items"), source.get("defaultMode", default_mode))
 
 
-def volume_files(pod: dict, volume: dict, secrets: dict[str, dict[str, bytes]],
+def volume_files(pod: dict[str, Any], volume: dict[str, Any], secrets: dict[str, dict[str, bytes]],
                  configmaps: dict[str, dict[str, bytes]]) -> list[VolumeFile]:
     """The files a volume holds; an empty list for emptyDir and unsupported kinds (an empty folder)."""
     if "configMap" in volume:
@@ -195,7 +197,7 @@ def volume_files(pod: dict, volume: dict, secrets: dict[str, dict[str, bytes]],
     return []
 
 
-def decode_data(obj: dict) -> dict[str, bytes]:
+def decode_data(obj: dict[str, Any]) -> dict[str, bytes]:
     """A Secret's or ConfigMap's data as bytes (Secrets are base64, ConfigMaps text plus binaryData)."""
     out: dict[str, bytes] = {}
     is_secret = obj.get("kind") == "Secret" or "type" in obj
@@ -208,7 +210,7 @@ def decode_data(obj: dict) -> dict[str, bytes]:
     return out
 
 
-def container_mounts(pod: dict, container: dict, pod_root: Path) -> list[tuple[str, str]]:
+def container_mounts(pod: dict[str, Any], container: dict[str, Any], pod_root: Path) -> list[tuple[str, str]]:
     """(mountPath, local path) pairs, longest mountPath first so nested mounts win."""
     volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
     mounts = []
@@ -249,7 +251,7 @@ def rewrite_path(value: str, mounts: list[tuple[str, str]]) -> str:
     return value
 
 
-def command_line(container: dict, env: dict[str, str], mounts: list[tuple[str, str]]) -> list[str]:
+def command_line(container: dict[str, Any], env: dict[str, str], mounts: list[tuple[str, str]]) -> list[str]:
     argv = [*(container.get("command") or []), *(container.get("args") or [])]
     if not container.get("command"):
         raise ContainerConfigError(
@@ -258,9 +260,9 @@ def command_line(container: dict, env: dict[str, str], mounts: list[tuple[str, s
     return [rewrite_path(expand(arg, env), mounts) for arg in argv]
 
 
-def working_dir(container: dict, mounts: list[tuple[str, str]], pod_root: Path) -> Path:
+def working_dir(container: dict[str, Any], mounts: list[tuple[str, str]], pod_root: Path) -> Path:
     """workingDir rewritten into mounts; a folder that does not exist here lives under the pod folder."""
-    wanted = container.get("workingDir")
+    wanted: str | None = container.get("workingDir")
     if not wanted:
         return pod_root / "work"
     rewritten = Path(rewrite_path(wanted, mounts))
@@ -286,11 +288,11 @@ MAX_TERMINATION_LOG_BYTES = 2 * 1024
 MAX_TERMINATION_LOG_LINES = 80
 
 
-def termination_message_path(container: dict) -> str:
+def termination_message_path(container: dict[str, Any]) -> str:
     return container.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
 
 
-def termination_message(container: dict, exit_code: int, file_tail: bytes | None, log_tail: bytes) -> str:
+def termination_message(container: dict[str, Any], exit_code: int, file_tail: bytes | None, log_tail: bytes) -> str:
     """`state.terminated.message`, as the kubelet computes it (kuberuntime_container.go,
     getTerminationMessage and readLastStringFromContainerLogs).
 

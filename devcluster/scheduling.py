@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 _SUFFIX = {
     "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
@@ -31,13 +32,13 @@ def parse_quantity(text: str | int | float) -> Decimal:
     return Decimal(match.group(1)) * _SUFFIX[match.group(2)]
 
 
-def pod_requests(pod: dict) -> dict[str, Decimal]:
+def pod_requests(pod: dict[str, Any]) -> dict[str, Decimal]:
     """Effective requests: sum over containers, at least the largest init container (like the scheduler).
 
     A container with limits but no requests requests its limits (API defaulting does that too)."""
     spec = pod.get("spec", {})
 
-    def of(container: dict) -> dict[str, Decimal]:
+    def of(container: dict[str, Any]) -> dict[str, Decimal]:
         res = container.get("resources") or {}
         merged = {**(res.get("limits") or {}), **(res.get("requests") or {})}
         return {name: parse_quantity(value) for name, value in merged.items()}
@@ -60,7 +61,7 @@ class NodeView:
     name: str
     labels: dict[str, str]
     allocatable: dict[str, Decimal]
-    taints: list[dict] = field(default_factory=list)
+    taints: list[dict[str, Any]] = field(default_factory=list)
     unschedulable: bool = False
     used: dict[str, Decimal] = field(default_factory=dict)
 
@@ -68,7 +69,7 @@ class NodeView:
         return self.allocatable.get(resource, Decimal(0)) - self.used.get(resource, Decimal(0))
 
 
-def tolerates(tolerations: list[dict], taint: dict) -> bool:
+def tolerates(tolerations: list[dict[str, Any]], taint: dict[str, Any]) -> bool:
     for tol in tolerations:
         if tol.get("effect") and tol["effect"] != taint.get("effect"):
             continue
@@ -83,8 +84,9 @@ def tolerates(tolerations: list[dict], taint: dict) -> bool:
     return False
 
 
-def _expression_matches(expr: dict, labels: dict[str, str]) -> bool:
-    key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+def _expression_matches(expr: dict[str, Any], labels: dict[str, str]) -> bool:
+    key: str = expr.get("key") or ""
+    op, values = expr.get("operator"), expr.get("values") or []
     if op == "In":
         return labels.get(key) in values
     if op == "NotIn":
@@ -99,7 +101,7 @@ def _expression_matches(expr: dict, labels: dict[str, str]) -> bool:
     return False
 
 
-def affinity_matches(pod: dict, labels: dict[str, str]) -> bool:
+def affinity_matches(pod: dict[str, Any], labels: dict[str, str]) -> bool:
     required = (((pod["spec"].get("affinity") or {}).get("nodeAffinity") or {})
                 .get("requiredDuringSchedulingIgnoredDuringExecution"))
     if not required:
@@ -109,7 +111,7 @@ def affinity_matches(pod: dict, labels: dict[str, str]) -> bool:
                for term in terms)
 
 
-def why_not(pod: dict, node: NodeView, requests: dict[str, Decimal] | None = None) -> str | None:
+def why_not(pod: dict[str, Any], node: NodeView, requests: dict[str, Decimal] | None = None) -> str | None:
     """None when the pod fits the node, else the reason in the scheduler's words."""
     spec = pod.get("spec", {})
     if node.unschedulable:
@@ -127,13 +129,13 @@ def why_not(pod: dict, node: NodeView, requests: dict[str, Decimal] | None = Non
     return None
 
 
-def owner_key(pod: dict) -> str | None:
+def owner_key(pod: dict[str, Any]) -> str | None:
     """A pseudo-resource counting the pods of one controller per node (NodeView.used), for spreading."""
     owner = next((o for o in pod["metadata"].get("ownerReferences") or [] if o.get("controller")), None)
     return f"owner/{owner['uid']}" if owner else None
 
 
-def usage(pod: dict) -> dict[str, Decimal]:
+def usage(pod: dict[str, Any]) -> dict[str, Decimal]:
     """What a placed pod takes from its node's NodeView.used: its requests, plus one pod of its owner."""
     taken = dict(pod_requests(pod))
     owner = owner_key(pod)
@@ -142,11 +144,12 @@ def usage(pod: dict) -> dict[str, Decimal]:
     return taken
 
 
-def choose_node(pod: dict, nodes: list[NodeView]) -> tuple[str | None, str]:
+def choose_node(pod: dict[str, Any], nodes: list[NodeView]) -> tuple[str | None, str]:
     """(node name, "") for the best fitting node, or (None, FailedScheduling message)."""
     requests = pod_requests(pod)
     owner = owner_key(pod)
-    fitting, reasons = [], {}
+    fitting: list[NodeView] = []
+    reasons: dict[str, int] = {}
     for node in nodes:
         reason = why_not(pod, node, requests)
         if reason is None:

@@ -55,13 +55,15 @@ def create_namespace(dev: cluster.DevCluster, prefix: str = "t") -> str:
 
 
 def pod_phase(dev: cluster.DevCluster, namespace: str, name: str) -> str:
-    return dev.api().get(f"/api/v1/namespaces/{namespace}/pods/{name}").get("status", {}).get("phase", "")
+    phase: str = dev.api().get(f"/api/v1/namespaces/{namespace}/pods/{name}").get("status", {}).get("phase", "")
+    return phase
 
 
 def wait_pod_phase(dev: cluster.DevCluster, namespace: str, name: str, phases: tuple[str, ...],
                    timeout: float = 60) -> str:
-    return wait_for(lambda: (p := pod_phase(dev, namespace, name)) in phases and p, timeout,
-                    what=f"pod {namespace}/{name} in {phases}")
+    phase: str = wait_for(lambda: (p := pod_phase(dev, namespace, name)) in phases and p, timeout,
+                          what=f"pod {namespace}/{name} in {phases}")
+    return phase
 
 
 @pytest.fixture(scope="session")

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from mmalign.api import progress
+from mmalign.api import conditions, jobfile, progress
 from mmalign.api.spec import STAGE_ORDER, AlignmentJobSpec
-from mmalign.api.status import AlignmentJobStatus, StageStatus
+from mmalign.api.status import AlignmentJobStatus, JobPhase, StageStatus
 from mmalign.operator import metrics
 from mmalign.operator.builders import (
+    JOB_FILE_KEY,
     BuildOptions,
     JobRef,
     build_config_map,
@@ -36,10 +36,10 @@ from mmalign.operator.builders import (
     with_operator_defaults,
 )
 from mmalign.operator.kube import Kube, error_summary
-from mmalign.operator.policy import PodView, observe_pod, spec_change
+from mmalign.operator.policy import FINISHED_PHASES, RUNNING, PodView, observe_pod, spec_change
 from mmalign.operator.status import Event, Observation, Plan, reconcile, rfc3339, set_condition
 
-ACTIVE_PHASES = ("Pending", "Running", "Restarting")
+ACTIVE_PHASES: tuple[JobPhase, ...] = ("Pending", "Running", "Restarting")
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,6 @@ class LoopSettings:
     # see an empty peering object for a moment and both resume; the lower-priority one pauses (its
     # daemons are stopped) as soon as it sees the other, so a short hold at start keeps it from acting.
     not_before: float = 0.0
-
-
-def _dump(spec: AlignmentJobSpec) -> dict[str, Any]:
-    dumped: dict[str, Any] = spec.model_dump(by_alias=True, exclude_none=True, mode="json")
-    return dumped
 
 
 class JobController:
@@ -130,11 +125,8 @@ class JobController:
             self.written = self.status.to_k8s()
             config_map = await self.kube.get_config_map(self.namespace, config_map_name(self.name))
             if config_map is not None:
-                document = yaml.safe_load((config_map.get("data") or {}).get("job.yaml", "")) or {}
-                try:  # normalised like the desired spec (the ConfigMap leaves defaults out)
-                    self.applied_spec = _dump(AlignmentJobSpec.model_validate(document.get("spec") or {}))
-                except ValidationError:
-                    self.applied_spec = None
+                applied = jobfile.spec_of((config_map.get("data") or {}).get(JOB_FILE_KEY, ""))
+                self.applied_spec = jobfile.spec_document(applied) if applied is not None else None
         generation = int(metadata.get("generation") or 0)
         build = self.settings.build
         try:
@@ -177,7 +169,7 @@ class JobController:
         stages = [getattr(self.status.stages, s) for s in STAGE_ORDER]
         started = any(isinstance(s, StageStatus) and s.start_time for s in stages)
         pods_active = any(not p.finished for p in pods)
-        wanted = _dump(desired)
+        wanted = jobfile.spec_document(desired)
         verdict = spec_change(self.applied_spec, wanted, started=started, pods_active=pods_active)
         self._refused = verdict.refused_paths
         if verdict.accepted or self.applied_spec is None:
@@ -198,8 +190,8 @@ class JobController:
             status.phase = "Failed"
             status.message = message
             status.completion_time = rfc3339(datetime.now(UTC))
-            set_condition(status, "Failed", "True", "InvalidSpec", message, datetime.now(UTC))
-            emit(Event("Warning", "InvalidSpec", message))
+            set_condition(status, conditions.FAILED, "True", conditions.INVALID_SPEC, message, datetime.now(UTC))
+            emit(Event("Warning", conditions.EVENT_INVALID_SPEC, message))
         new = status.to_k8s()
         if new != self.written:
             await self.kube.apply_status(self.namespace, self.name, new)
@@ -230,7 +222,7 @@ class JobController:
             return None
         name = pod_name(self.name, stage, entry.attempt, 0)
         node0 = next((p for p in pods if p.name == name), None)
-        if node0 is None or node0.phase not in ("Running", "Succeeded", "Failed"):
+        if node0 is None or node0.phase not in (RUNNING, *FINISHED_PHASES):
             return None
         key = (name, node0.phase)
         now = time.monotonic()
@@ -255,11 +247,12 @@ class JobController:
             await self.kube.delete_pods(self.namespace, [n for a in deletes for n in a.pods])
         for action in plan.actions:
             if action.kind == "create_gang":
+                assert action.stage, action  # reconcile always names the stage of a gang
                 # Service and ConfigMap first (the pods mount one and resolve through the other), then
                 # every pod of the gang at once.
                 config_map = build_config_map(job)
                 await self.kube.gather([self.kube.apply(build_service(job)), self.kube.apply(config_map)])
-                self.applied_spec = _dump(job.spec)
+                self.applied_spec = jobfile.spec_document(job.spec)
                 pods = build_gang(job, action.stage, action.attempt, self.settings.build)
                 await self.kube.gather(self.kube.apply(pod) for pod in pods)
                 self.logger.info(f"stage {action.stage}: created {len(pods)} pods of attempt {action.attempt}")
@@ -278,5 +271,5 @@ class JobController:
             if before is None or before.phase != after.phase:
                 metrics.STAGE_TRANSITIONS.labels(stage=stage, phase=after.phase).inc()
             if before is not None and after.restarts > before.restarts:
-                reason = next((c.reason for c in new.conditions if c.type == "Restarting"), "")
+                reason = next((c.reason for c in new.conditions if c.type == conditions.RESTARTING), "")
                 metrics.RESTARTS.labels(stage=stage, reason=reason).inc()

@@ -76,6 +76,7 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
               ready_flag: asyncio.Event | None = None) -> None:
     import kopf
 
+    from mmalign.api.keys import LABEL_JOB
     from mmalign.api.spec import PodTemplate
     from mmalign.operator import handlers
     from mmalign.operator.builders import BuildOptions
@@ -107,7 +108,7 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
     operator_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="mmalign.io")
     operator_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="mmalign.io", key="last-handled-configuration")
-    operator_settings.watching.label_selectors["", "v1", "pods"] = handlers.LABEL_JOB  # server-side filter
+    operator_settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB  # server-side filter
     # Resources are discovered once at start (the CRD is installed first): no watch on CRDs/namespaces,
     # so the operator needs no cluster-scoped read rights; --namespace takes exact names.
     operator_settings.scanning.disabled = True

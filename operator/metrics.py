@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from mmalign.api.status import JobPhase
 
 JOBS = Gauge("mmalign_operator_jobs", "AlignmentJobs this operator tracks, by phase.", ["phase"])
 STAGE_TRANSITIONS = Counter(
@@ -18,7 +22,7 @@ RECONCILE_ERRORS = Counter("mmalign_operator_reconcile_errors_total", "Reconcile
 API_ERRORS = Counter(
     "mmalign_operator_api_errors_total", "Kubernetes API calls that failed.", ["verb", "resource", "code"]
 )
-PHASES = ("Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+PHASES: tuple[JobPhase, ...] = get_args(JobPhase)
 
 # uid -> phase of each tracked job; JOBS is recomputed from it (a job counts in exactly one phase).
 _phases: dict[str, str] = {}

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from mmalign.api.exit_codes import ExitCode
+from mmalign.api import conditions
+from mmalign.api.keys import LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
 from mmalign.api.spec import RunPolicy
 
 # A permanent-looking exit is often a consequence: when one node is killed, torchrun on the others sees
@@ -28,10 +29,15 @@ from mmalign.api.spec import RunPolicy
 # failure is believed only after the other pods had this long to report their own.
 SETTLE_SECONDS = 10.0
 
+# Kubernetes' words: pod phases (PodView adds MISSING: a pod of the gang the operator does not see), the
+# pod reasons of a disruption (the kubelet's, the scheduler's, the node controller's), a container's
+# ordinary termination reasons.
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+MISSING = "Missing"
+FINISHED_PHASES = (SUCCEEDED, FAILED)
 _DISRUPTION_REASONS = {"Evicted", "Preempting", "Preempted", "DeletionByTaintManager", "NodeLost",
                        "Terminated", "Shutdown", "NodeShutdown", "UnexpectedAdmissionError"}
-# ExitCode.NAN_LOSS -> "NanLoss": the reason of the Failed/Restarting condition.
-_EXIT_REASONS = {int(code): "".join(w.capitalize() for w in code.name.split("_")) for code in ExitCode if code}
+_PLAIN_EXIT_REASONS = ("Error", "Completed")
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class PodView:
     stage: str
     attempt: int
     node_rank: int
-    phase: str = "Pending"  # Pending, Running, Succeeded, Failed, Unknown
+    phase: str = PENDING  # Pending, Running, Succeeded, Failed, Unknown; or Missing
     deleting: bool = False  # has a deletionTimestamp
     exit_code: int | None = None
     reason: str = ""  # pod reason (Evicted) or container termination reason (OOMKilled, Error)
@@ -54,7 +60,7 @@ class PodView:
 
     @property
     def finished(self) -> bool:
-        return self.phase in ("Succeeded", "Failed")
+        return self.phase in FINISHED_PHASES
 
 
 def _time(value: Any) -> datetime | None:
@@ -67,8 +73,6 @@ def _time(value: Any) -> datetime | None:
 
 def observe_pod(pod: Mapping[str, Any]) -> PodView:
     """A pod dict (as the API server or kopf gives it) -> PodView. Labels name the stage and attempt."""
-    from mmalign.api.keys import LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
-
     metadata = pod.get("metadata") or {}
     labels = metadata.get("labels") or {}
     status = pod.get("status") or {}
@@ -83,10 +87,10 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
             reason = reason or terminated.get("reason") or ""
             message = message or terminated.get("message") or ""
             finished_at = _time(terminated.get("finishedAt"))
-    conditions = status.get("conditions") or []
-    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions)
+    pod_conditions = status.get("conditions") or []
+    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in pod_conditions)
     waiting = ""
-    for condition in conditions:
+    for condition in pod_conditions:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             waiting = f"{condition.get('reason') or 'Unschedulable'}: {condition.get('message') or ''}".rstrip(": ")
     for container in status.get("containerStatuses") or []:
@@ -99,7 +103,7 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
         stage=labels.get(LABEL_STAGE, ""),
         attempt=int(labels.get(LABEL_ATTEMPT, "0")),
         node_rank=int(labels.get(LABEL_NODE_RANK, "0")),
-        phase=status.get("phase") or "Pending",
+        phase=status.get("phase") or PENDING,
         deleting=bool(metadata.get("deletionTimestamp")),
         exit_code=exit_code,
         reason=reason,
@@ -123,23 +127,24 @@ class Failure:
 def classify(pod: PodView, retryable_exit_codes: Iterable[int]) -> Failure:
     """One failed (or vanished) pod -> retryable or permanent, with a reason a user can act on."""
     if pod.disrupted or pod.reason in _DISRUPTION_REASONS:
-        why = pod.reason or "Disrupted"
+        why = pod.reason or conditions.DISRUPTED
         return Failure(True, why, f"pod {pod.name} was {why.lower()}: {pod.message}".rstrip(": "), pod.name)
-    if pod.deleting and not pod.finished or pod.phase == "Missing":
-        return Failure(True, "PodDeleted", f"pod {pod.name} was deleted while the stage ran", pod.name)
+    if pod.deleting and not pod.finished or pod.phase == MISSING:
+        return Failure(True, conditions.POD_DELETED, f"pod {pod.name} was deleted while the stage ran", pod.name)
     code = pod.exit_code
     if code is None:
-        return Failure(True, "PodFailed", f"pod {pod.name} failed without an exit code ({pod.reason})",
+        return Failure(True, conditions.POD_FAILED, f"pod {pod.name} failed without an exit code ({pod.reason})",
                        pod.name)
     detail = f"pod {pod.name} exited with code {code}"
-    if pod.reason and pod.reason not in ("Error", "Completed"):
+    if pod.reason and pod.reason not in _PLAIN_EXIT_REASONS:
         detail += f" ({pod.reason})"
     if pod.message:
         detail += f": {pod.message.strip()[-300:]}"
     if code >= 128:
-        return Failure(True, f"Signal{code - 128}" if pod.reason != "OOMKilled" else "OOMKilled", detail,
+        oom = pod.reason == conditions.OOM_KILLED
+        return Failure(True, conditions.OOM_KILLED if oom else conditions.signal_reason(code - 128), detail,
                        pod.name, code)
-    reason = _EXIT_REASONS.get(code, f"ExitCode{code}")
+    reason = conditions.exit_reason(code)
     if code in set(retryable_exit_codes):
         return Failure(True, reason, detail + " (retryable by runPolicy.retryableExitCodes)", pod.name, code)
     return Failure(False, reason, detail + " (permanent: fix the cause, then re-create the job)", pod.name,
@@ -158,16 +163,16 @@ class GangState:
 def _failure_order(pod: PodView) -> tuple[float, int]:
     # Root cause first: a vanished/deleted/disrupted pod, then the earliest exit; on a tie (same
     # second) a signal (something killed it) beats an exit code (a peer reacting to it).
-    vanished = pod.phase == "Missing" or pod.deleting or pod.disrupted
+    vanished = pod.phase == MISSING or pod.deleting or pod.disrupted
     signal = (pod.exit_code or 0) >= 128
     when = pod.finished_at.timestamp() if pod.finished_at and not vanished else float("-inf")
     return (when, 0 if vanished else 1 if signal else 2)
 
 
 def gang_state(pods: list[PodView], nodes: int, run_policy: RunPolicy, now: datetime) -> GangState:
-    """The pods of ONE attempt (missing ones given as phase "Missing") -> the gang's state."""
-    failed = [p for p in pods if p.phase in ("Failed", "Missing") or (p.deleting and not p.finished)]
-    running = sum(1 for p in pods if p.phase == "Running" and not p.deleting)
+    """The pods of ONE attempt (missing ones given as phase MISSING) -> the gang's state."""
+    failed = [p for p in pods if p.phase in (FAILED, MISSING) or (p.deleting and not p.finished)]
+    running = sum(1 for p in pods if p.phase == RUNNING and not p.deleting)
     if failed:
         first = min(failed, key=_failure_order)
         failure = classify(first, run_policy.retryable_exit_codes)
@@ -175,7 +180,7 @@ def gang_state(pods: list[PodView], nodes: int, run_policy: RunPolicy, now: date
             if (now - first.finished_at).total_seconds() < SETTLE_SECONDS:
                 return GangState("Settling", failure, running)
         return GangState("Failed", failure, running)
-    succeeded = [p for p in pods if p.phase == "Succeeded"]
+    succeeded = [p for p in pods if p.phase == SUCCEEDED]
     if len(succeeded) >= nodes:
         return GangState("Succeeded", None, 0)
     if running:

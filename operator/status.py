@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
 
-from mmalign.api import layout
+from mmalign.api import conditions, layout
+from mmalign.api.conditions import ConditionStatus, ConditionType
 from mmalign.api.layout import StageName
 from mmalign.api.progress import ProgressReport
 from mmalign.api.spec import STAGE_ORDER, AlignmentJobSpec
 from mmalign.api.status import AlignmentJobStatus, Condition, StageProgress, StageStatus
 from mmalign.operator.builders import pod_name
-from mmalign.operator.policy import PodView, deadline_exceeded, gang_state, ttl_expires_at
+from mmalign.operator.policy import MISSING, PodView, deadline_exceeded, gang_state, ttl_expires_at
 
 # How soon to look again while something is about to change (pods terminating, a gang starting).
 SOON = 1.0
@@ -46,7 +47,7 @@ class Observation:
 @dataclass(frozen=True)
 class Action:
     kind: Literal["create_gang", "delete_pods", "delete_service", "delete_job"]
-    stage: str = ""
+    stage: StageName | Literal[""] = ""  # create_gang's
     attempt: int = 0
     pods: tuple[str, ...] = ()
     reason: str = ""
@@ -70,7 +71,7 @@ class Plan:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
     def delete(self, pods: list[PodView], reason: str) -> None:
-        names = tuple(p.name for p in pods if not p.deleting and p.phase != "Missing")
+        names = tuple(p.name for p in pods if not p.deleting and p.phase != MISSING)
         if names:
             self.actions.append(Action("delete_pods", pods=names, reason=reason))
 
@@ -84,7 +85,8 @@ def parse_time(value: str | None) -> datetime | None:
 
 
 def set_condition(
-    status: AlignmentJobStatus, type_: str, value: str, reason: str, message: str, now: datetime
+    status: AlignmentJobStatus, type_: ConditionType, value: ConditionStatus, reason: str, message: str,
+    now: datetime,
 ) -> bool:
     """Set a condition; lastTransitionTime changes only when its status flips. True when it flipped."""
     for condition in status.conditions:
@@ -100,18 +102,20 @@ def set_condition(
     return True
 
 
-def clear_condition(status: AlignmentJobStatus, type_: str, reason: str, message: str, now: datetime) -> None:
+def clear_condition(
+    status: AlignmentJobStatus, type_: ConditionType, reason: str, message: str, now: datetime
+) -> None:
     """Turn a condition False if it is there (conditions appear the first time they become True)."""
     if any(c.type == type_ and c.status == "True" for c in status.conditions):
         set_condition(status, type_, "False", reason, message, now)
 
 
-def condition_true(status: AlignmentJobStatus, type_: str) -> bool:
+def condition_true(status: AlignmentJobStatus, type_: ConditionType) -> bool:
     return any(c.type == type_ and c.status == "True" for c in status.conditions)
 
 
 def _stage(status: AlignmentJobStatus, name: str) -> StageStatus:
-    entry = getattr(status.stages, name)
+    entry: StageStatus | None = getattr(status.stages, name)
     assert entry is not None, name
     return entry
 
@@ -130,10 +134,10 @@ class _Reconciler:
     def event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         self.plan.events.append(Event(type_, reason, message))
 
-    def condition(self, type_: str, value: str, reason: str, message: str) -> bool:
+    def condition(self, type_: ConditionType, value: ConditionStatus, reason: str, message: str) -> bool:
         return set_condition(self.status, type_, value, reason, message, self.now)
 
-    def clear(self, type_: str, reason: str, message: str) -> None:
+    def clear(self, type_: ConditionType, reason: str, message: str) -> None:
         clear_condition(self.status, type_, reason, message, self.now)
 
     def pods_of(self, stage: str, attempt: int | None = None) -> list[PodView]:
@@ -154,9 +158,9 @@ class _Reconciler:
                 entry.artifact = spec.artifact_uri(name)
             elif entry is None:
                 setattr(status.stages, name, StageStatus(phase="Skipped", message="not in spec.stages"))
-        if not any(c.type == "Created" for c in status.conditions):
-            self.condition("Created", "True", "JobAccepted", f"stages: {', '.join(enabled)}")
-            self.event("Normal", "Created", f"accepted: stages {', '.join(enabled)}")
+        if not any(c.type == conditions.CREATED for c in status.conditions):
+            self.condition(conditions.CREATED, "True", conditions.JOB_ACCEPTED, f"stages: {', '.join(enabled)}")
+            self.event("Normal", conditions.EVENT_CREATED, f"accepted: stages {', '.join(enabled)}")
         self.spec_refusal()
 
         if status.phase in ("Succeeded", "Failed"):
@@ -165,16 +169,16 @@ class _Reconciler:
         active = next((s for s in enabled if _stage(status, s).phase != "Succeeded"), None)
         run_policy = spec.run_policy
         if not run_policy.suspend and deadline_exceeded(parse_time(status.start_time), self.now, run_policy):
-            self.fail(active, "DeadlineExceeded",
+            self.fail(active, conditions.DEADLINE_EXCEEDED,
                       f"the job was active longer than runPolicy.activeDeadlineSeconds="
                       f"{run_policy.active_deadline_seconds}s")
             return self.plan
         if run_policy.suspend:
             self.suspend(active)
             return self.plan
-        if condition_true(status, "Suspended"):
-            self.condition("Suspended", "False", "Resumed", "runPolicy.suspend is false")
-            self.event("Normal", "Resumed", f"resuming stage {active}" if active else "resumed")
+        if condition_true(status, conditions.SUSPENDED):
+            self.condition(conditions.SUSPENDED, "False", conditions.RESUMED, "runPolicy.suspend is false")
+            self.event("Normal", conditions.EVENT_RESUMED, f"resuming stage {active}" if active else "resumed")
             if active:
                 _stage(status, active).phase = "Pending"
         while active is not None:
@@ -189,10 +193,11 @@ class _Reconciler:
         if paths:
             message = (f"spec change refused, unsafe while the job runs: {', '.join(paths)}. The job "
                        "continues with its previous spec; revert the change, or delete and re-create the job.")
-            if self.condition("SpecChangeRefused", "True", "UnsafeSpecChange", message):
-                self.event("Warning", "SpecChangeRefused", message)
+            if self.condition(conditions.SPEC_CHANGE_REFUSED, "True", conditions.UNSAFE_SPEC_CHANGE, message):
+                self.event("Warning", conditions.EVENT_SPEC_CHANGE_REFUSED, message)
         else:
-            self.clear("SpecChangeRefused", "SpecMatches", "the spec in use matches the job's spec")
+            self.clear(conditions.SPEC_CHANGE_REFUSED, conditions.SPEC_MATCHES,
+                       "the spec in use matches the job's spec")
 
     # -------------------------------------------------------------------------------- one stage
 
@@ -216,7 +221,7 @@ class _Reconciler:
             if entry.start_time is None:
                 entry.start_time = self.stamp
                 status.progress = ""
-                self.event("Normal", "StageStarted",
+                self.event("Normal", conditions.EVENT_STAGE_STARTED,
                            f"stage {name}: {nodes} pods x {spec.resources.proc_per_node} processes")
             if entry.phase != "Restarting":
                 entry.phase = "Pending"
@@ -231,7 +236,7 @@ class _Reconciler:
 
         seen = {p.node_rank for p in current}
         views = current + [
-            PodView(pod_name(self.obs.job_name, name, entry.attempt, node), name, entry.attempt, node, "Missing")
+            PodView(pod_name(self.obs.job_name, name, entry.attempt, node), name, entry.attempt, node, MISSING)
             for node in range(spec.resources.nodes) if node not in seen
         ]
         gang = gang_state(views, spec.resources.nodes, spec.run_policy, self.now)
@@ -242,7 +247,7 @@ class _Reconciler:
             if not failure.retryable:
                 self.fail(name, failure.reason, failure.message)
             elif entry.restarts >= spec.run_policy.backoff_limit:
-                self.fail(name, "BackoffLimitExceeded",
+                self.fail(name, conditions.BACKOFF_LIMIT_EXCEEDED,
                           f"{entry.restarts} gang restarts used (runPolicy.backoffLimit="
                           f"{spec.run_policy.backoff_limit}); last failure: {failure.message}")
             else:
@@ -252,18 +257,20 @@ class _Reconciler:
             entry.phase = "Succeeded"
             entry.completion_time = self.stamp
             entry.message = f"attempt {entry.attempt} succeeded"
-            self.event("Normal", "StageSucceeded", f"stage {name} succeeded; output: {entry.artifact}")
-            self.clear("Restarting", "GangSucceeded", f"stage {name} succeeded")
+            self.event("Normal", conditions.EVENT_STAGE_SUCCEEDED,
+                       f"stage {name} succeeded; output: {entry.artifact}")
+            self.clear(conditions.RESTARTING, conditions.GANG_SUCCEEDED, f"stage {name} succeeded")
             return True
         if gang.state in ("Running", "Settling"):
             entry.phase = "Running"
             entry.message = f"attempt {entry.attempt}: {gang.running}/{spec.resources.nodes} pods running"
             if status.phase != "Running":
-                self.event("Normal", "Running", f"stage {name}: {entry.message}")
+                self.event("Normal", conditions.EVENT_RUNNING, f"stage {name}: {entry.message}")
             status.phase = "Running"
             status.message = f"stage {name}: {entry.message}"
-            self.condition("Running", "True", "StageRunning", f"stage {name} is running")
-            self.clear("Restarting", "GangRunning", f"stage {name}: attempt {entry.attempt} is running")
+            self.condition(conditions.RUNNING, "True", conditions.STAGE_RUNNING, f"stage {name} is running")
+            self.clear(conditions.RESTARTING, conditions.GANG_RUNNING,
+                       f"stage {name}: attempt {entry.attempt} is running")
             if gang.state == "Settling":
                 self.plan.soon(SOON)
             return False
@@ -304,9 +311,9 @@ class _Reconciler:
                          f"(restart {entry.restarts}/{spec.run_policy.backoff_limit}), resuming from {resume}")
         status.phase = "Restarting"
         status.message = f"stage {name}: {entry.message}"
-        self.condition("Restarting", "True", reason, status.message)
-        self.clear("Running", "Restarting", f"stage {name} is restarting")
-        self.event("Warning", "GangRestarting", status.message)
+        self.condition(conditions.RESTARTING, "True", reason, status.message)
+        self.clear(conditions.RUNNING, conditions.NOW_RESTARTING, f"stage {name} is restarting")
+        self.event("Warning", conditions.EVENT_GANG_RESTARTING, status.message)
         self.plan.soon(SOON)
 
     # -------------------------------------------------------------------------------- job-level
@@ -327,10 +334,10 @@ class _Reconciler:
         status.phase = "Suspended"
         status.message = message
         status.start_time = None  # like a batch Job: activeDeadlineSeconds counts from the resume
-        if self.condition("Suspended", "True", "JobSuspended", message):
-            self.event("Normal", "Suspended", message)
-        self.clear("Running", "Suspended", "the job is suspended")
-        self.clear("Restarting", "Suspended", "the job is suspended")
+        if self.condition(conditions.SUSPENDED, "True", conditions.JOB_SUSPENDED, message):
+            self.event("Normal", conditions.EVENT_SUSPENDED, message)
+        self.clear(conditions.RUNNING, conditions.NOW_SUSPENDED, "the job is suspended")
+        self.clear(conditions.RESTARTING, conditions.NOW_SUSPENDED, "the job is suspended")
 
     def fail(self, stage: str | None, reason: str, message: str) -> None:
         status = self.status
@@ -342,20 +349,20 @@ class _Reconciler:
         status.phase = "Failed"
         status.completion_time = self.stamp
         status.message = f"stage {stage}: {message}" if stage else message
-        self.condition("Failed", "True", reason, status.message)
-        self.clear("Running", reason, "the job failed")
-        self.clear("Restarting", reason, "the job failed")
-        self.event("Warning", "Failed", f"{reason}: {status.message}")
+        self.condition(conditions.FAILED, "True", reason, status.message)
+        self.clear(conditions.RUNNING, reason, "the job failed")
+        self.clear(conditions.RESTARTING, reason, "the job failed")
+        self.event("Warning", conditions.EVENT_FAILED, f"{reason}: {status.message}")
         self.finished(just_now=True)
 
-    def succeed(self, enabled: list[str]) -> None:
+    def succeed(self, enabled: list[StageName]) -> None:
         status = self.status
         status.phase = "Succeeded"
         status.completion_time = self.stamp
         status.message = f"stages {', '.join(enabled)} succeeded"
-        self.condition("Succeeded", "True", "AllStagesSucceeded", status.message)
-        self.clear("Running", "Succeeded", "the job succeeded")
-        self.event("Normal", "Succeeded", status.message)
+        self.condition(conditions.SUCCEEDED, "True", conditions.ALL_STAGES_SUCCEEDED, status.message)
+        self.clear(conditions.RUNNING, conditions.NOW_SUCCEEDED, "the job succeeded")
+        self.event("Normal", conditions.EVENT_SUCCEEDED, status.message)
         self.finished(just_now=True)
 
     def finished(self, just_now: bool = False) -> None:

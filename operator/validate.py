@@ -63,7 +63,7 @@ def _path(loc: tuple[Any, ...]) -> str:
 
 
 def _message(error: Any) -> str:  # pydantic's ErrorDetails
-    msg = error["msg"].removeprefix("Value error, ")
+    msg: str = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return "unknown field (check the spelling; `kubectl explain aj.spec` lists the fields)"
     if error["type"] == "missing":

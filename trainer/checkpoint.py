@@ -1,15 +1,17 @@
 """Checkpoints in object storage, and exact resume.
 
-Protocol (one stage's prefix `P = spec.checkpoint_uri(stage)`, e.g. s3://bucket/job/dpo/checkpoints/):
+Protocol (one stage's prefix `P = spec.checkpoint_uri(stage)`, e.g. s3://bucket/job/dpo/checkpoints/;
+the names are mmalign.api.layout's):
 
     P/step-00000010/<DeepSpeed shard files>     every rank uploads the files IT wrote
     P/step-00000010/rng-rank-00001.pt           every rank's RNG state (torch, python, cuda)
     P/step-00000010/_done/rank-00001.json       "rank 1 finished": its files, sizes, sha256, run nonce
     P/latest                                    the marker, written LAST by rank 0
 
-1. `save(step)` (all ranks): DeepSpeed writes this rank's shards to a node-local folder; then the
-   rank uploads them (parallel multipart, checksums verified, transfer.upload_file) and writes its
-   `_done/rank-N.json`. With `async_upload` the upload runs in a background thread, joined before the
+1. `save(step, last=...)` (all ranks, after every optimizer step): the checkpointer owns the schedule
+   and does nothing unless a save is due (every `everySteps` steps, and at the last step). When it is,
+   DeepSpeed writes this rank's shards to a node-local folder; then the rank uploads them (parallel
+   multipart, checksums verified, transfer.upload_file) and writes its `_done/rank-N.json`. With `async_upload` the upload runs in a background thread, joined before the
    next save and at `finish()`; training goes on meanwhile.
 2. Rank 0 waits until every rank's `_done` object of THIS run (nonce) exists, then writes `latest`
    (step, tag, files with sizes and sha256, world size) and deletes all but the newest `keep_last`
@@ -32,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -42,15 +43,16 @@ from typing import Any, Protocol
 
 import torch
 
+from mmalign.api import layout
 from mmalign.api.exit_codes import ExitCode
 
 from . import storage, transfer
+from .context import scratch_root
 from .engine import Distributed
 
 log = logging.getLogger(__name__)
 
-MARKER = "latest"
-_STEP_DIR = re.compile(r"^step-(\d{8})/")
+_STEP_DIR = re.compile(layout.CHECKPOINT_TAG_PATTERN)
 
 
 class CheckpointMismatch(Exception):
@@ -72,16 +74,6 @@ class CheckpointInfo:
     step: int
     tag: str
     uri: str  # the step's prefix
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def default_local_root(job: str, stage: str) -> Path:
-    """Node-local scratch for shards: MMALIGN_LOCAL_DIR or the temp folder."""
-    base = os.environ.get("MMALIGN_LOCAL_DIR") or tempfile.gettempdir()
-    return Path(base) / f"mmalign-{job}-{stage}"
 
 
 class Checkpointer:
@@ -107,22 +99,24 @@ class Checkpointer:
     @classmethod
     def for_stage(cls, spec: Any, job_name: str, stage: str, dist: Distributed) -> Checkpointer:
         c = spec.checkpoint
-        return cls(spec.checkpoint_uri(stage), dist, default_local_root(job_name, stage), c.every_steps,
+        return cls(spec.checkpoint_uri(stage), dist, scratch_root(job_name, stage), c.every_steps,
                    c.keep_last, c.async_upload)
-
-    def due(self, step: int) -> bool:
-        return step > 0 and step % self.every_steps == 0
 
     # ------------------------------------------------------------------------------ save
 
-    def save(self, engine: SavesShards, step: int, client_state: dict[str, Any]) -> CheckpointInfo:
-        """Write this rank's shards for `step` and upload them (in the background if async)."""
+    def save(self, engine: SavesShards, step: int, client_state: dict[str, Any], last: bool = False,
+             ) -> CheckpointInfo | None:
+        """Called after every optimizer step; saves when one is due (every `every_steps` steps, and at
+        the `last` step, so a finished stage always ends on a checkpoint), else returns None. Writes
+        this rank's shards for `step` and uploads them (in the background if async)."""
+        if not (last or (step > 0 and step % self.every_steps == 0)):
+            return None
         self.wait()  # the previous upload must finish (and its errors surface) first
-        tag = tag_for(step)
+        tag = layout.checkpoint_tag(step)
         rank_folder = self.local_root / "save" / f"rank-{self.dist.rank:05d}"
         shutil.rmtree(rank_folder / tag, ignore_errors=True)
         engine.save(str(rank_folder), tag, {**client_state, "step": step})
-        torch.save(_rng_state(), rank_folder / tag / f"rng-rank-{self.dist.rank:05d}.pt")
+        torch.save(_rng_state(), rank_folder / tag / layout.rank_rng_name(self.dist.rank))
         info = CheckpointInfo(step, tag, storage.join(self.uri, tag) + "/")
         if self.async_upload:
             self._thread = threading.Thread(
@@ -169,7 +163,7 @@ class Checkpointer:
             "nonce": self.nonce,
             "files": [{"name": f.relative, "size": f.size, "sha256": f.sha256} for f in files],
         }
-        storage.write_json(storage.join(info.uri, f"_done/rank-{self.dist.rank:05d}.json"), done)
+        storage.write_json(storage.join(info.uri, layout.rank_done_name(self.dist.rank)), done)
         shutil.rmtree(folder, ignore_errors=True)
 
     def _commit(self, info: CheckpointInfo) -> None:
@@ -180,7 +174,7 @@ class Checkpointer:
         while pending:
             for rank in sorted(pending):
                 try:
-                    done = storage.read_json(storage.join(info.uri, f"_done/rank-{rank:05d}.json"))
+                    done = storage.read_json(storage.join(info.uri, layout.rank_done_name(rank)))
                 except FileNotFoundError:
                     continue
                 if done.get("nonce") == self.nonce:
@@ -201,7 +195,7 @@ class Checkpointer:
             "files": [files[name] for name in sorted(files)],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        storage.write_json(storage.join(self.uri, MARKER), marker)  # the commit point
+        storage.write_json(storage.join(self.uri, layout.MARKER), marker)  # the commit point
         self.last_committed = info
         log.info("checkpoint %s committed (%d files)", info.uri, len(files))
         self._prune(info.step)
@@ -211,13 +205,13 @@ class Checkpointer:
                         if (m := _STEP_DIR.match(o.relative))})
         older = [s for s in steps if s <= latest_step]
         for step in older[:-self.keep_last]:
-            storage.delete_prefix(storage.join(self.uri, tag_for(step)) + "/")
+            storage.delete_prefix(storage.join(self.uri, layout.checkpoint_tag(step)) + "/")
 
     # ------------------------------------------------------------------------------ restore
 
     def read_marker(self) -> dict[str, Any] | None:
         try:
-            return storage.read_json(storage.join(self.uri, MARKER))
+            return storage.read_json(storage.join(self.uri, layout.MARKER))
         except FileNotFoundError:
             return None
 
@@ -230,12 +224,11 @@ class Checkpointer:
             return None
         if int(marker["world_size"]) != self.dist.world_size:
             raise CheckpointMismatch(
-                f"{self.uri}latest (step {marker['step']}) was written by {marker['world_size']} ranks but "
-                f"this gang has {self.dist.world_size}: ZeRO partitions are per rank. Run with "
+                f"{self.uri}{layout.MARKER} (step {marker['step']}) was written by {marker['world_size']} "
+                f"ranks but this gang has {self.dist.world_size}: ZeRO partitions are per rank. Run with "
                 "resources.nodes x procPerNode as before, or delete the checkpoints to start the stage over"
             )
-        node = os.environ.get("GROUP_RANK", "0")
-        folder = self.local_root / "restore" / f"node-{node}"
+        folder = self.local_root / "restore" / f"node-{self.dist.node_rank}"
         tag = marker["tag"]
         if self.dist.is_local_rank_0:
             shutil.rmtree(folder, ignore_errors=True)
@@ -244,7 +237,7 @@ class Checkpointer:
             )
         self.dist.barrier()
         client_state = engine.load(str(folder), tag)
-        rng_file = folder / tag / f"rng-rank-{self.dist.rank:05d}.pt"
+        rng_file = folder / tag / layout.rank_rng_name(self.dist.rank)
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=False))
         self.dist.barrier()

@@ -40,8 +40,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmalign train", description="Run one stage of an AlignmentJob.")
     parser.add_argument("--job", required=True, help="AlignmentJob YAML file (the whole document)")
     parser.add_argument("--stage", required=True, choices=STAGE_ORDER)
-    parser.add_argument("--storage", help="override spec.storage.uri (s3://..., file://... or a path)")
+    add_storage_argument(parser)
     return parser.parse_args(argv)
+
+
+def add_storage_argument(parser: argparse.ArgumentParser) -> None:
+    """`--storage URI`, the one flag of `mmalign train`, `mmalign launch` and `mmalign run --local`."""
+    parser.add_argument("--storage", help="override spec.storage.uri (s3://..., file://... or a path)")
 
 
 def storage_override(uri: str) -> str:
@@ -119,7 +124,7 @@ def run_stage(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.job, args.storage)
         from mmalign.trainer import engine, storage
-        from mmalign.trainer.stages.common import Context
+        from mmalign.trainer.context import Context
 
         storage.configure_from_spec(manifest.spec.storage)
         dist = engine.init_distributed()

@@ -1,12 +1,17 @@
 """Token batches for the three stages: (chosen, rejected) pairs, reward sequences, generation prompts.
 
-    examples = [collate.Example.from_pair(p, loader.load(p)) for p in pairs]     # B pairs
-    batch = collate.collate_pairs(examples, processor, max_length=2048)       # 2B rows, 1 forward
-    batch = collate.collate_reward(examples, processor, critique=True)        # RM: + critique tokens
-    batch = collate.collate_generation(examples, processor)                   # left-padded prompts
+A stage builds ONE Collator when it starts (processor, media loader, max length, device; the chat
+template is read from the processor once) and turns preference pairs (or ready `Example`s) into batches:
 
-Row order is always [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}], so `logps[:B]` are the
-chosen and `logps[B:]` the rejected sequences of the same pairs.
+    collator = collate.Collator(processor, loader, max_length=2048, device=dist.device)
+    batch = collator.pairs(pairs)                          # B pairs -> 2B rows, 1 forward (DPO)
+    batch = collator.reward(pairs, critique=True)          # RM: + annotated critique tokens
+    batch = collator.reward(pairs, critiques=generated)    # RM: + the given (chosen, rejected) critiques
+    batch = collator.generation(pairs)                     # left-padded critique-generation prompts
+    chosen, rejected = batch.split(logps)                  # (2B, ...) per-row values -> (B, ...) halves
+
+Row order is always [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]: `Batch.split` is the
+one place that slices the halves.
 
 Images are processed ONCE per pair. `Batch.vision` holds the processor's pixel tensors for the B pairs
 only; `logprobs.forward_hidden` runs the vision encoder on them once and hands the resulting features
@@ -33,11 +38,18 @@ prompts are never cut (their image tokens must stay whole).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+if TYPE_CHECKING:
+    from mmalign.trainer.data import PreferencePair
+    from mmalign.trainer.media import MediaLoader
+
 CRITIQUE_REQUEST = "Critique the answer above."
+
+_Rows = TypeVar("_Rows", torch.Tensor, list[Any])  # per-row values of a batch: a (R, ...) tensor or a list
 
 
 @dataclasses.dataclass
@@ -76,6 +88,14 @@ class Batch:
     def pairs(self) -> int:
         return self.rows // self.repeats
 
+    def split(self, values: _Rows) -> tuple[_Rows, _Rows]:
+        """(chosen, rejected): the halves [:B] and [B:] of a per-row (2B, ...) tensor or list of 2B
+        values (log-probs, scores, generated texts) of this batch's rows."""
+        if self.repeats != 2 or len(values) != self.rows:
+            raise ValueError(f"split: expected {self.rows} values of a (chosen, rejected) batch, "
+                             f"got {len(values)} (repeats {self.repeats})")
+        return values[:self.pairs], values[self.pairs:]
+
     def last_token_index(self) -> torch.Tensor:
         """(R,) index of each row's last real token (right padding): where a score head reads."""
         positions = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
@@ -108,7 +128,7 @@ class Batch:
 # ------------------------------------------------------------------------------------ templates
 
 
-class _Template:
+class Template:
     """Chat formatting and vision placeholders for one processor (read once from its class)."""
 
     def __init__(self, processor: Any) -> None:
@@ -149,7 +169,7 @@ class _Template:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def _encode_prompts(template: _Template, examples: list[Example]) -> tuple[list[list[int]], list[list[int]] | None, dict[str, torch.Tensor]]:
+def _encode_prompts(template: Template, examples: list[Example]) -> tuple[list[list[int]], list[list[int]] | None, dict[str, torch.Tensor]]:
     """Prompt token ids per example (image placeholders expanded), mm token types, pixel inputs."""
     texts = [template.prompt(e.prompt, len(e.images) if template.kind != "text" else 0) for e in examples]
     if template.kind == "text" or not any(e.images for e in examples):
@@ -219,58 +239,91 @@ def _pad(rows: list[_Row], pad_id: int, kind: str, repeats: int, vision: dict[st
 # ------------------------------------------------------------------------------------ public
 
 
-def collate_pairs(examples: list[Example], processor: Any, max_length: int = 2048) -> Batch:
-    """B pairs -> 2B rows (chosen then rejected): prompt + response; response_mask on the response."""
-    template = _Template(processor)
-    prompts, types, vision = _encode_prompts(template, examples)
-    rows = []
-    for side in ("chosen", "rejected"):
-        for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
-            response = template.ids(getattr(example, side) + template.end)
-            row = _Row([(prompt, "prompt"), (response, "response")], types[i] if types else None)
-            rows.append(_truncate(row, max_length))
-    return _pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision)
+class Collator:
+    """Pairs -> token batches for one stage, with everything but the pairs bound once.
 
+    `processor`: the model's processor (VLM) or tokenizer (text model); `loader` loads a
+    PreferencePair's images/frames (not needed when the caller passes ready `Example`s); every row is
+    cut to `max_length` tokens; batches are moved to `device` (None: left on the CPU)."""
 
-def collate_reward(examples: list[Example], processor: Any, critique: bool = True,
-                   max_length: int = 2048, critiques: list[tuple[str, str]] | None = None) -> Batch:
-    """Reward-model rows: prompt + response [+ critique request + critique]; 2B rows as above.
+    def __init__(self, processor: Any, loader: MediaLoader | None = None, max_length: int = 2048,
+                 device: torch.device | str | None = None) -> None:
+        self.processor = processor
+        self.template = Template(processor)  # chat markers and vision placeholders, read once
+        self.loader = loader
+        self.max_length = max_length
+        self.device = device
+        tokenizer = self.template.tokenizer
+        ids = {tokenizer.convert_tokens_to_ids(self.template.end)} if self.template.end else set()
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        # Token ids that end a generated critique (`eos_token_id` for generate).
+        self.end_of_turn_ids: list[int] = sorted(ids)
 
-    `critiques`: (chosen, rejected) critique texts per pair to use instead of the annotated ones (the
-    score stage passes the generated critiques). critique_mask marks the critique text + end token."""
-    template = _Template(processor)
-    prompts, types, vision = _encode_prompts(template, examples)
-    rows = []
-    for side_index, side in enumerate(("chosen", "rejected")):
-        for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
-            pieces = [(prompt, "prompt"), (template.ids(getattr(example, side) + template.end), "response")]
-            if critique:
-                text = critiques[i][side_index] if critiques else getattr(example, f"{side}_critique")
-                pieces += [(template.ids(template.critique_request()), "request"),
-                           (template.ids(text + template.end), "critique")]
-            rows.append(_truncate(_Row(pieces, types[i] if types else None), max_length))
-    return _pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision)
+    @property
+    def tokenizer(self) -> Any:
+        return self.template.tokenizer
 
+    def examples(self, items: Sequence[Example | PreferencePair]) -> list[Example]:
+        """Each pair with its media loaded (in order); `Example`s pass through as they are."""
+        out = []
+        for item in items:
+            if isinstance(item, Example):
+                out.append(item)
+            elif self.loader is None:
+                raise ValueError("Collator: preference pairs need a media loader (Collator(processor, loader))")
+            else:
+                out.append(Example.from_pair(item, self.loader.load(item)))
+        return out
 
-def collate_generation(examples: list[Example], processor: Any, max_length: int = 2048) -> Batch:
-    """Left-padded critique-generation prompts: prompt + response + critique request, 2B rows
-    (chosen then rejected). Feed `batch.model_inputs()` to `model.generate`; new tokens start at
-    column `batch.input_ids.shape[1]`."""
-    template = _Template(processor)
-    prompts, types, vision = _encode_prompts(template, examples)
-    rows = []
-    for side in ("chosen", "rejected"):
-        for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
-            pieces = [(prompt, "prompt"), (template.ids(getattr(example, side) + template.end), "response"),
-                      (template.ids(template.critique_request()), "request")]
-            rows.append(_truncate(_Row(pieces, types[i] if types else None), max_length))
-    return _pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision, left=True)
+    def pairs(self, items: Sequence[Example | PreferencePair]) -> Batch:
+        """B pairs -> 2B rows (chosen then rejected): prompt + response; response_mask on the response."""
+        examples = self.examples(items)
+        template = self.template
+        prompts, types, vision = _encode_prompts(template, examples)
+        rows = []
+        for side in ("chosen", "rejected"):
+            for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
+                response = template.ids(getattr(example, side) + template.end)
+                row = _Row([(prompt, "prompt"), (response, "response")], types[i] if types else None)
+                rows.append(_truncate(row, self.max_length))
+        return self._move(_pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision))
 
+    def reward(self, items: Sequence[Example | PreferencePair], critique: bool = True,
+               critiques: Sequence[tuple[str, str]] | None = None) -> Batch:
+        """Reward-model rows: prompt + response [+ critique request + critique]; 2B rows as above.
 
-def end_of_turn_ids(processor: Any) -> list[int]:
-    """Token ids that end a generated critique (pass as `eos_token_id` to generate)."""
-    template = _Template(processor)
-    ids = {template.tokenizer.convert_tokens_to_ids(template.end)} if template.end else set()
-    if template.tokenizer.eos_token_id is not None:
-        ids.add(template.tokenizer.eos_token_id)
-    return sorted(ids)
+        `critique`: add the critique (critique_mask marks the critique text + end token); `critiques`:
+        (chosen, rejected) critique texts per pair to use instead of the annotated ones (the score stage
+        passes the generated critiques)."""
+        examples = self.examples(items)
+        template = self.template
+        prompts, types, vision = _encode_prompts(template, examples)
+        rows = []
+        for side_index, side in enumerate(("chosen", "rejected")):
+            for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
+                pieces = [(prompt, "prompt"), (template.ids(getattr(example, side) + template.end), "response")]
+                if critique:
+                    text = critiques[i][side_index] if critiques else getattr(example, f"{side}_critique")
+                    pieces += [(template.ids(template.critique_request()), "request"),
+                               (template.ids(text + template.end), "critique")]
+                rows.append(_truncate(_Row(pieces, types[i] if types else None), self.max_length))
+        return self._move(_pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision))
+
+    def generation(self, items: Sequence[Example | PreferencePair]) -> Batch:
+        """Left-padded critique-generation prompts: prompt + response + critique request, 2B rows
+        (chosen then rejected). Feed `batch.model_inputs()` to `model.generate`; new tokens start at
+        column `batch.input_ids.shape[1]`."""
+        examples = self.examples(items)
+        template = self.template
+        prompts, types, vision = _encode_prompts(template, examples)
+        rows = []
+        for side in ("chosen", "rejected"):
+            for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
+                pieces = [(prompt, "prompt"), (template.ids(getattr(example, side) + template.end), "response"),
+                          (template.ids(template.critique_request()), "request")]
+                rows.append(_truncate(_Row(pieces, types[i] if types else None), self.max_length))
+        return self._move(_pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision, left=True))
+
+    def _move(self, batch: Batch) -> Batch:
+        return batch if self.device is None else batch.to(self.device)

@@ -28,7 +28,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +47,7 @@ class Distributed:
     local_rank: int
     local_world_size: int
     device: torch.device
+    node_rank: int = 0  # this node's index in the gang (torchrun's GROUP_RANK); 0 on a single node
 
     @property
     def is_rank_0(self) -> bool:
@@ -113,7 +114,7 @@ def _disable_shm_comm() -> None:
 
 
 def init_distributed() -> Distributed:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK, MASTER_*).
 
     A single process started without torchrun gets a world of one (MASTER_* defaulted to loopback).
     NCCL when CUDA is available, gloo otherwise. `MMALIGN_DIST_TIMEOUT_SECONDS` bounds collectives
@@ -145,6 +146,7 @@ def init_distributed() -> Distributed:
         local_rank=local_rank,
         local_world_size=int(os.environ["LOCAL_WORLD_SIZE"]),
         device=device,
+        node_rank=int(os.environ.get("GROUP_RANK", "0")),
     )
 
 
@@ -336,12 +338,20 @@ def register_external_parameters(module: torch.nn.Module, deepspeed_spec: Any) -
             return
 
 
-def frozen(model: torch.nn.Module, deepspeed_spec: Any, dist: Distributed) -> torch.nn.Module:
-    """A frozen model for inference (DPO reference, scoring): ZeRO-3-sharded under stage 3, else a plain
-    replica on this rank's device, in bf16 when the job uses bf16."""
+_Module = TypeVar("_Module", bound=torch.nn.Module)
+
+
+def frozen(model: _Module, deepspeed_spec: Any, dist: Distributed, *, shard: bool) -> _Module:
+    """A frozen model for inference (DPO reference, reference precompute, scoring), in eval mode.
+
+    `shard=True`: ZeRO-3-sharded over the ranks when the job runs ZeRO-3 on more than one rank. Every
+    rank must then run the same number of forward passes (each gathers parameters from all ranks), as
+    the DPO training loop does. `shard=False`: a whole replica on this rank's device, for passes whose
+    per-rank counts differ (the reference precompute's blocks, the score stage's shards). A replica is
+    cast to bf16 on GPU when the job uses bf16."""
     model.requires_grad_(False)
     model.eval()
-    if deepspeed_spec.zero_stage == 3 and dist.world_size > 1:
+    if shard and deepspeed_spec.zero_stage == 3 and dist.world_size > 1:
         import deepspeed
 
         config = {
@@ -351,7 +361,8 @@ def frozen(model: torch.nn.Module, deepspeed_spec: Any, dist: Distributed) -> to
         }
         engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
         engine.eval()
-        return engine.module
+        sharded: _Module = engine.module  # `model` itself, its parameters now ZeRO-3 partitions
+        return sharded
     if deepspeed_spec.bf16 and dist.device.type == "cuda":
         model = model.to(torch.bfloat16)
     return model.to(dist.device)

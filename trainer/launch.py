@@ -30,6 +30,7 @@ from typing import Any
 
 from mmalign.api import keys
 from mmalign.api.exit_codes import ExitCode
+from mmalign.trainer.cli import add_storage_argument
 
 
 def _log(message: str) -> None:
@@ -141,7 +142,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmalign launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", required=True, help="AlignmentJob YAML file (mounted from a ConfigMap)")
     parser.add_argument("--stage", required=True, choices=("reward", "score", "dpo"))
-    parser.add_argument("--storage", help="override spec.storage.uri")
+    add_storage_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 
 from mmalign.api.exit_codes import ExitCode
+from mmalign.trainer.cli import add_storage_argument
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -23,7 +24,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("job", help="AlignmentJob YAML file")
     parser.add_argument("--local", action="store_true", required=True,
                         help="run on this machine (the only mode of this command; clusters use kubectl apply)")
-    parser.add_argument("--storage", help="override spec.storage.uri (file://..., a folder, or s3://...)")
+    add_storage_argument(parser)
     parser.add_argument("--stages", help="comma-separated subset of the job's stages to run")
     return parser.parse_args(argv)
 

@@ -1,14 +1,21 @@
 """The MM-RLHF losses as pure tensor functions: log-probs or rewards in, `(loss, metrics)` out.
 
-No model, no data, no distributed calls here: the stages gather what a loss needs (e.g. β-DPO's
-all-gathered margins) and pass tensors. Every function cites its equation; tests/unit/test_losses.py
-checks each against an independent float64 reference and with gradcheck.
+No model, no data, no config, no distributed calls here: the stages gather what a loss needs (e.g.
+β-DPO's all-gathered margins) and pass tensors. Every function cites its equation;
+tests/unit/test_losses.py checks each against an independent float64 reference and with gradcheck.
 
-Notation (DESIGN.md, arXiv 2502.10391): r_w, r_l rewards of the chosen (winning) and rejected (losing)
-response; h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), log-probs summed over the
-response tokens; δ = r(y_w) − r(y_l) the reward-model margin of the score stage.
+Notation (arXiv 2502.10391): r_w, r_l rewards of the chosen (winning) and rejected (losing) response;
+h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), log-probs summed over the response
+tokens; δ = r(y_w) − r(y_l) the reward-model margin of the score stage.
 
-    loss, metrics = losses.DPO_LOSSES[spec.loss](inputs, spec)    # spec: config.DpoStage
+A stage binds its loss ONCE, with explicit constants, when it starts (stages/dpo.py `bind_loss`,
+stages/reward.py `bind_loss` turn the stage config into these objects), then calls it per micro-batch:
+
+    loss_fn = losses.DpoLoss("mm-dpo", beta=0.1, w=0.5, k=0.5, sft_weight=0.0)   # DRS on
+    loss_fn.needs_delta, loss_fn.needs_chosen_nll, loss_fn.needs_gathered_margins  # what to put in
+    loss, metrics = loss_fn(losses.DpoInputs(...))
+    reward_fn = losses.RewardLoss(critique=True, critique_weight=1.0, score_weight=1.0)
+    loss, metrics = reward_fn(chosen_scores, rejected_scores, critique_logps, critique_tokens)
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +91,7 @@ class DpoInputs:
     chosen_nll: torch.Tensor | None = None  # scalar mean_token_nll of the chosen responses (SFT term)
     delta: torch.Tensor | None = None  # reward margins δ from the score stage (mm-dpo)
     gathered_margins: torch.Tensor | None = None  # h of the GLOBAL batch, all ranks (beta-dpo)
+    generator: torch.Generator | None = None  # beta-dpo's subset draw: seeded the same on every rank
 
     def margins(self) -> torch.Tensor:
         """h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), (B,)."""
@@ -189,20 +196,96 @@ def beta_dpo_loss(inputs: DpoInputs, beta: float, w: float = BETA_DPO_W, sft_wei
     return dpo_loss(inputs, batch_beta, sft_weight)
 
 
-def _mm_dpo_from_spec(inputs: DpoInputs, spec: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, Metrics]:
-    scaling = spec.dynamic_reward_scaling
-    return mm_dpo_loss(inputs, spec.beta, scaling.w if scaling else None, scaling.k if scaling else None,
-                       spec.sft_weight)
+# ---------------------------------------------------------------------------------- bound losses
 
 
-def _beta_dpo_from_spec(inputs: DpoInputs, spec: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, Metrics]:
-    return beta_dpo_loss(inputs, spec.beta, getattr(spec, "beta_dpo_w", BETA_DPO_W), spec.sft_weight, generator)
+@dataclasses.dataclass(frozen=True)
+class RewardLoss:
+    """The reward-model loss with its constants bound: critique RM `a·NLL(critique) + b·BT` (critique
+    on) or the scalar RM `b·BT` (critique off); BT = bradley_terry_loss(margin m, centring c)."""
+
+    critique: bool = True
+    critique_weight: float = 1.0  # a
+    score_weight: float = 1.0  # b
+    margin: float = 0.0  # m
+    centering_weight: float = 0.0  # c
+
+    def __call__(self, chosen_scores: torch.Tensor, rejected_scores: torch.Tensor,
+                 critique_logps: torch.Tensor | None = None,
+                 critique_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, Metrics]:
+        """`chosen_scores`, `rejected_scores`: (B,); `critique_logps`, `critique_tokens`: (2B,) summed
+        critique-token log-probs and critique-token counts of every row (needed when `critique`)."""
+        score_loss, metrics = bradley_terry_loss(chosen_scores, rejected_scores, self.margin,
+                                                 self.centering_weight)
+        if not self.critique:
+            return self.score_weight * score_loss, metrics
+        if critique_logps is None or critique_tokens is None:
+            raise ValueError("a critique reward model needs the critique log-probs and token counts")
+        nll = mean_token_nll(critique_logps, critique_tokens)
+        loss, parts = critique_reward_loss(nll, score_loss, self.critique_weight, self.score_weight)
+        metrics.update(parts)
+        return loss, metrics
 
 
-# DpoStage.loss -> loss(inputs, spec, generator=None); spec: config.DpoStage (duck-typed).
-DPO_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Metrics]]] = {
-    "mm-dpo": _mm_dpo_from_spec,
-    "beta-dpo": _beta_dpo_from_spec,
+@dataclasses.dataclass(frozen=True)
+class DpoLoss:
+    """One loss of the DPO family with its constants bound; `loss_fn(inputs) -> (loss, metrics)`.
+
+    variant "mm-dpo": mm_dpo_loss with β_ori = `beta`, Dynamic Reward Scaling weight `w` and rate `k`
+    (both None: a fixed β, no δ read); "beta-dpo": beta_dpo_loss with β_ori = `beta` and the batch-β
+    weight `w` (None: BETA_DPO_W), `k` unused. γ = `sft_weight` for both. The `needs_*` properties say
+    which optional DpoInputs fields the caller must fill: the one place that decides, e.g., whether
+    Dynamic Reward Scaling is on (and hence whether the pairs must carry δ)."""
+
+    variant: str
+    beta: float
+    w: float | None = None
+    k: float | None = None
+    sft_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.variant not in DPO_LOSSES:
+            raise ValueError(f"unknown DPO loss {self.variant!r}; known: {', '.join(sorted(DPO_LOSSES))}")
+        if self.variant == "mm-dpo" and (self.w is None) != (self.k is None):
+            raise ValueError("mm-dpo: Dynamic Reward Scaling needs both w and k (or neither, for a fixed β)")
+        if self.variant == "beta-dpo":
+            if self.k is not None:
+                raise ValueError("beta-dpo has no Dynamic Reward Scaling rate k (it reads no δ)")
+            if self.w is None:
+                object.__setattr__(self, "w", BETA_DPO_W)
+
+    @property
+    def needs_delta(self) -> bool:
+        """Dynamic Reward Scaling is on: `inputs.delta` (the score stage's δ per pair) is read."""
+        return self.variant == "mm-dpo" and self.k is not None
+
+    @property
+    def needs_chosen_nll(self) -> bool:
+        """The SFT term is on: `inputs.chosen_nll` is read."""
+        return self.sft_weight > 0
+
+    @property
+    def needs_gathered_margins(self) -> bool:
+        """β-DPO: `inputs.gathered_margins` (h of the global batch) and `inputs.generator` are read."""
+        return self.variant == "beta-dpo"
+
+    def __call__(self, inputs: DpoInputs) -> tuple[torch.Tensor, Metrics]:
+        return DPO_LOSSES[self.variant](self, inputs)
+
+
+def _mm_dpo(loss: DpoLoss, inputs: DpoInputs) -> tuple[torch.Tensor, Metrics]:
+    return mm_dpo_loss(inputs, loss.beta, loss.w, loss.k, loss.sft_weight)
+
+
+def _beta_dpo(loss: DpoLoss, inputs: DpoInputs) -> tuple[torch.Tensor, Metrics]:
+    assert loss.w is not None  # __post_init__ fills BETA_DPO_W
+    return beta_dpo_loss(inputs, loss.beta, loss.w, loss.sft_weight, inputs.generator)
+
+
+# DpoLoss.variant -> the function of (bound loss, inputs); the keys are DpoStage.loss's values.
+DPO_LOSSES: dict[str, Callable[[DpoLoss, DpoInputs], tuple[torch.Tensor, Metrics]]] = {
+    "mm-dpo": _mm_dpo,
+    "beta-dpo": _beta_dpo,
 }
 
 LOG_2 = math.log(2.0)  # the DPO loss at initialisation (policy == reference: h = 0)

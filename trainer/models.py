@@ -2,9 +2,16 @@
 
     model, processor = models.load_model("s3://bucket/models/qwen2-vl-7b/")     # or a folder, builtin://
     reward, processor = models.load_reward_model("builtin://tiny-qwen2-vl", seed=0)
-    out = reward(batch)                     # batch from collate.collate_reward: scores + critique log-probs
+    out = reward(batch)                     # batch from Collator.reward: scores + critique log-probs
+    texts = reward.generate_critiques(collator.generation(pairs), collator, max_new_tokens=256)
     reward.save("/tmp/rm", processor)       # HF folder + score_head.safetensors; load_reward_model reads it
+    models.write_reward_info("/tmp/rm", critique=True, base_model=uri)   # mmalign_reward.json
+    models.reward_info_critique("/tmp/rm")  # True / False, None when the folder has no info file
     models.save_model(model, processor, "/tmp/policy")
+
+The reward model's on-disk format is defined here and nowhere else: the base model's HF folder, the
+score head in `score_head.safetensors`, and `mmalign_reward.json` ({critique, base_model}) that the
+reward stage writes and the score stage reads to know whether to generate critiques.
 
 Sources: a local Hugging Face folder, an `s3://` prefix holding one (downloaded ONCE per node into
 `$MMALIGN_CACHE/models/<hash>/`: the first process takes a file lock, the others wait and reuse it), or
@@ -27,9 +34,10 @@ import torch
 from torch import nn
 
 from mmalign.trainer import builtin, logprobs, storage, transfer
-from mmalign.trainer.collate import Batch, end_of_turn_ids
+from mmalign.trainer.collate import Batch, Collator
 
-SCORE_HEAD_FILE = "score_head.safetensors"
+SCORE_HEAD_FILE = "score_head.safetensors"  # the score head's weights, beside the base model's
+REWARD_INFO_FILE = "mmalign_reward.json"  # {critique, base_model}: how the reward model was trained
 VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
 
@@ -133,7 +141,7 @@ class RewardModel(nn.Module):
 
     def forward(self, batch: Batch, chunk_size: int = 1024) -> RewardOutput:
         """One forward pass: vision once per pair, scores at each row's last token, and the critique
-        log-probs when the batch has a critique_mask (collate_reward(critique=True))."""
+        log-probs when the batch has a critique_mask (Collator.reward(critique=True))."""
         hidden = logprobs.forward_hidden(self.base, batch)  # (R, T, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, batch.last_token_index()]  # (R, H)
@@ -144,13 +152,14 @@ class RewardModel(nn.Module):
         return RewardOutput(scores=scores, critique=critique)
 
     @torch.no_grad()
-    def generate_critiques(self, batch: Batch, processor: Any, max_new_tokens: int = 256,
+    def generate_critiques(self, batch: Batch, collator: Collator, max_new_tokens: int = 256,
                            temperature: float = 0.0) -> list[str]:
-        """Critique text per row of a collate_generation batch (greedy when temperature == 0)."""
-        tokenizer = getattr(processor, "tokenizer", processor)
+        """Critique text per row of a `collator.generation` batch (greedy when temperature == 0); the
+        collator's template says which tokens end a turn."""
+        tokenizer = collator.tokenizer
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         out = self.base.generate(  # type: ignore[operator]
-            **batch.model_inputs(), max_new_tokens=max_new_tokens, eos_token_id=end_of_turn_ids(processor),
+            **batch.model_inputs(), max_new_tokens=max_new_tokens, eos_token_id=collator.end_of_turn_ids,
             pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling,
         )
         new_tokens = out[:, batch.input_ids.shape[1]:]  # (R, new)
@@ -186,3 +195,17 @@ def load_reward_model(uri: str, *, seed: int = 0, dtype: torch.dtype | None = No
             head = ScoreHead(hidden_size(base), seed)
             head.load_state_dict(load_file(str(head_file)))
     return RewardModel(base, head, seed), processor
+
+
+def write_reward_info(folder: str | os.PathLike[str], *, critique: bool, base_model: str) -> None:
+    """`mmalign_reward.json` beside a saved reward model: whether it was trained to write critiques."""
+    storage.write_json(str(Path(folder) / REWARD_INFO_FILE), {"critique": critique, "base_model": base_model})
+
+
+def reward_info_critique(uri: str) -> bool | None:
+    """The `critique` flag of the reward model at `uri` (folder or prefix); None without a readable
+    info file (a reward model from elsewhere)."""
+    try:
+        return bool(storage.read_json(storage.join(uri, REWARD_INFO_FILE))["critique"])
+    except (FileNotFoundError, KeyError, ValueError):
+        return None

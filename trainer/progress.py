@@ -10,11 +10,14 @@ nothing.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any, TextIO
 
 from mmalign.api.progress import ProgressReport
+
+INTERVAL_ENV = "MMALIGN_PROGRESS_INTERVAL"  # seconds between "step" lines; tests set 0 to see every step
 
 
 class Progress:
@@ -36,6 +39,12 @@ class Progress:
         self.metrics: dict[str, Any] = {}
         self.checkpoint_uri: str | None = None  # the last committed checkpoint, sent with every line
         self._report("start")
+
+    @classmethod
+    def for_stage(cls, stage: str, total: int, enabled: bool, start_step: int = 0) -> Progress:
+        """A stage's reporter, its interval from MMALIGN_PROGRESS_INTERVAL (default 10 s)."""
+        interval = float(os.environ.get(INTERVAL_ENV, "10"))
+        return cls(stage, total, enabled, start_step=start_step, interval=interval)
 
     def eta_seconds(self) -> float | None:
         done = self.step - self.start_step  # steps of THIS run (a resumed run's ETA ignores old steps)

@@ -274,7 +274,7 @@ def _time_forward_backward(architecture: str, repeats: int = 10) -> float:
     image = Image.new("RGB", (48, 40), (200, 30, 30))
     pair = collate.Example(prompt="What colour is the image?", chosen="The image is red.",
                            rejected="The image is blue.", images=[image] if architecture != "text" else [])
-    batch = collate.collate_pairs([pair], processor)
+    batch = collate.Collator(processor).pairs([pair])
     model.train()
     timings = []
     for _ in range(repeats + 2):

@@ -15,6 +15,7 @@ from mmalign.api.exit_codes import ExitCode
 ConditionType = Literal["Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed",
                         "SpecChangeRefused"]
 CONDITION_TYPES: tuple[str, ...] = get_args(ConditionType)
+ConditionStatus = Literal["True", "False", "Unknown"]  # Kubernetes' values
 
 CREATED: ConditionType = "Created"
 RUNNING: ConditionType = "Running"
@@ -40,6 +41,12 @@ POD_FAILED = "PodFailed"  # a pod failed without an exit code
 POD_DELETED = "PodDeleted"  # a pod of a running gang vanished
 DISRUPTED = "Disrupted"  # evicted/preempted without a reason of its own
 OOM_KILLED = "OOMKilled"  # the container hit its memory limit (the kubelet's reason, kept)
+INVALID_SPEC = "InvalidSpec"  # Failed=True: the spec does not validate (only with an older CRD installed)
+# Running=False / Restarting=False when the job moves on: the reason names the state it moved to (a
+# failure clears them with the failure's own reason).
+NOW_RESTARTING = "Restarting"  # Running=False: the gang restarts
+NOW_SUSPENDED = "Suspended"  # Running=False, Restarting=False: runPolicy.suspend
+NOW_SUCCEEDED = "Succeeded"  # Running=False: every stage succeeded
 
 # -- Event reasons (the job's `kubectl describe` timeline)
 EVENT_CREATED = "Created"
@@ -52,15 +59,20 @@ EVENT_RESUMED = "Resumed"
 EVENT_SPEC_CHANGE_REFUSED = "SpecChangeRefused"
 EVENT_SUCCEEDED = "Succeeded"
 EVENT_FAILED = "Failed"
+EVENT_INVALID_SPEC = "InvalidSpec"
 
 
 def exit_reason(code: int) -> str:
-    """The condition reason of a trainer exit code: NAN_LOSS -> "NanLoss", unknown 7 -> "ExitCode7"."""
+    """The condition reason of a failed trainer's exit code: NAN_LOSS -> "NanLoss", unknown 7 ->
+    "ExitCode7" (and 0, which is no failure reason, "ExitCode0")."""
     try:
-        return "".join(word.capitalize() for word in ExitCode(code).name.split("_"))
+        if code:
+            return "".join(word.capitalize() for word in ExitCode(code).name.split("_"))
     except ValueError:
-        return f"ExitCode{code}"
+        pass
+    return f"ExitCode{code}"
 
 
 def signal_reason(signal: int) -> str:
+    """The condition reason of a container killed by a signal (exit code 128 + signal): "Signal9"."""
     return f"Signal{signal}"

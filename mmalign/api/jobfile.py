@@ -35,6 +35,13 @@ class JobFileError(ValueError):
     exit_code = ExitCode.CONFIG_ERROR
 
 
+def spec_document(spec: AlignmentJobSpec) -> dict[str, Any]:
+    """The spec as the job file holds it: camelCase, every field written out (the one serialization of a
+    spec the operator uses: for the ConfigMap, and to compare the spec in use with a changed one)."""
+    document: dict[str, Any] = spec.model_dump(by_alias=True, mode="json")
+    return document
+
+
 def job_document(name: str, namespace: str, spec: AlignmentJobSpec,
                  operator_version: str = __version__) -> dict[str, Any]:
     """The whole AlignmentJob as the trainer reads it: fully defaulted spec, no status, no server fields."""
@@ -49,7 +56,7 @@ def job_document(name: str, namespace: str, spec: AlignmentJobSpec,
                 ANNOTATION_JOB_FILE_FORMAT: str(JOB_FILE_FORMAT),
             },
         },
-        "spec": spec.model_dump(by_alias=True, mode="json"),
+        "spec": spec_document(spec),
     }
 
 
@@ -82,6 +89,15 @@ def parse(document: Any, source: str = "job file") -> AlignmentJobManifest:
                 f"{source}: written by operator {written_by}, which this trainer (mmalign {__version__}) "
                 f"cannot read: run a trainer image that matches the operator. {error}") from error
         raise
+
+
+def spec_of(text: str) -> AlignmentJobSpec | None:
+    """The spec in a job file's text (the operator reads back the ConfigMap it wrote), or None when the
+    text is not a job file this version reads."""
+    try:
+        return parse(yaml.safe_load(text)).spec
+    except (JobFileError, ValidationError, yaml.YAMLError):
+        return None
 
 
 def load_job(path: str | Path) -> AlignmentJobManifest:

@@ -323,7 +323,7 @@ class Stages(Model):
     score: ScoreStage | None = Field(default=None, description="Critique and score every response.")
     dpo: DpoStage | None = Field(default=None, description="MM-DPO with Dynamic Reward Scaling.")
 
-    def enabled(self) -> list[str]:
+    def enabled(self) -> list[StageName]:
         """Stage names in pipeline order."""
         return [name for name in STAGE_ORDER if getattr(self, name) is not None]
 

@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from mmalign.api.conditions import CONDITION_TYPES, ConditionType
+from mmalign.api.conditions import CONDITION_TYPES, ConditionStatus, ConditionType
 
 JobPhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 StagePhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Skipped"]
@@ -25,7 +25,7 @@ class Condition(StatusModel):
     type: ConditionType = Field(
         description=", ".join(CONDITION_TYPES[:-1]) + " or " + CONDITION_TYPES[-1] + "."
     )
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="One CamelCase word for machines.")
     message: str = Field(default="", description="What happened, for humans.")
     last_transition_time: str = Field(
@@ -79,6 +79,6 @@ class AlignmentJobStatus(StatusModel):
     start_time: str | None = Field(default=None, description="When the job started running.")
     completion_time: str | None = Field(default=None, description="When the job finished.")
 
-    def to_k8s(self) -> dict:
+    def to_k8s(self) -> dict[str, Any]:
         """The dict written to the status subresource (camelCase, no nulls)."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")

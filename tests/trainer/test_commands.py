@@ -4,14 +4,12 @@ exit code with one line on stderr (torchrun alone would turn them all into 1).""
 from __future__ import annotations
 
 import socket
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.api.exit_codes import ExitCode  # noqa: E402
-from mmalign.trainer import launch  # noqa: E402
-from tests.trainer import jobs  # noqa: E402
+from mmalign.api.exit_codes import ExitCode
+from mmalign.trainer import launch
+from tests.trainer import jobs
 
 
 def _free_port() -> int:

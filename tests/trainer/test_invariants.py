@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -25,9 +24,8 @@ import psutil
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from tests.s3_server import S3Server, require_weed  # noqa: E402
-from tests.trainer import jobs  # noqa: E402
+from tests.s3_server import S3Server, require_weed
+from tests.trainer import jobs
 
 STEPS = 8
 

@@ -17,11 +17,9 @@ should take to generate the right verdict from the image.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from tests.trainer import jobs  # noqa: E402
+from tests.trainer import jobs
 
 
 def test_reward_model_and_dpo_learn_the_image_dependent_preference(tmp_path: Path) -> None:

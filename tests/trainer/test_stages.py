@@ -4,16 +4,14 @@ on a 48-pair image preference set (16 queries of synthetic-colors exported to PN
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import s3client, storage, transfer  # noqa: E402
-from tests.s3_server import S3Server, require_weed  # noqa: E402
-from tests.trainer import jobs  # noqa: E402
+from mmalign.trainer import s3client, storage, transfer
+from tests.s3_server import S3Server, require_weed
+from tests.trainer import jobs
 
 
 def test_pipeline_on_file_storage(tmp_path: Path) -> None:
@@ -70,7 +68,7 @@ def test_pipeline_on_file_storage(tmp_path: Path) -> None:
         reports = jobs.progress(output, stage)
         assert reports[0].event == "start" and reports[-1].event == "end", stage
         assert all(r.total == total for r in reports)
-    assert jobs.progress(output, "dpo")[-1]["checkpoint"].endswith("dpo/checkpoints/step-00000004/")
+    assert jobs.progress(output, "dpo")[-1].checkpoint.endswith("dpo/checkpoints/step-00000004/")
 
     # a restart of `score` on ONE process, with a shard and the manifest gone, keeps the other shards
     # (written by 2 ranks) and redoes only the missing one, identically
@@ -123,4 +121,4 @@ def test_scalar_reward_and_dpo_with_reference_model_on_s3(tmp_path: Path) -> Non
         steps = {o.relative.split("/")[0] for o in storage.list_prefix(s3.uri("run/dpo/checkpoints/"))}
         assert steps == {"latest", "step-00000002", "step-00000003"}
         assert not storage.exists(s3.uri("run/dpo/reference-logps/manifest.json"))  # reference: model
-        assert jobs.progress(output, "dpo")[-1]["event"] == "end"
+        assert jobs.progress(output, "dpo")[-1].event == "end"

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from tests.trainer import jobs  # noqa: E402
+from tests.trainer import jobs
 
 STEPS = 4
 STAGES = {
@@ -111,7 +109,7 @@ def test_zero3_with_gradient_checkpointing_matches_zero2_and_resumes_exactly(tmp
     resumed = _run(job["zero3"], tmp_path)
     for stage in STAGES:
         start = jobs.progress(resumed, stage)[0]
-        assert start["event"] == "start" and start["step"] == 2, start
+        assert start.event == "start" and start.step == 2, start
         after = jobs.losses(resumed, stage)
         assert sorted(after) == [3, 4], after
         for step, loss in after.items():
@@ -146,7 +144,7 @@ def test_gradient_checkpointing_recomputes_layers_with_identical_gradients() -> 
         for name, module in wrapper.named_modules():
             if name.endswith(("language_model.layers.0.mlp.gate_proj", "visual.blocks.0.mlp.fc1")):
                 module.register_forward_hook(lambda *_, name=name: calls.append(name.split(".")[-4]))
-        scores, critique_logps, _ = wrapper(collate.collate_reward(examples, processor, critique=True))
+        scores, critique_logps, _ = wrapper(collate.Collator(processor).reward(examples, critique=True))
         (scores.sum() + critique_logps.sum()).backward()
         return calls, {n: p.grad for n, p in wrapper.named_parameters() if p.grad is not None}
 

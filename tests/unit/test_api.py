@@ -63,7 +63,7 @@ def test_every_problem_reported_not_just_the_first() -> None:
 
 
 def test_crd_matches_committed_yaml() -> None:
-    """Drift test: run `make crds` after changing trainer/config.py or operator/api.py."""
+    """Drift test: run `make crds` after changing mmalign/api/spec.py or mmalign/api/status.py."""
     expected = crdgen.render()
     for path in crdgen.OUTPUTS:
         assert path.read_text() == expected, f"{path} is stale: run `make crds`"

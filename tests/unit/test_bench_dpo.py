@@ -42,7 +42,7 @@ def test_trl_rows_hold_the_tokens_mmalign_trains_on() -> None:
     cfg = bench.BenchConfig(model="tiny", data="text", pairs=2, tokens=48)
     tokenizer = tiny.build_processor("text")
     examples = bench.make_examples(cfg, tokenizer)
-    batch = collate.collate_pairs(examples, tokenizer)
+    batch = collate.Collator(tokenizer).pairs(examples)
     for index, row in enumerate(bench.trl_rows(examples, tokenizer)):
         ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         ids += tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import checkpoint, s3client, storage, transfer  # noqa: E402
-from mmalign.trainer.engine import Distributed  # noqa: E402
-from tests.s3_server import S3Server, require_weed  # noqa: E402
+from mmalign.trainer import checkpoint, s3client, storage, transfer
+from mmalign.trainer.engine import Distributed
+from tests.s3_server import S3Server, require_weed
 
 SINGLE = Distributed(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
 
@@ -73,6 +71,28 @@ def test_save_marker_prune_restore(tmp_path: Path, async_upload: bool) -> None:
     assert state == {"step": 6, "data_position": 18}
     assert fresh.value == 60
     assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_save_keeps_its_own_schedule(tmp_path: Path) -> None:
+    """every_steps=2: steps 1 and 3 are not due (nothing written, None), step 2 is, and the last step
+    (3) is saved whatever the schedule."""
+    uri = (tmp_path / "ckpt").as_uri() + "/"
+    saver = _checkpointer(uri, tmp_path, async_upload=False)
+    assert saver.save(FakeEngine(1), 1, {}) is None
+    assert storage.list_prefix(uri) == [] and saver.read_marker() is None
+
+    def marker_step() -> int:
+        marker = saver.read_marker()
+        assert marker is not None
+        return int(marker["step"])
+
+    info = saver.save(FakeEngine(2), 2, {})
+    assert info is not None and info.step == 2 and marker_step() == 2
+    assert saver.save(FakeEngine(3), 3, {}) is None and marker_step() == 2
+    last = saver.save(FakeEngine(3), 3, {}, last=True)
+    saver.finish()
+    assert last is not None and last.tag == "step-00000003"
+    assert marker_step() == 3 and saver.last_committed == last
 
 
 def test_corrupted_download_is_refused(tmp_path: Path) -> None:

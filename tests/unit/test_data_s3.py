@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.api.spec import DataSource  # noqa: E402
-from mmalign.trainer import builtin, collate, data, logprobs, media, models, s3client, transfer  # noqa: E402
-from tests.s3_server import S3Server, require_weed  # noqa: E402
+from mmalign.api.spec import DataSource
+from mmalign.trainer import builtin, collate, data, logprobs, media, models, s3client, transfer
+from tests.s3_server import S3Server, require_weed
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +69,7 @@ def test_model_from_an_s3_prefix_downloads_once(bucket: str, tmp_path: Path) -> 
     again, processor2 = models.load_model(f"{bucket}/models/tiny/", cache_dir=cache)
     assert len(list(cache.iterdir())) == 2  # the model folder and its lock file
     red = Image.new("RGB", (32, 32), (220, 30, 30))
-    batch = collate.collate_pairs([collate.Example("What colour?", "Red.", "Blue.", [red])], processor2)
+    batch = collate.Collator(processor2).pairs([collate.Example("What colour?", "Red.", "Blue.", [red])])
     with torch.no_grad():
         torch.testing.assert_close(logprobs.policy_logprobs(again, batch).logps,
                                    logprobs.policy_logprobs(model, batch).logps)

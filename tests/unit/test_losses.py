@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mmalign.api.spec import DpoStage
+from mmalign.api.spec import DpoStage, RewardStage
 from mmalign.trainer import losses
 
 SHAPES = (1, 2, 7, 64)
@@ -55,6 +55,23 @@ def test_critique_reward_total_weights_both_terms() -> None:
     assert metrics == {"loss/critique": 2.0, "loss/score": 0.5}
 
 
+@pytest.mark.parametrize("critique", [True, False])
+def test_bound_reward_loss_weights_the_terms_as_configured(critique: bool) -> None:
+    chosen, rejected = _random(4, 3), _random(4, 4)
+    critique_logps, critique_tokens = _t([-2.0, -6.0, -1.0, -3.0, -4.0, 0.0, -2.0, -5.0]), torch.tensor([2, 3, 1, 2, 2, 0, 1, 4])
+    loss_fn = losses.RewardLoss(critique=critique, critique_weight=0.25, score_weight=3.0, margin=0.5,
+                                centering_weight=0.1)
+    loss, metrics = loss_fn(_t(chosen), _t(rejected), critique_logps, critique_tokens)
+    bt = sum(-_log_sigmoid(w - lo - 0.5) for w, lo in zip(chosen, rejected, strict=True)) / 4
+    bt += 0.1 * sum((w + lo) ** 2 for w, lo in zip(chosen, rejected, strict=True)) / 4
+    nll = 23.0 / 15  # −Σ log p / Σ tokens over all 2B rows
+    assert loss.item() == pytest.approx(0.25 * nll + 3.0 * bt if critique else 3.0 * bt, rel=1e-12)
+    assert ("loss/critique" in metrics) == critique and "rewards/accuracy" in metrics
+    if critique:
+        with pytest.raises(ValueError, match="critique"):
+            loss_fn(_t(chosen), _t(rejected))
+
+
 def test_mean_token_nll_is_a_token_mean_over_the_batch() -> None:
     # rows of 1, 3 and 0 tokens (a fully padded row adds nothing)
     nll = losses.mean_token_nll(_t([-1.0, -6.0, 0.0]), torch.tensor([1, 3, 0]))
@@ -95,11 +112,9 @@ def test_dpo_at_initialisation_is_exactly_log_2() -> None:
         inputs = losses.DpoInputs(same, same - 3, same.clone(), same - 3)
         loss, _ = losses.dpo_loss(inputs, 0.1)
         assert loss.item() == math.log(2) if dtype == torch.float64 else loss.item() == pytest.approx(math.log(2), abs=1e-7)
-        spec = DpoStage.model_validate({"dynamicRewardScaling": {"w": 0.5, "k": 0.5}})
         inputs.delta = torch.linspace(-3, 3, 16, dtype=dtype)
-        assert losses.DPO_LOSSES["mm-dpo"](inputs, spec)[0].item() == pytest.approx(math.log(2), abs=1e-7)
-        assert losses.DPO_LOSSES["beta-dpo"](inputs, DpoStage(loss="beta-dpo"))[0].item() == pytest.approx(
-            math.log(2), abs=1e-7)
+        assert losses.DpoLoss("mm-dpo", 0.1, w=0.5, k=0.5)(inputs)[0].item() == pytest.approx(math.log(2), abs=1e-7)
+        assert losses.DpoLoss("beta-dpo", 0.1)(inputs)[0].item() == pytest.approx(math.log(2), abs=1e-7)
 
 
 @pytest.mark.parametrize("delta", [-4.0, -1.0, -1e-3, 0.0, 0.5, 3.0, 50.0])
@@ -118,8 +133,9 @@ def test_mm_dpo_matches_reference(n: int) -> None:
     delta = _random(n, 77, scale=4.0)  # includes δ ≤ 0
     nll = torch.tensor(2.5, dtype=torch.float64)
     inputs, values = _inputs(n, 20, delta=_t(delta), chosen_nll=nll)
-    spec = DpoStage.model_validate({"beta": 0.2, "sftWeight": 0.25, "dynamicRewardScaling": {"w": 0.7, "k": 0.3}})
-    loss, metrics = losses.DPO_LOSSES["mm-dpo"](inputs, spec)
+    loss_fn = losses.DpoLoss("mm-dpo", beta=0.2, w=0.7, k=0.3, sft_weight=0.25)
+    assert loss_fn.needs_delta and loss_fn.needs_chosen_nll and not loss_fn.needs_gathered_margins
+    loss, metrics = loss_fn(inputs)
     betas = [_reference_beta(d, 0.2, 0.7, 0.3) for d in delta]
     assert loss.item() == pytest.approx(_reference_dpo(*values, betas, sft=0.25, nll=2.5), rel=1e-12)
     assert metrics["loss/sft"] == 2.5
@@ -128,12 +144,14 @@ def test_mm_dpo_matches_reference(n: int) -> None:
 
 def test_mm_dpo_without_scaling_is_plain_dpo_and_needs_delta_with_it() -> None:
     inputs, values = _inputs(8, 30)
-    loss, _ = losses.DPO_LOSSES["mm-dpo"](inputs, DpoStage(beta=0.3))
+    fixed = losses.DpoLoss("mm-dpo", beta=0.3)
+    assert not fixed.needs_delta and not fixed.needs_chosen_nll
+    loss, _ = fixed(inputs)
     assert loss.item() == pytest.approx(_reference_dpo(*values, [0.3] * 8), rel=1e-12)
     with pytest.raises(ValueError, match="δ"):
-        losses.DPO_LOSSES["mm-dpo"](inputs, DpoStage.model_validate({"dynamicRewardScaling": {}}))
+        losses.DpoLoss("mm-dpo", 0.1, w=0.5, k=0.5)(inputs)
     with pytest.raises(ValueError, match="chosen_nll"):
-        losses.DPO_LOSSES["mm-dpo"](inputs, DpoStage(sft_weight=0.1))
+        losses.DpoLoss("mm-dpo", 0.1, sft_weight=0.1)(inputs)
 
 
 def test_mm_dpo_gradcheck() -> None:
@@ -167,6 +185,10 @@ def test_beta_dpo_matches_the_reference_code(n: int) -> None:
     loss, metrics = losses.beta_dpo_loss(inputs, 0.1, 0.1, generator=torch.Generator().manual_seed(3))
     assert loss.item() == pytest.approx(_reference_dpo(*values, [batch_beta] * n), rel=1e-10)
     assert metrics["beta/mean"] == pytest.approx(batch_beta, rel=1e-6)
+    # the bound loss draws with the generator the stage puts into the inputs: the same subset, bit for bit
+    inputs.generator = torch.Generator().manual_seed(3)
+    bound, _ = losses.DpoLoss("beta-dpo", 0.1)(inputs)
+    assert bound.item() == loss.item()
 
 
 def test_beta_dpo_uses_gathered_margins_clamps_and_handles_tiny_batches() -> None:
@@ -181,6 +203,47 @@ def test_beta_dpo_uses_gathered_margins_clamps_and_handles_tiny_batches() -> Non
 
 def test_dispatch_covers_every_configurable_loss() -> None:
     assert set(losses.DPO_LOSSES) == set(DpoStage.model_fields["loss"].annotation.__args__)  # type: ignore[union-attr]
+
+
+def test_bound_dpo_loss_refuses_inconsistent_constants() -> None:
+    with pytest.raises(ValueError, match="unknown DPO loss"):
+        losses.DpoLoss("ipo", 0.1)
+    with pytest.raises(ValueError, match="both w and k"):
+        losses.DpoLoss("mm-dpo", 0.1, w=0.5)
+    with pytest.raises(ValueError, match="no Dynamic Reward Scaling"):
+        losses.DpoLoss("beta-dpo", 0.1, k=0.5)
+
+
+def test_the_stages_bind_their_config_once() -> None:
+    """The stage config -> loss object mapping (stages/dpo.py, stages/reward.py `bind_loss`): the one
+    place that reads β, w, k, γ and the variant, and so decides whether Dynamic Reward Scaling is on."""
+    from mmalign.trainer.stages import dpo, reward
+
+    assert dpo.bind_loss(DpoStage()) == losses.DpoLoss("mm-dpo", 0.1)  # no DRS: fixed β, no δ read
+    assert not dpo.bind_loss(DpoStage()).needs_delta
+    drs = dpo.bind_loss(DpoStage.model_validate(
+        {"beta": 0.2, "sftWeight": 0.25, "dynamicRewardScaling": {"w": 0.7, "k": 0.3}}))
+    assert drs == losses.DpoLoss("mm-dpo", 0.2, w=0.7, k=0.3, sft_weight=0.25) and drs.needs_delta
+    assert dpo.bind_loss(DpoStage.model_validate({"dynamicRewardScaling": {}})) == losses.DpoLoss(
+        "mm-dpo", 0.1, w=0.5, k=0.5)  # the spec's DRS defaults
+    beta = dpo.bind_loss(DpoStage(loss="beta-dpo", beta=0.3))
+    assert beta == losses.DpoLoss("beta-dpo", 0.3, w=losses.BETA_DPO_W)
+    assert beta.needs_gathered_margins and not beta.needs_delta
+    config = RewardStage.model_validate({"critique": False, "critiqueWeight": 0.5, "scoreWeight": 2.0,
+                                         "margin": 0.25, "centeringWeight": 0.01})
+    assert reward.bind_loss(config) == losses.RewardLoss(critique=False, critique_weight=0.5, score_weight=2.0,
+                                                         margin=0.25, centering_weight=0.01)
+
+
+def test_beta_dpo_subset_seed_is_the_same_on_every_rank_and_differs_per_micro_batch() -> None:
+    from mmalign.trainer.stages.dpo import subset_generator
+
+    def draw(generator: torch.Generator) -> list[int]:
+        return torch.multinomial(torch.ones(50), 10, replacement=False, generator=generator).tolist()
+
+    # the seed formula resumed runs depend on: seed · 1_000_003 + step · 1009 + micro
+    assert draw(subset_generator(7, 3, 1)) == draw(torch.Generator().manual_seed(7 * 1_000_003 + 3 * 1009 + 1))
+    assert draw(subset_generator(7, 3, 1)) != draw(subset_generator(7, 3, 2))
 
 
 def test_dynamic_reward_scaling_spreads_beta_across_pairs() -> None:

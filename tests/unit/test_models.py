@@ -38,7 +38,7 @@ def _vision_module(model: Any) -> torch.nn.Module | None:
 
 def test_pairs_in_one_pass_match_a_naive_forward_values_and_gradients(tiny_model: tuple[str, Any, Any]) -> None:
     name, model, processor = tiny_model
-    batch = collate.collate_pairs(_examples(name == "tiny-text"), processor)
+    batch = collate.Collator(processor).pairs(_examples(name == "tiny-text"))
     assert batch.rows == 4 and batch.pairs == 2  # [chosen_0, chosen_1, rejected_0, rejected_1]
     model.train()
 
@@ -69,7 +69,7 @@ def test_images_go_through_the_vision_tower_once_per_pair(name: str) -> None:
     model, processor = models.load_model(f"builtin://{name}")
     vision = _vision_module(model)
     assert vision is not None
-    batch = collate.collate_pairs(_examples(False), processor)
+    batch = collate.Collator(processor).pairs(_examples(False))
     seen: list[int] = []
     handle = vision.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
         int((args[0] if args else kwargs["pixel_values"]).shape[0])), with_kwargs=True)
@@ -87,7 +87,7 @@ def test_images_go_through_the_vision_tower_once_per_pair(name: str) -> None:
 
 def test_the_lm_head_never_sees_more_than_one_chunk(tiny_model: tuple[str, Any, Any]) -> None:
     name, model, processor = tiny_model
-    batch = collate.collate_pairs(_examples(name == "tiny-text"), processor)
+    batch = collate.Collator(processor).pairs(_examples(name == "tiny-text"))
     shapes: list[tuple[int, ...]] = []
     head = model.get_output_embeddings()
     handle = head.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
@@ -108,7 +108,7 @@ def test_mixed_batches_of_image_and_text_rows(name: str) -> None:
     image = Image.new("RGB", (32, 32), (10, 200, 10))
     examples = [collate.Example("One image.", "a", "b", [image]), collate.Example("No image.", "c", "d", []),
                 collate.Example("Two frames.", "e", "f", [image, image])]
-    batch = collate.collate_pairs(examples, processor)
+    batch = collate.Collator(processor).pairs(examples)
     with torch.no_grad():
         fast = logprobs.policy_logprobs(model, batch).logps.double()
         naive = logprobs.naive_sequence_logprobs(model(**batch.model_inputs()).logits, batch.input_ids,
@@ -119,7 +119,7 @@ def test_mixed_batches_of_image_and_text_rows(name: str) -> None:
 def test_response_mask_covers_exactly_the_response(tiny_model: tuple[str, Any, Any]) -> None:
     name, _, processor = tiny_model
     examples = _examples(name == "tiny-text")
-    batch = collate.collate_pairs(examples, processor)
+    batch = collate.Collator(processor).pairs(examples)
     tokenizer = getattr(processor, "tokenizer", processor)
     texts = [e.chosen for e in examples] + [e.rejected for e in examples]
     for row, text in enumerate(texts):
@@ -133,12 +133,12 @@ def test_response_mask_covers_exactly_the_response(tiny_model: tuple[str, Any, A
 
 def test_truncation_keeps_the_prompt_and_a_response_token(tiny_model: tuple[str, Any, Any]) -> None:
     name, _, processor = tiny_model
-    full = collate.collate_pairs(_examples(name == "tiny-text"), processor)
+    full = collate.Collator(processor).pairs(_examples(name == "tiny-text"))
     prompt_tokens = int((full.attention_mask.bool() & ~full.response_mask)[0].sum())
-    cut = collate.collate_pairs(_examples(name == "tiny-text"), processor, max_length=prompt_tokens + 2)
+    cut = collate.Collator(processor, max_length=prompt_tokens + 2).pairs(_examples(name == "tiny-text"))
     assert int(cut.response_mask[0].sum()) == 2
     assert int(cut.attention_mask[0].sum()) == prompt_tokens + 2
-    tiny_budget = collate.collate_pairs(_examples(name == "tiny-text"), processor, max_length=16)
+    tiny_budget = collate.Collator(processor, max_length=16).pairs(_examples(name == "tiny-text"))
     assert (tiny_budget.response_mask.sum(1) == 1).all()
 
 
@@ -157,34 +157,68 @@ def test_reward_model_scores_critiques_saves_and_reloads(tiny_model: tuple[str, 
     name, base, processor = tiny_model
     reward = models.RewardModel(base, seed=0)
     examples = _examples(name == "tiny-text")
-    batch = collate.collate_reward(examples, processor, critique=True)
+    collator = collate.Collator(processor)
+    batch = collator.reward(examples, critique=True)
     out = reward(batch)
     assert out.scores.shape == (4,) and out.critique is not None
     tokenizer = getattr(processor, "tokenizer", processor)
     assert tokenizer.decode(batch.input_ids[0][batch.critique_mask[0]]) == "Correct.<|im_end|>"
     # the score reads the last real token: padding after it changes nothing
-    alone = reward(collate.collate_reward(examples[:1], processor, critique=True)).scores
+    alone = reward(collator.reward(examples[:1], critique=True)).scores
     torch.testing.assert_close(alone, out.scores[[0, 2]], rtol=1e-4, atol=1e-5)
     (out.scores.sum() - out.critique.logps.sum()).backward()
     assert reward.score_head.dense.weight.grad is not None
 
     reward.save(tmp_path / "rm", processor)
+    assert models.reward_info_critique(str(tmp_path / "rm")) is None  # no info file written yet
+    models.write_reward_info(tmp_path / "rm", critique=False, base_model=f"builtin://{name}")
+    assert models.reward_info_critique(str(tmp_path / "rm")) is False
     reloaded, processor2 = models.load_reward_model(str(tmp_path / "rm"))
-    again = reloaded(collate.collate_reward(examples, processor2, critique=True))
+    again = reloaded(collate.Collator(processor2).reward(examples, critique=True))
     torch.testing.assert_close(again.scores, out.scores)
     torch.testing.assert_close(again.critique.logps, out.critique.logps)  # type: ignore[union-attr]
 
-    generation = collate.collate_generation(examples, processor)
+    generation = collator.generation(examples)
     assert (generation.attention_mask[:, -1] == 1).all()  # left padding
-    critiques = reward.generate_critiques(generation, processor, max_new_tokens=4)
+    critiques = reward.generate_critiques(generation, collator, max_new_tokens=4)
     assert len(critiques) == 4 and all(isinstance(c, str) for c in critiques)
+
+
+def test_a_collator_loads_pairs_once_bound_and_splits_chosen_from_rejected(tmp_path: Path) -> None:
+    """One Collator per stage: PreferencePairs (media loaded by its loader) give the same tokens as the
+    ready Examples; `Batch.split` gives the chosen rows [:B] and the rejected rows [B:]."""
+    from mmalign.trainer import data, media
+
+    _, processor = models.load_model("builtin://tiny-qwen2-vl")
+    examples = _examples(False)
+    pairs = []
+    for i, example in enumerate(examples):
+        example.images[0].save(tmp_path / f"{i}.png")
+        pairs.append(data.PreferencePair(
+            id=str(i), uid=f"x:{i}", query_id=str(i), category="c", prompt=example.prompt, chosen=example.chosen,
+            rejected=example.rejected, chosen_critique=example.chosen_critique,
+            rejected_critique=example.rejected_critique, media=[f"{i}.png"], media_kind="image",
+            media_base=str(tmp_path)))
+    collator = collate.Collator(processor, media.MediaLoader(), max_length=64)
+    for kind in ("pairs", "reward", "generation"):
+        from_pairs, from_examples = getattr(collator, kind)(pairs), getattr(collator, kind)(examples)
+        assert torch.equal(from_pairs.input_ids, from_examples.input_ids), kind
+        assert torch.equal(from_pairs.vision["pixel_values"], from_examples.vision["pixel_values"]), kind
+    batch = collator.pairs(pairs)
+    chosen, rejected = batch.split(torch.arange(4))
+    assert chosen.tolist() == [0, 1] and rejected.tolist() == [2, 3]
+    assert batch.split(["c0", "c1", "r0", "r1"]) == (["c0", "c1"], ["r0", "r1"])
+    with pytest.raises(ValueError, match="expected 4"):
+        batch.split(torch.arange(3))
+    with pytest.raises(ValueError, match="media loader"):
+        collate.Collator(processor).pairs(pairs)
 
 
 def test_saved_builtin_policy_reloads_from_its_folder(tmp_path: Path) -> None:
     model, processor = models.load_model("builtin://tiny-qwen2-vl")
     models.save_model(model, processor, tmp_path / "policy")
     again, processor2 = models.load_model(f"file://{tmp_path / 'policy'}")
-    batch = collate.collate_pairs(_examples(False), processor2)
+    batch = collate.Collator(processor2).pairs(_examples(False))
     with torch.no_grad():
         torch.testing.assert_close(logprobs.policy_logprobs(again, batch).logps,
                                    logprobs.policy_logprobs(model, batch).logps)

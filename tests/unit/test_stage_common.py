@@ -10,8 +10,9 @@ import pytest
 
 from mmalign.api.progress import parse_line
 from mmalign.trainer import launch
+from mmalign.trainer.context import StageConfigError
+from mmalign.trainer.order import DataOrder, check_enough_pairs, rank_slice
 from mmalign.trainer.progress import Progress
-from mmalign.trainer.stages.common import DataOrder, StageConfigError, check_enough_pairs, rank_slice
 
 
 def _global_batch(order: DataOrder, step: int) -> list[int]:

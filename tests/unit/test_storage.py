@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ helpers (import-mode=importlib)
-from mmalign.trainer import s3client, storage, transfer  # noqa: E402
-from tests.s3_server import S3Server, require_weed  # noqa: E402
+from mmalign.trainer import s3client, storage, transfer
+from tests.s3_server import S3Server, require_weed
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,18 @@ Reference (`stages.dpo.reference`):
   keyed by pair uid, tagged with the data fingerprint and model URI so a restart reuses them), and the
   reference model is freed before training starts.
 
-Loss per micro-batch: losses.DPO_LOSSES[loss] — mm-dpo: −log σ(β(δ)·h) with β(δ) = β·(1 + w(1 − e^(−kδ)))
-(fixed β without `dynamicRewardScaling`), + γ·NLL(y_w) when `sftWeight` > 0; beta-dpo: one β per
-global micro-batch from the all-gathered margins. Output: the policy as an HF folder at
-`spec.artifact_uri("dpo")`, marked complete by `_complete.json`.
+Bound once when the stage starts: the loss (`bind_loss(config)` -> losses.DpoLoss, whose `needs_*`
+say whether the pairs must carry δ, whether the SFT term and β-DPO's gathered margins are computed)
+and the collator (collate.Collator: processor, media loader, max length, device). Loss per
+micro-batch: mm-dpo: −log σ(β(δ)·h) with β(δ) = β·(1 + w(1 − e^(−kδ))) (fixed β without
+`dynamicRewardScaling`), + γ·NLL(y_w) when `sftWeight` > 0; beta-dpo: one β per global micro-batch from
+the all-gathered margins. Output: the policy as an HF folder at `spec.artifact_uri("dpo")`, marked
+complete by `_complete.json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -32,23 +36,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmalign.api.spec import DataSource
+from mmalign.api import layout
+from mmalign.api.spec import DataSource, DpoStage
 from mmalign.trainer import collate, data, logprobs, losses, media, models, storage, transfer
-from mmalign.trainer.engine import Engine, frozen, register_external_parameters
-from mmalign.trainer.stages.common import (
-    Context,
+from mmalign.trainer.artifacts import (
     export_state,
     finished_before,
-    plan_training,
-    rank_slice,
     remove_tree,
-    resume,
-    say,
-    seed_everything,
-    train_loop,
     upload_model_folder,
     write_metrics,
 )
+from mmalign.trainer.context import Context, say, seed_everything
+from mmalign.trainer.engine import Distributed, Engine, frozen, register_external_parameters
+from mmalign.trainer.loop import resume, train_loop
+from mmalign.trainer.order import plan_training, rank_slice
 
 ReferenceTable = dict[str, tuple[float, float]]  # pair uid -> (log π_ref(y_w), log π_ref(y_l))
 
@@ -66,9 +67,23 @@ class SequenceLogps(nn.Module):
         return out.logps, out.tokens
 
 
-def load_pairs(ctx: Context) -> list[data.PreferencePair]:
-    spec, config = ctx.spec, ctx.spec.stages.dpo
-    assert config is not None
+def bind_loss(config: DpoStage) -> losses.DpoLoss:
+    """The stage's loss with its constants, built once: the one place the loss fields of the config are
+    read (beta-dpo has no `dynamicRewardScaling`, the config refuses it; its w is losses.BETA_DPO_W)."""
+    scaling = config.dynamic_reward_scaling
+    return losses.DpoLoss(config.loss, beta=config.beta, w=scaling.w if scaling else None,
+                          k=scaling.k if scaling else None, sft_weight=config.sft_weight)
+
+
+def subset_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """β-DPO's subset draw: the same on every rank, different per step and micro-batch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
+
+
+def load_pairs(ctx: Context, needs_delta: bool) -> list[data.PreferencePair]:
+    """The pairs to train on; `needs_delta` (the loss's Dynamic Reward Scaling is on): every pair must
+    carry its reward margin δ, else a DataError that says how to get scored pairs."""
+    spec = ctx.spec
     uri = spec.dpo_data_uri()
     if uri == spec.data.uri:
         source = spec.data
@@ -87,7 +102,7 @@ def load_pairs(ctx: Context) -> list[data.PreferencePair]:
                             missing_media=spec.data.missing_media, video_frames=spec.data.video_frames,
                             max_length=spec.data.max_length)
     pairs, _ = data.read_pairs(source)
-    if config.dynamic_reward_scaling is not None:
+    if needs_delta:
         missing = [p.uid for p in pairs if p.delta is None]
         if missing:
             raise data.DataError(
@@ -107,38 +122,50 @@ def _builtin_media(uri: str) -> str:
 # ------------------------------------------------------------------------------ reference
 
 
-@torch.no_grad()
-def _batch_logps(model: nn.Module, processor: Any, pairs: list[data.PreferencePair], loader: media.MediaLoader,
-                 max_length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    examples = [collate.Example.from_pair(p, loader.load(p)) for p in pairs]
-    batch = collate.collate_pairs(examples, processor, max_length).to(device)
-    logps = model(batch)[0].float().cpu()  # (2B,)
-    return logps[:len(pairs)], logps[len(pairs):]
+@dataclasses.dataclass
+class Reference:
+    """log π_ref(y_w), log π_ref(y_l) of a batch's pairs: looked up in the precomputed `table`
+    (`reference: precomputed`), or a forward pass of the frozen reference `model` (`reference: model`)."""
+
+    table: ReferenceTable | None = None
+    model: nn.Module | None = None
+
+    def logps(self, pairs: list[data.PreferencePair], batch: collate.Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,), (B,) float32 on the batch's device."""
+        if self.table is not None:
+            values = torch.tensor([self.table[p.uid] for p in pairs], dtype=torch.float32)  # (B, 2)
+            return values[:, 0].to(batch.input_ids.device), values[:, 1].to(batch.input_ids.device)
+        assert self.model is not None
+        with torch.no_grad():
+            return batch.split(self.model(batch)[0].float())  # (2B,) -> chosen, rejected
 
 
 def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader: media.MediaLoader,
                          batch_size: int) -> ReferenceTable:
-    """Reference log-probs of every pair, computed once and stored; reused when they match."""
+    """Reference log-probs of every pair, computed once and stored; reused when they match. The pass
+    loads its own copy of the base model (and processor, hence its own collator) and frees it after."""
     spec, dist = ctx.spec, ctx.dist
-    uri = ctx.stage_uri("reference-logps/")
+    uri = ctx.stage_uri(layout.REFERENCE_LOGPS)
     fingerprint = {"data": data.fingerprint(pairs), "model": spec.model.uri, "seed": spec.seed,
                    "max_length": spec.data.max_length}
-    manifest_uri = storage.join(uri, "manifest.json")
+    manifest_uri = storage.join(uri, layout.MANIFEST)
     manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
     if manifest is None or manifest.get("fingerprint") != fingerprint:
-        shard = storage.join(uri, f"shard-{dist.rank:05d}-of-{dist.world_size:05d}.jsonl")
+        shard = storage.join(uri, layout.shard_name(dist.rank, dist.world_size))
         if manifest is not None and dist.is_rank_0:
             storage.delete_prefix(uri)  # written for other data or another model
         dist.barrier()
         mine = [pairs[i] for i in rank_slice(len(pairs), dist.rank, dist.world_size)]
         model, processor = models.load_model(spec.model.uri, seed=spec.seed)
-        reference = SequenceLogps(model)
-        reference = frozen(reference, spec.deepspeed, _no_shard(dist))  # replica: ranks' counts differ
+        # a replica, not ZeRO-3 shards: the ranks' blocks (and so their forward counts) differ
+        reference = frozen(SequenceLogps(model), spec.deepspeed, dist, shard=False)
+        collator = collate.Collator(processor, loader, spec.data.max_length, dist.device)
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
             for start in range(0, len(mine), batch_size):
                 part = mine[start:start + batch_size]
-                chosen, rejected = _batch_logps(reference, processor, part, loader, spec.data.max_length,
-                                                dist.device)
+                with torch.no_grad():
+                    batch = collator.pairs(part)
+                    chosen, rejected = batch.split(reference(batch)[0].float().cpu())  # (B,), (B,)
                 for pair, c, r in zip(part, chosen.tolist(), rejected.tolist(), strict=True):
                     out.write(json.dumps({"uid": pair.uid, "chosen": c, "rejected": r}) + "\n")
         transfer.upload_file(out.name, shard)
@@ -147,7 +174,7 @@ def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader:
         _free_memory()
         dist.barrier()
         if dist.is_rank_0:
-            shards = [f"shard-{r:05d}-of-{dist.world_size:05d}.jsonl" for r in range(dist.world_size)]
+            shards = [layout.shard_name(r, dist.world_size) for r in range(dist.world_size)]
             storage.write_json(manifest_uri, {"fingerprint": fingerprint, "shards": shards, "pairs": len(pairs)})
         dist.barrier()
         manifest = storage.read_json(manifest_uri)
@@ -163,13 +190,6 @@ def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader:
     return table
 
 
-def _no_shard(dist: Any) -> Any:
-    """A world-of-one view: the precompute pass runs uneven per-rank batch counts, so no ZeRO-3 sharding."""
-    import dataclasses
-
-    return dataclasses.replace(dist, world_size=1)
-
-
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -179,44 +199,30 @@ def _free_memory() -> None:
 # ------------------------------------------------------------------------------ loss and eval
 
 
-def _reference_for(pairs: list[data.PreferencePair], table: ReferenceTable | None, reference: nn.Module | None,
-                   batch: collate.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    if table is not None:
-        values = torch.tensor([table[p.uid] for p in pairs], dtype=torch.float32)  # (B, 2)
-        return values[:, 0].to(batch.input_ids.device), values[:, 1].to(batch.input_ids.device)
-    assert reference is not None
-    with torch.no_grad():
-        logps = reference(batch)[0].float()
-    return logps[:len(pairs)], logps[len(pairs):]
-
-
-def micro_batch_loss(ctx: Context, engine: Engine, processor: Any, pairs: list[data.PreferencePair],
-                     loader: media.MediaLoader, table: ReferenceTable | None, reference: nn.Module | None,
-                     generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    config, dist = ctx.spec.stages.dpo, ctx.dist
-    assert config is not None
-    examples = [collate.Example.from_pair(p, loader.load(p)) for p in pairs]
-    batch = collate.collate_pairs(examples, processor, ctx.spec.data.max_length).to(dist.device)
+def micro_batch_loss(engine: Engine, collator: collate.Collator, reference: Reference, loss_fn: losses.DpoLoss,
+                     pairs: list[data.PreferencePair], dist: Distributed,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DPO loss of one micro-batch of B pairs (2B rows in one policy forward). The optional loss
+    inputs are computed exactly when `loss_fn` reads them; `generator`: β-DPO's subset draw."""
+    batch = collator.pairs(pairs)
     policy_logps, policy_tokens = engine.model(batch)  # (2B,) each
-    count = len(pairs)
-    reference_chosen, reference_rejected = _reference_for(pairs, table, reference, batch)
-    inputs = losses.DpoInputs(
-        policy_chosen=policy_logps[:count], policy_rejected=policy_logps[count:],
-        reference_chosen=reference_chosen, reference_rejected=reference_rejected,
-        chosen_nll=losses.mean_token_nll(policy_logps[:count], policy_tokens[:count])
-        if config.sft_weight else None,
-        delta=torch.tensor([p.delta for p in pairs], dtype=torch.float32, device=dist.device)
-        if config.dynamic_reward_scaling is not None else None,
-    )
-    if config.loss == "beta-dpo":
-        inputs.gathered_margins = dist.all_gather(inputs.margins().detach())
-    return losses.DPO_LOSSES[config.loss](inputs, config, generator=generator)
+    policy_chosen, policy_rejected = batch.split(policy_logps)  # (B,) each
+    reference_chosen, reference_rejected = reference.logps(pairs, batch)
+    inputs = losses.DpoInputs(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                              reference_chosen=reference_chosen, reference_rejected=reference_rejected)
+    if loss_fn.needs_chosen_nll:
+        inputs.chosen_nll = losses.mean_token_nll(policy_chosen, batch.split(policy_tokens)[0])
+    if loss_fn.needs_delta:
+        inputs.delta = torch.tensor([p.delta for p in pairs], dtype=torch.float32, device=dist.device)
+    if loss_fn.needs_gathered_margins:
+        inputs.gathered_margins = dist.all_gather(inputs.margins().detach())  # (world · B,)
+        inputs.generator = generator
+    return loss_fn(inputs)
 
 
 @torch.no_grad()
-def evaluate(ctx: Context, engine: Engine, processor: Any, pairs: list[data.PreferencePair],
-             loader: media.MediaLoader, table: ReferenceTable | None, reference: nn.Module | None,
-             batch_size: int) -> dict[str, float]:
+def evaluate(ctx: Context, engine: Engine, collator: collate.Collator, reference: Reference,
+             pairs: list[data.PreferencePair], batch_size: int) -> dict[str, float]:
     """Implicit-reward accuracy (h > 0) and mean margin h on `pairs`, over all ranks. Every rank runs
     the same number of forward passes (ZeRO-3 needs it), padding with a repeated pair when short."""
     dist = ctx.dist
@@ -229,11 +235,10 @@ def evaluate(ctx: Context, engine: Engine, processor: Any, pairs: list[data.Pref
         window = pairs[start:start + global_batch]
         mine = [window[i] for i in rank_slice(len(window), dist.rank, dist.world_size)]
         part = mine or window[:1]  # keep the forward count equal on every rank
-        examples = [collate.Example.from_pair(p, loader.load(p)) for p in part]
-        batch = collate.collate_pairs(examples, processor, ctx.spec.data.max_length).to(dist.device)
-        policy = engine.model(batch)[0].float()
-        reference_chosen, reference_rejected = _reference_for(part, table, reference, batch)
-        margins = (policy[:len(part)] - reference_chosen) - (policy[len(part):] - reference_rejected)
+        batch = collator.pairs(part)
+        policy_chosen, policy_rejected = batch.split(engine.model(batch)[0].float())  # (B,) each
+        reference_chosen, reference_rejected = reference.logps(part, batch)
+        margins = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)  # (B,)
         if mine:
             right += float((margins > 0).sum())
             margin_sum += float(margins.sum())
@@ -255,35 +260,34 @@ def run(ctx: Context) -> dict[str, Any]:
 
     # ---- build
     seed_everything(spec.seed)
-    pairs = load_pairs(ctx)
+    loss_fn = bind_loss(config)
+    pairs = load_pairs(ctx, loss_fn.needs_delta)
     train, held_out, order, total = plan_training(ctx, pairs, config, "stages.dpo")
     loader = media.MediaLoader.from_spec(spec.data)
     started = time.monotonic()
-    table: ReferenceTable | None = None
-    reference: nn.Module | None = None
     if config.reference == "precomputed":
-        table = precompute_reference(ctx, pairs, loader, config.micro_batch_size)
+        reference = Reference(table=precompute_reference(ctx, pairs, loader, config.micro_batch_size))
     else:
         reference_model, _ = models.load_model(spec.model.uri, seed=spec.seed)
         wrapped = SequenceLogps(reference_model)
         register_external_parameters(wrapped, spec.deepspeed)
-        reference = frozen(wrapped, spec.deepspeed, dist)
+        # ZeRO-3-sharded like the policy: every rank runs the same forward passes (train loop, evaluate)
+        reference = Reference(model=frozen(wrapped, spec.deepspeed, dist, shard=True))
     policy, processor = models.load_model(spec.model.uri, seed=spec.seed)
+    collator = collate.Collator(processor, loader, spec.data.max_length, dist.device)
     wrapper = SequenceLogps(policy)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
     checkpointer, state, progress = resume(ctx, engine, train, total)
     initial = state.get("initial_eval")
     if initial is None:
-        initial = evaluate(ctx, engine, processor, held_out, loader, table, reference, config.micro_batch_size)
+        initial = evaluate(ctx, engine, collator, reference, held_out, config.micro_batch_size)
     engine.train()
 
     # ---- train
     def loss_of(step: int, micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        # beta-dpo's subset draw: the same on every rank, different per step and micro-batch
-        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step * 1009 + micro)
-        return micro_batch_loss(ctx, engine, processor, [train[i] for i in indices], loader, table, reference,
-                                generator)
+        generator = subset_generator(spec.seed, step, micro) if loss_fn.needs_gathered_margins else None
+        return micro_batch_loss(engine, collator, reference, loss_fn, [train[i] for i in indices], dist, generator)
 
     train_loop(ctx, engine, order, total, int(state["step"]), loss_of, checkpointer, progress,
                {"data": data.fingerprint(train), "initial_eval": initial})
@@ -292,7 +296,7 @@ def run(ctx: Context) -> dict[str, Any]:
     final: dict[str, Any] = {"steps": total, "train_pairs": len(train), "eval_pairs": len(held_out),
                              "world_size": dist.world_size, "loss": config.loss,
                              "reference": config.reference, "seconds": round(time.monotonic() - started, 1)}
-    final.update(evaluate(ctx, engine, processor, held_out, loader, table, reference, config.micro_batch_size))
+    final.update(evaluate(ctx, engine, collator, reference, held_out, config.micro_batch_size))
     final.update({f"{k}_initial": v for k, v in (initial or {}).items()})
     final["final_loss"] = progress.loss
     policy_state = export_state(engine)

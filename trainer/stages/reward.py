@@ -5,14 +5,17 @@
 Reads top to bottom: build (data split by query, RewardModel = VLM + score head, engine, checkpointer,
 resume) → `while step < total: step; maybe save; maybe eval` → final checkpoint, eval, export.
 
-Loss per micro-batch (losses.py): critique RM `L = a·NLL(annotated critiques | image, prompt, response)
-+ b·BT(r_w, r_l)`, one forward pass over the 2B rows (chosen, rejected) with the critique teacher-forced
-and the score read at the last token; `critique: false` gives `L = b·BT`.
+Bound once when the stage starts: the loss (`bind_loss(config)` -> losses.RewardLoss) and the collator
+(collate.Collator: processor, media loader, max length, device). Loss per micro-batch: critique RM
+`L = a·NLL(annotated critiques | image, prompt, response) + b·BT(r_w, r_l)`, one forward pass over the
+2B rows (chosen, rejected) with the critique teacher-forced and the score read at the last token;
+`critique: false` gives `L = b·BT`.
 
 Evaluation (Acc/Acc+ on the held-out queries, RewardBench style) scores each response the way the
-score stage will: the model GENERATES its critique (greedy), then scores (prompt, response, generated
-critique) — the annotated critiques would leak the label. Output: `spec.artifact_uri("reward")`, an HF
-folder + `score_head.safetensors` + `mmalign_reward.json`, marked complete by `_complete.json`.
+score stage will (scoring.score_pairs): the model GENERATES its critique (greedy), then scores (prompt,
+response, generated critique) — the annotated critiques would leak the label. Output:
+`spec.artifact_uri("reward")`, the reward-model folder of models.py (HF folder + score head + info
+file), marked complete by `_complete.json`.
 """
 
 from __future__ import annotations
@@ -23,24 +26,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmalign.trainer import collate, data, losses, media, metrics, models, storage
-from mmalign.trainer.engine import Engine, register_external_parameters
-from mmalign.trainer.stages.common import (
-    Context,
-    chunks,
+from mmalign.api.spec import RewardStage
+from mmalign.trainer import collate, data, losses, media, metrics, models, scoring
+from mmalign.trainer.artifacts import (
     export_state,
     finished_before,
-    plan_training,
-    rank_slice,
     remove_tree,
-    resume,
-    say,
-    seed_everything,
-    train_loop,
     upload_model_folder,
     write_metrics,
 )
-from mmalign.trainer.stages.score import REWARD_INFO, score_examples
+from mmalign.trainer.context import Context, say, seed_everything
+from mmalign.trainer.engine import Engine, register_external_parameters
+from mmalign.trainer.loop import resume, train_loop
+from mmalign.trainer.order import chunks, plan_training, rank_slice
 
 EVAL_MAX_NEW_TOKENS = 32  # critique length while evaluating (the score stage uses its own setting)
 
@@ -61,36 +59,34 @@ class RewardForward(nn.Module):
         return out.scores, out.critique.logps, out.critique.tokens
 
 
-def micro_batch_loss(engine: Engine, processor: Any, examples: list[collate.Example], config: Any,
-                     max_length: int, device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+def bind_loss(config: RewardStage) -> losses.RewardLoss:
+    """The stage's loss with its constants, built once: the one place the loss fields of the config are read."""
+    return losses.RewardLoss(critique=config.critique, critique_weight=config.critique_weight,
+                             score_weight=config.score_weight, margin=config.margin,
+                             centering_weight=config.centering_weight)
+
+
+def micro_batch_loss(engine: Engine, collator: collate.Collator, loss_fn: losses.RewardLoss,
+                     pairs: list[data.PreferencePair]) -> tuple[torch.Tensor, dict[str, float]]:
     """The reward-model loss of one micro-batch of B pairs (2B rows in one forward pass)."""
-    batch = collate.collate_reward(examples, processor, critique=config.critique, max_length=max_length)
-    scores, critique_logps, critique_tokens = engine.model(batch.to(device))  # (2B,) each
-    count = len(examples)
-    score_loss, step_metrics = losses.bradley_terry_loss(scores[:count], scores[count:],
-                                                         config.margin, config.centering_weight)
-    if config.critique:
-        nll = losses.mean_token_nll(critique_logps, critique_tokens)
-        loss, parts = losses.critique_reward_loss(nll, score_loss, config.critique_weight, config.score_weight)
-        step_metrics.update(parts)
-    else:
-        loss = config.score_weight * score_loss
-    return loss, step_metrics
+    batch = collator.reward(pairs, critique=loss_fn.critique)  # annotated critiques, teacher-forced
+    scores, critique_logps, critique_tokens = engine.model(batch)  # (2B,) each (critique ones empty if off)
+    chosen, rejected = batch.split(scores)  # (B,) each
+    return loss_fn(chosen, rejected, critique_logps, critique_tokens)
 
 
 @torch.no_grad()
-def evaluate(ctx: Context, model: models.RewardModel, processor: Any, pairs: list[data.PreferencePair],
-             loader: media.MediaLoader, critique: bool, batch_size: int) -> dict[str, Any]:
+def evaluate(ctx: Context, model: models.RewardModel, collator: collate.Collator,
+             pairs: list[data.PreferencePair], critique: bool, batch_size: int) -> dict[str, Any]:
     """RewardBench Acc/Acc+ of `model` on `pairs`; every rank scores a block, rank 0 gets the table."""
     model.eval()
     mine = [pairs[i] for i in rank_slice(len(pairs), ctx.dist.rank, ctx.dist.world_size)]
     rows = []
     for batch_pairs in chunks(mine, batch_size):
-        examples = [collate.Example.from_pair(p, loader.load(p)) for p in batch_pairs]
-        chosen, rejected, _, _ = score_examples(
-            model, processor, examples, critique=critique, max_new_tokens=EVAL_MAX_NEW_TOKENS,
-            temperature=0.0, max_length=ctx.spec.data.max_length, device=ctx.dist.device)
-        rows += [(p.query_id, p.category, c, r) for p, c, r in zip(batch_pairs, chosen, rejected, strict=True)]
+        scored = scoring.score_pairs(model, collator, batch_pairs, critique=critique,
+                                     max_new_tokens=EVAL_MAX_NEW_TOKENS, temperature=0.0)
+        rows += [(p.query_id, p.category, c, r)
+                 for p, c, r in zip(batch_pairs, scored.chosen, scored.rejected, strict=True)]
     model.train()
     gathered = ctx.dist.all_gather_object(rows)
     return metrics.reward_bench(row for part in gathered for row in part)
@@ -105,6 +101,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     # ---- build
     seed_everything(spec.seed)
+    loss_fn = bind_loss(config)
     pairs, stats = data.read_pairs(spec.data)
     train, held_out, order, total = plan_training(ctx, pairs, config, "stages.reward")
     model, processor = models.load_reward_model(spec.model.uri, seed=spec.seed)
@@ -112,7 +109,8 @@ def run(ctx: Context) -> dict[str, Any]:
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
     checkpointer, state, progress = resume(ctx, engine, train, total)
-    loader = media.MediaLoader.from_spec(spec.data)
+    collator = collate.Collator(processor, media.MediaLoader.from_spec(spec.data), spec.data.max_length,
+                                dist.device)
     eval_every = config.eval_every_steps
     can_eval = bool(held_out) and spec.deepspeed.zero_stage < 3  # see docs/trainer.md (ZeRO-3 eval)
     started = time.monotonic()
@@ -120,13 +118,11 @@ def run(ctx: Context) -> dict[str, Any]:
 
     # ---- train
     def loss_of(step: int, micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        examples = [collate.Example.from_pair(train[i], loader.load(train[i])) for i in indices]
-        return micro_batch_loss(engine, processor, examples, config, spec.data.max_length, dist.device)
+        return micro_batch_loss(engine, collator, loss_fn, [train[i] for i in indices])
 
     def after_step(step: int) -> None:
         if can_eval and eval_every and step % eval_every == 0 and step < total:
-            table = evaluate(ctx, model, processor, held_out, loader, config.critique,
-                             config.micro_batch_size * 2)
+            table = evaluate(ctx, model, collator, held_out, config.critique, config.micro_batch_size * 2)
             progress.evaluated(step, {"eval_acc": table["overall"]["acc"],
                                       "eval_acc_plus": table["overall"]["acc_plus"]})
 
@@ -138,7 +134,7 @@ def run(ctx: Context) -> dict[str, Any]:
                              "skipped_lines": stats.skipped, "world_size": dist.world_size,
                              "seconds": round(time.monotonic() - started, 1)}
     if can_eval:
-        final["reward_bench"] = evaluate(ctx, model, processor, held_out, loader, config.critique,
+        final["reward_bench"] = evaluate(ctx, model, collator, held_out, config.critique,
                                          config.micro_batch_size * 2)
         final["eval_acc"] = final["reward_bench"]["overall"]["acc"]
         final["eval_acc_plus"] = final["reward_bench"]["overall"]["acc_plus"]
@@ -148,8 +144,7 @@ def run(ctx: Context) -> dict[str, Any]:
         folder = ctx.scratch("export")
         remove_tree(folder)
         model.save(folder, processor, state_dict=reward_state)
-        storage.write_json(str(folder / REWARD_INFO), {"critique": config.critique,
-                                                         "base_model": spec.model.uri})
+        models.write_reward_info(folder, critique=config.critique, base_model=spec.model.uri)
         upload_model_folder(folder, out_uri)
         remove_tree(folder)
         write_metrics(ctx, final)

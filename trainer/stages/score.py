@@ -32,16 +32,13 @@ from typing import Any
 
 import torch
 
-from mmalign.trainer import collate, data, media, metrics, models, storage, transfer
+from mmalign.api.layout import MANIFEST, shard_name
+from mmalign.trainer import collate, data, media, metrics, models, scoring, storage, transfer
+from mmalign.trainer.artifacts import write_metrics
+from mmalign.trainer.context import Context, say
+from mmalign.trainer.engine import frozen
+from mmalign.trainer.order import chunks
 from mmalign.trainer.progress import Progress
-from mmalign.trainer.stages.common import Context, chunks, say, write_metrics
-
-MANIFEST = "manifest.json"
-REWARD_INFO = "mmalign_reward.json"  # written beside a reward model by the reward stage
-
-
-def shard_name(index: int, count: int) -> str:
-    return f"shard-{index:05d}-of-{count:05d}.jsonl"
 
 
 def shard_ranges(pairs: int, shard_pairs: int) -> list[range]:
@@ -50,32 +47,13 @@ def shard_ranges(pairs: int, shard_pairs: int) -> list[range]:
 
 
 def reward_model_uses_critiques(ctx: Context, uri: str) -> bool:
-    """From the reward model folder's mmalign_reward.json, else the job's reward stage, else True."""
-    try:
-        return bool(storage.read_json(storage.join(uri, REWARD_INFO))["critique"])
-    except (FileNotFoundError, KeyError, ValueError):
-        reward = ctx.spec.stages.reward
-        return reward.critique if reward is not None else True
-
-
-@torch.no_grad()
-def score_examples(model: models.RewardModel, processor: Any, examples: list[collate.Example], *,
-                   critique: bool, max_new_tokens: int, temperature: float, max_length: int,
-                   device: torch.device) -> tuple[list[float], list[float], list[str], list[str]]:
-    """(chosen rewards, rejected rewards, chosen critiques, rejected critiques) for B pairs."""
-    count = len(examples)
-    chosen_critiques = rejected_critiques = [""] * count
-    if critique:
-        prompts = collate.collate_generation(examples, processor, max_length).to(device)
-        texts = model.generate_critiques(prompts, processor, max_new_tokens=max_new_tokens,
-                                         temperature=temperature)  # 2B: chosen rows, then rejected
-        chosen_critiques, rejected_critiques = texts[:count], texts[count:]
-        batch = collate.collate_reward(examples, processor, critique=True, max_length=max_length,
-                                       critiques=list(zip(chosen_critiques, rejected_critiques, strict=True)))
-    else:
-        batch = collate.collate_reward(examples, processor, critique=False, max_length=max_length)
-    scores = model(batch.to(device)).scores.float().cpu().tolist()  # (2B,)
-    return scores[:count], scores[count:], list(chosen_critiques), list(rejected_critiques)
+    """From the reward model's info file (models.reward_info_critique), else the job's reward stage,
+    else True."""
+    written = models.reward_info_critique(uri)
+    if written is not None:
+        return written
+    reward = ctx.spec.stages.reward
+    return reward.critique if reward is not None else True
 
 
 def scored_row(pair: data.PreferencePair, chosen: float, rejected: float, chosen_critique: str,
@@ -106,8 +84,7 @@ def run(ctx: Context) -> dict[str, Any]:
     finished = {item.relative for item in storage.list_prefix(out_uri)}
     reward_uri = spec.reward_model_uri()
     critique = reward_model_uses_critiques(ctx, reward_uri)
-    progress = Progress("score", len(pairs), dist.is_rank_0,
-                        interval=float(os.environ.get("MMALIGN_PROGRESS_INTERVAL", "10")))
+    progress = Progress.for_stage("score", len(pairs), dist.is_rank_0)
     started = time.monotonic()
     resumed = sum(1 for name in names if name in finished)
     if dist.is_rank_0 and resumed:
@@ -116,7 +93,8 @@ def run(ctx: Context) -> dict[str, Any]:
     # ---- score this rank's shards (those an earlier attempt finished are read back for the metrics)
     rows_metrics: list[tuple[str, str, float, float]] = []
     loader = media.MediaLoader.from_spec(spec.data)
-    model = processor = None  # loaded for the first shard this rank has to score
+    model: models.RewardModel | None = None  # loaded for the first shard this rank has to score
+    collator: collate.Collator | None = None
     done = 0
     for index in mine:
         shard_uri = storage.join(out_uri, names[index])
@@ -127,22 +105,22 @@ def run(ctx: Context) -> dict[str, Any]:
                 rows_metrics.append((row["query_id"], row["category"], row["chosen_reward"],
                                      row["rejected_reward"]))
         else:
-            if model is None:
+            if model is None or collator is None:
                 model, processor = models.load_reward_model(reward_uri, seed=spec.seed)
-                if spec.deepspeed.bf16 and dist.device.type == "cuda":
-                    model = model.to(torch.bfloat16)
-                model.to(dist.device).eval()
+                # a replica per rank, never ZeRO-3 shards: each rank scores its own shards (uneven counts)
+                model = frozen(model, spec.deepspeed, dist, shard=False)
+                collator = collate.Collator(processor, loader, spec.data.max_length, dist.device)
             torch.manual_seed(spec.seed + index)  # sampled critiques depend on the shard, not on the rank
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
                 for batch_pairs in chunks(shard, config.batch_size):
-                    examples = [collate.Example.from_pair(p, loader.load(p)) for p in batch_pairs]
-                    chosen, rejected, chosen_critiques, rejected_critiques = score_examples(
-                        model, processor, examples, critique=critique, max_new_tokens=config.max_new_tokens,
-                        temperature=config.temperature, max_length=spec.data.max_length, device=dist.device)
+                    scored = scoring.score_pairs(model, collator, batch_pairs, critique=critique,
+                                                 max_new_tokens=config.max_new_tokens,
+                                                 temperature=config.temperature)
                     for i, pair in enumerate(batch_pairs):
-                        out.write(json.dumps(scored_row(pair, chosen[i], rejected[i], chosen_critiques[i],
-                                                        rejected_critiques[i])) + "\n")
-                        rows_metrics.append((pair.query_id, pair.category, chosen[i], rejected[i]))
+                        out.write(json.dumps(scored_row(pair, scored.chosen[i], scored.rejected[i],
+                                                        scored.chosen_critiques[i],
+                                                        scored.rejected_critiques[i])) + "\n")
+                        rows_metrics.append((pair.query_id, pair.category, scored.chosen[i], scored.rejected[i]))
             transfer.upload_file(out.name, shard_uri)  # the shard appears whole or not at all
             os.unlink(out.name)
         done += len(shard)

@@ -1,6 +1,6 @@
 {{/*
 The operator's permissions: exactly the API calls `mmalign operator` makes, no more. They mirror
-manifests/rbac/ (the operator's own list), and tests/unit/test_chart_rbac.py fails when the two drift.
+manifests/rbac/ (the operator's own list), and tests/unit/test_chart_render.py fails when the two drift.
 Rules on namespaced resources go into a ClusterRole (all namespaces) or into a Role in each watched
 namespace; nothing cluster-scoped is needed except the ClusterKopfPeering in cluster-wide mode.
 */}}

@@ -1,0 +1,91 @@
+"""Which pairs each rank works on: the training schedule (`DataOrder`) and the blocks for eval and scoring.
+
+The data order is a pure function of (seed, epoch, step), so a resumed run continues with the same
+micro-batches, and the SAME global batch is used whatever the world size: step s takes the pairs
+`order[b*G : (b+1)*G]` (G = micro_batch x accumulation x world size, b = s mod steps-per-epoch) and
+splits them into G/micro_batch micro-batches, micro-batch k of rank r being number k*world+r. With a
+loss that is a mean over pairs, world size 1 vs 2 and (micro-batch x accumulation) splits therefore
+give the same updates up to float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from mmalign.trainer import data
+from mmalign.trainer.context import Context, StageConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOrder:
+    """The deterministic schedule of pair indices (see the module docstring)."""
+
+    pairs: int
+    micro_batch: int
+    accumulation: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.pairs // self.global_batch
+
+    def total_steps(self, epochs: int, max_steps: int | None) -> int:
+        return max_steps if max_steps is not None else epochs * self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step // max(1, self.steps_per_epoch)
+
+    def _order(self, epoch: int) -> list[int]:
+        indices = list(range(self.pairs))
+        random.Random(f"mmalign-order-{self.seed}-{epoch}").shuffle(indices)
+        return indices
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """This rank's `accumulation` micro-batches (pair indices) for optimizer step `step`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        start = position * self.global_batch
+        out = []
+        for k in range(self.accumulation):
+            first = start + (k * self.world_size + rank) * self.micro_batch
+            out.append(order[first:first + self.micro_batch])
+        return out
+
+
+def check_enough_pairs(order: DataOrder, field: str) -> None:
+    if order.steps_per_epoch < 1:
+        raise StageConfigError(
+            f"{field}: one optimizer step needs {order.global_batch} training pairs (microBatchSize "
+            f"{order.micro_batch} x gradientAccumulation {order.accumulation} x world size "
+            f"{order.world_size}) but the training split has {order.pairs}; lower them or add data"
+        )
+
+
+def plan_training(ctx: Context, pairs: list[Any], config: Any, field: str,
+                  ) -> tuple[list[Any], list[Any], DataOrder, int]:
+    """Pairs -> (train, held_out, data order, optimizer steps): the split by query (a query's pairs stay
+    together), the seeded order every rank shares, and a clear error when the batch needs more pairs."""
+    spec = ctx.spec
+    train, held_out = data.split_by_query(pairs, spec.data.eval_fraction, spec.seed)
+    order = DataOrder(len(train), config.micro_batch_size, config.gradient_accumulation, ctx.dist.world_size,
+                      spec.seed)
+    check_enough_pairs(order, field)
+    return train, held_out, order, order.total_steps(config.epochs, config.max_steps)
+
+
+def rank_slice(count: int, rank: int, world_size: int) -> range:
+    """Contiguous block of `range(count)` for a rank (blocks in rank order cover it exactly)."""
+    return range(count * rank // world_size, count * (rank + 1) // world_size)
+
+
+def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
