@@ -12,13 +12,13 @@ import sys
 # command -> (module, one-line help). Modules keep heavy imports (torch, kopf) inside functions.
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("mmalign.operator.validate", "check AlignmentJob YAML files offline (field path + line)"),
-    "crds": ("mmalign.operator.crdgen", "write the CRD YAML generated from the API models"),
+    "crds": ("mmalign.operator.crds", "write the CRD YAML generated from the API models"),
     "operator": ("mmalign.operator.main", "run the operator against the current kubeconfig"),
     "launch": ("mmalign.trainer.launch", "pod entry point: wait for rendezvous DNS, then torchrun a stage"),
-    "train": ("mmalign.trainer.cli", "run one stage of a job (the torchrun worker)"),
-    "run": ("mmalign.trainer.local", "run a job's stages on this machine (torchrun, --local)"),
-    "data": ("mmalign.trainer.inspect", "inspect a preference dataset: `mmalign data inspect FILE`"),
-    "metrics": ("mmalign.trainer.metrics_cli", "RewardBench Acc/Acc+ of a scored-pairs file"),
+    "train": ("mmalign.trainer.train", "run one stage of a job (the torchrun worker)"),
+    "run": ("mmalign.trainer.run", "run a job's stages on this machine (torchrun, --local)"),
+    "data": ("mmalign.trainer.data_inspect", "inspect a preference dataset: `mmalign data inspect FILE`"),
+    "metrics": ("mmalign.trainer.metrics_report", "RewardBench Acc/Acc+ of a scored-pairs file"),
     "dev": ("mmalign.devcluster.cli", "local control plane: `mmalign dev up|down|env|logs`"),
 }
 

@@ -1,6 +1,6 @@
 """What a stage starts from: the job, who this process is, where its files go, and how it talks to people.
 
-`Context` is built once per worker by trainer/cli.py and handed to the stage's `run`. The node-local
+`Context` is built once per worker by trainer/train.py and handed to the stage's `run`. The node-local
 scratch rule (`scratch_root`) lives here and only here: the checkpointer's shard folders and the
 stages' export folders are both below it.
 """
@@ -18,6 +18,7 @@ import torch
 
 from mmalign.api import keys, layout
 from mmalign.api.exit_codes import ExitCode
+from mmalign.api.layout import StageName
 from mmalign.api.spec import AlignmentJobManifest, AlignmentJobSpec
 from mmalign.trainer.engine import Distributed
 
@@ -40,7 +41,7 @@ class Context:
     """Everything a stage needs to start: the job, who we are, where things go."""
 
     manifest: AlignmentJobManifest
-    stage: str
+    stage: StageName
     dist: Distributed
 
     @property

@@ -30,7 +30,7 @@ from typing import Any
 
 from mmalign.api import keys
 from mmalign.api.exit_codes import ExitCode
-from mmalign.trainer.cli import add_storage_argument
+from mmalign.trainer.train import add_storage_argument
 
 
 def _log(message: str) -> None:

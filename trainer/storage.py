@@ -30,14 +30,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from mmalign.api.layout import join_uri as join  # noqa: F401 - storage.join is the URI join callers use
+from mmalign.api import layout
 
 from . import s3client
 
 # Storage's one error type, for every scheme: it is defined in s3client.py because the retry loop there
 # raises it, and imported here because this is where callers know it from (storage.StorageError).
-from .s3client import StorageError
+from .s3client import StorageError as StorageError
 
+join = layout.join_uri  # the URI join, as callers of this module know it (storage.join)
 
 @dataclass(frozen=True)
 class Location:

@@ -185,7 +185,7 @@ def build_processor(architecture: str, tokenizer: Any | None = None, size: str =
         from transformers import Qwen2VLProcessor as Processor
 
         if architecture == "qwen2.5-vl":
-            from transformers import Qwen2_5_VLProcessor as Processor  # type: ignore[assignment,no-redef]
+            from transformers import Qwen2_5_VLProcessor as Processor  # type: ignore[assignment]
         sizes: dict[str, Any] = dict(size={"shortest_edge": side * side, "longest_edge": side * side},
                                      patch_size=preset.patch, merge_size=2, temporal_patch_size=2)
         return Processor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,

@@ -1,6 +1,6 @@
 """The AlignmentJob status: what the operator writes to the status subresource.
 
-`operator/crdgen.py` turns these models and the spec's (`mmalign.api.spec`) into the CRD.
+`operator/crds.py` turns these models and the spec's (`mmalign.api.spec`) into the CRD.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import time
 
 from mmalign.api.exit_codes import ExitCode
 from mmalign.api.jobfile import load_job
-from mmalign.trainer.cli import report_failure
+from mmalign.trainer.train import report_failure
 
 
 def digest(value: str | None) -> str | None:
@@ -36,7 +36,7 @@ def digest(value: str | None) -> str | None:
 
 
 def fail(code: int, step: int) -> int:
-    """End like the real trainer (trainer/cli.py): one line on stderr and in the termination log."""
+    """End like the real trainer (trainer/train.py): one line on stderr and in the termination log."""
     try:
         kind = ExitCode(code).name
     except ValueError:

@@ -12,7 +12,7 @@ import yaml
 
 from mmalign.api.jobfile import load_job
 from mmalign.api.spec import AlignmentJobManifest
-from mmalign.operator import crdgen
+from mmalign.operator import crds
 from mmalign.operator.validate import validate_text
 from tests.bad_specs import BAD_SPECS
 
@@ -64,14 +64,14 @@ def test_every_problem_reported_not_just_the_first() -> None:
 
 def test_crd_matches_committed_yaml() -> None:
     """Drift test: run `make crds` after changing mmalign/api/spec.py or mmalign/api/status.py."""
-    expected = crdgen.render()
-    for path in crdgen.OUTPUTS:
+    expected = crds.render()
+    for path in crds.OUTPUTS:
         assert path.read_text() == expected, f"{path} is stale: run `make crds`"
 
 
 def test_crd_is_structural() -> None:
     """No $ref/anyOf/allOf/nullable shapes the API server rejects; every property has a type."""
-    schema = crdgen.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema = crds.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
     def walk(node: dict, path: str) -> None:
         for banned in ("$ref", "anyOf", "allOf", "oneOf", "$defs", "title", "default"):
@@ -91,7 +91,7 @@ def test_crd_is_structural() -> None:
 
 
 def test_crd_names_and_columns() -> None:
-    crd = yaml.safe_load(crdgen.render())
+    crd = yaml.safe_load(crds.render())
     assert crd["metadata"]["name"] == "alignmentjobs.mmalign.io"
     assert crd["spec"]["names"]["shortNames"] == ["aj"]
     version = crd["spec"]["versions"][0]

@@ -174,9 +174,9 @@ def test_crd_template_is_the_generated_crd() -> None:
     Parsed and compared, not diffed as text: a fromYaml/toYaml round trip in the template would turn
     integers into floats (or `1e-08` into a string for YAML 1.1 parsers) and this would catch it.
     """
-    from mmalign.operator import crdgen
+    from mmalign.operator import crds
 
-    expected = crdgen.build_crd()
+    expected = crds.build_crd()
     assert yaml.safe_load(CRD_FILE.read_text()) == expected, "files/crds/ is stale: run `make crds`"
     docs = render()
     crd = one(docs, "CustomResourceDefinition")

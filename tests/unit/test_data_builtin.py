@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.trainer import builtin, data, inspect, media
+from mmalign.trainer import builtin, data, data_inspect, media
 
 BENCH = Path(__file__).resolve().parents[1] / "data" / "mm_reward_bench.jsonl"
 
@@ -71,14 +71,14 @@ def test_unknown_builtin_lists_the_known_ones() -> None:
 
 
 def test_inspect_summarises_rewardbench(capsys: pytest.CaptureFixture[str]) -> None:
-    assert inspect.main(["inspect", str(BENCH)]) == 3  # media missing: not clean
+    assert data_inspect.main(["inspect", str(BENCH)]) == 3  # media missing: not clean
     summary = json.loads(capsys.readouterr().out)
     assert (summary["pairs"], summary["queries"]) == (170, 46)
     assert summary["categories"]["safety"] == {"pairs": 32, "queries": 6}
     assert summary["media"]["missing_rows"] == 170
     assert summary["media"]["missing"][0]["line"] == 1
     assert summary["media"]["missing"][0]["path"].endswith("mcq/073712.png")
-    assert inspect.main(["inspect", str(BENCH), "--no-media-check"]) == 0
+    assert data_inspect.main(["inspect", str(BENCH), "--no-media-check"]) == 0
 
 
 def test_inspect_lists_malformed_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -87,7 +87,7 @@ def test_inspect_lists_malformed_rows(tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "mcq" / "073712.png").write_bytes(b"")
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(good) + "\n{oops\n" + json.dumps({"id": "x"}) + "\n")
-    assert inspect.main(["inspect", str(path)]) == 3
+    assert data_inspect.main(["inspect", str(path)]) == 3
     summary = json.loads(capsys.readouterr().out)
     assert summary["pairs"] == 1 and summary["media"]["missing_rows"] == 0
     assert [row["line"] for row in summary["malformed"]["rows"]] == [2, 3]

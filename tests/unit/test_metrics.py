@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.trainer import metrics, metrics_cli
+from mmalign.trainer import metrics, metrics_report
 
 BENCH = Path(__file__).resolve().parents[1] / "data" / "mm_reward_bench.jsonl"
 
@@ -47,7 +47,7 @@ def _scored_bench(tmp_path: Path, wrong_lines: set[int]) -> Path:
 
 def test_metrics_command_on_a_scored_rewardbench_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # lines 1-3 are the three pairs of mcq query 073712; line 170 is a video pair
-    assert metrics_cli.main([str(_scored_bench(tmp_path, {1, 170}))]) == 0
+    assert metrics_report.main([str(_scored_bench(tmp_path, {1, 170}))]) == 0
     table = json.loads(capsys.readouterr().out)
     assert table["overall"] == {"acc": 168 / 170, "acc_plus": 44 / 46, "pairs": 170, "queries": 46}
     assert table["mcq"] == {"acc": 41 / 42, "acc_plus": 9 / 10, "pairs": 42, "queries": 10}
@@ -55,5 +55,5 @@ def test_metrics_command_on_a_scored_rewardbench_file(tmp_path: Path, capsys: py
 
 
 def test_metrics_command_rejects_unscored_files(capsys: pytest.CaptureFixture[str]) -> None:
-    assert metrics_cli.main([str(BENCH)]) == 3
+    assert metrics_report.main([str(BENCH)]) == 3
     assert "no chosen_reward/rejected_reward" in capsys.readouterr().err

@@ -303,7 +303,7 @@ def run(ctx: Context) -> dict[str, Any]:
     if dist.is_rank_0:
         folder = ctx.scratch("export")
         remove_tree(folder)
-        models.save_model(engine.module.model, processor, folder, state_dict=policy_state)
+        models.save_model(policy, processor, folder, state_dict=policy_state)  # the module the engine trains
         upload_model_folder(folder, out_uri)
         remove_tree(folder)
         write_metrics(ctx, final)

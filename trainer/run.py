@@ -16,7 +16,7 @@ import sys
 import time
 
 from mmalign.api.exit_codes import ExitCode
-from mmalign.trainer.cli import add_storage_argument
+from mmalign.trainer.train import add_storage_argument
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from pydantic import ValidationError
 
-    from mmalign.trainer.cli import load_manifest, storage_override
     from mmalign.trainer.launch import run_torchrun, train_command
+    from mmalign.trainer.train import load_manifest, storage_override
 
     try:
         manifest = load_manifest(args.job, args.storage)

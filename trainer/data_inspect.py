@@ -43,7 +43,7 @@ def summarize(uri: str, media_uri: str | None = None, fmt: str = "auto", check_m
 
     stats = data.ReadStats()
     stats_limit: list[dict[str, Any]] = []
-    source = DataSource(uri=uri, media_uri=media_uri, format=fmt, on_bad_line="skip")
+    source = DataSource.model_validate({"uri": uri, "mediaUri": media_uri, "format": fmt, "onBadLine": "skip"})
     pairs_per_category: Counter[str] = Counter()
     queries_per_category: dict[str, set[str]] = defaultdict(set)
     kinds: Counter[str] = Counter()
