@@ -7,9 +7,10 @@ Exit codes (runPolicy.retryableExitCodes makes 1-127 retryable one by one):
 | ---------------------------------------------- | ------------------------------------------ |
 | exit 0 on every pod of the gang                | stage Succeeded                            |
 | exit >= 128 (a signal: SIGKILL 137, OOM, ...)  | retryable: restart the gang, attempt + 1   |
+| OOMKilled (the container's memory limit)       | retryable, reason OOMKilled, names the limit |
 | evicted, preempted, node lost, pod deleted     | retryable                                  |
-| exit in retryableExitCodes (default: 5, 6)     | retryable                                  |
-| any other exit in 1-127 (2 config, 3 data, 4 NaN) | permanent: the job Fails at once        |
+| exit in retryableExitCodes (default: 5, 6, 9, 10) | retryable                               |
+| any other exit in 1-127 (2 config, 3 data, 4 NaN, 7 S3 refused, 8 CUDA OOM) | permanent: Fails at once |
 | retryable, but restarts == backoffLimit         | the job Fails: BackoffLimitExceeded       |
 """
 
@@ -21,8 +22,10 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from mmalign.api import conditions
+from mmalign.api.exit_codes import ExitCode
 from mmalign.api.keys import LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
 from mmalign.api.spec import RunPolicy
+from mmalign.operator.builders import CONTAINER as TRAINER_CONTAINER
 
 # A permanent-looking exit is often a consequence: when one node is killed, torchrun on the others sees
 # the collective break and exits 1 a moment later (or its pod status arrives first). A permanent
@@ -57,6 +60,7 @@ class PodView:
     disrupted: bool = False  # the DisruptionTarget condition: eviction, preemption, taint manager
     owner_uid: str = ""
     waiting: str = ""  # why a pod does not run yet: Unschedulable, ImagePullBackOff, a missing Secret...
+    memory_limit: str = ""  # the trainer container's resources.limits.memory ("" when it has none)
 
     @property
     def finished(self) -> bool:
@@ -98,6 +102,9 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
         if state.get("reason") and state.get("reason") != "ContainerCreating":
             waiting = f"{state['reason']}: {state.get('message') or ''}".rstrip(": ")
     owners = [ref.get("uid", "") for ref in metadata.get("ownerReferences") or [] if ref.get("controller")]
+    containers = (pod.get("spec") or {}).get("containers") or []
+    trainer = next((c for c in containers if c.get("name") == TRAINER_CONTAINER), containers[0] if containers else {})
+    memory_limit = str(((trainer.get("resources") or {}).get("limits") or {}).get("memory") or "")
     return PodView(
         name=metadata.get("name", ""),
         stage=labels.get(LABEL_STAGE, ""),
@@ -112,6 +119,7 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
         disrupted=disrupted,
         owner_uid=owners[0] if owners else "",
         waiting=waiting[:300],
+        memory_limit=memory_limit,
     )
 
 
@@ -122,6 +130,15 @@ class Failure:
     message: str
     pod: str
     exit_code: int | None = None
+
+
+def oom_advice(memory_limit: str) -> str:
+    """What an OOMKilled container's message says: the limit it hit and what to change."""
+    if memory_limit:
+        return (f"the trainer container hit its memory limit {memory_limit}: raise spec.resources.limits.memory "
+                "(host memory: data loading, ZeRO offload, checkpoint staging)")
+    return ("the trainer container was killed for memory with no memory limit of its own (the node ran out): "
+            "set spec.resources.requests.memory/limits.memory so the scheduler reserves enough")
 
 
 def classify(pod: PodView, retryable_exit_codes: Iterable[int]) -> Failure:
@@ -141,9 +158,9 @@ def classify(pod: PodView, retryable_exit_codes: Iterable[int]) -> Failure:
     if pod.message:
         detail += f": {pod.message.strip()[-300:]}"
     if code >= 128:
-        oom = pod.reason == conditions.OOM_KILLED
-        return Failure(True, conditions.OOM_KILLED if oom else conditions.signal_reason(code - 128), detail,
-                       pod.name, code)
+        if pod.reason == conditions.OOM_KILLED:
+            return Failure(True, conditions.OOM_KILLED, f"{detail}: {oom_advice(pod.memory_limit)}", pod.name, code)
+        return Failure(True, conditions.signal_reason(code - 128), detail, pod.name, code)
     reason = conditions.exit_reason(code)
     if code in set(retryable_exit_codes):
         return Failure(True, reason, detail + " (retryable by runPolicy.retryableExitCodes)", pod.name, code)
@@ -160,13 +177,19 @@ class GangState:
     running: int = 0
 
 
-def _failure_order(pod: PodView) -> tuple[float, int]:
+def _is_consequence(pod: PodView) -> bool:
+    # a broken collective (NCCL/gloo, exit 9) is how the other pods see one pod's failure
+    return pod.exit_code == ExitCode.COMMUNICATION_ERROR and not (pod.deleting or pod.disrupted)
+
+
+def _failure_order(pod: PodView) -> tuple[int, float, int]:
     # Root cause first: a vanished/deleted/disrupted pod, then the earliest exit; on a tie (same
-    # second) a signal (something killed it) beats an exit code (a peer reacting to it).
+    # second) a signal (something killed it) beats an exit code (a peer reacting to it). A broken
+    # collective comes after any other failure, whenever it happened.
     vanished = pod.phase == MISSING or pod.deleting or pod.disrupted
     signal = (pod.exit_code or 0) >= 128
     when = pod.finished_at.timestamp() if pod.finished_at and not vanished else float("-inf")
-    return (when, 0 if vanished else 1 if signal else 2)
+    return (1 if _is_consequence(pod) else 0, when, 0 if vanished else 1 if signal else 2)
 
 
 def gang_state(pods: list[PodView], nodes: int, run_policy: RunPolicy, now: datetime) -> GangState:
@@ -176,7 +199,8 @@ def gang_state(pods: list[PodView], nodes: int, run_policy: RunPolicy, now: date
     if failed:
         first = min(failed, key=_failure_order)
         failure = classify(first, run_policy.retryable_exit_codes)
-        if not failure.retryable and running and first.finished_at is not None:
+        # a permanent failure, or a broken collective (the cause may be a peer's), waits for the others
+        if (not failure.retryable or _is_consequence(first)) and running and first.finished_at is not None:
             if (now - first.finished_at).total_seconds() < SETTLE_SECONDS:
                 return GangState("Settling", failure, running)
         return GangState("Failed", failure, running)

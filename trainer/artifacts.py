@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mmalign.api import layout
-from mmalign.trainer import storage, transfer
+from mmalign.trainer import identity, storage, transfer
 from mmalign.trainer.context import Context, say
 
 
@@ -25,24 +25,39 @@ def export_state(engine: Any) -> dict[str, torch.Tensor] | None:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or None
 
 
-def upload_model_folder(local: Path, uri: str) -> None:
-    """Upload a saved model folder and mark it complete with `layout.COMPLETE` written last."""
+def upload_model_folder(local: Path, uri: str, made_by: identity.Identity) -> None:
+    """Upload a saved model folder and mark it complete with `layout.COMPLETE` written last: its files
+    and the identity of what made it (identity.py)."""
     infos = transfer.upload_folder(local, uri)
     storage.write_json(storage.join(uri, layout.COMPLETE),
-                       {"files": [{"name": i.relative, "size": i.size, "sha256": i.sha256} for i in infos]})
+                       {"files": [{"name": i.relative, "size": i.size, "sha256": i.sha256} for i in infos],
+                        "identity": made_by})
 
 
 def is_complete_model(uri: str) -> bool:
     return storage.exists(storage.join(uri, layout.COMPLETE))
 
 
-def finished_before(ctx: Context, out_uri: str) -> bool:
-    """An earlier attempt exported this stage's model: a restarted gang has nothing to do."""
-    if not is_complete_model(out_uri):
+def finished_before(ctx: Context, out_uri: str, wanted: identity.Identity) -> bool:
+    """An earlier attempt exported this stage's model FOR THE SAME identity: nothing to do. A complete
+    model made by something else (another spec, other inputs) is recomputed: rank 0 says which fields
+    changed and removes the old `_complete.json` (the folder never looks complete while it is rewritten;
+    the stage's checkpoints of the old identity are dropped by loop.resume)."""
+    complete = storage.join(out_uri, layout.COMPLETE)
+    if not storage.exists(complete):
         return False
+    diff = identity.changed(identity.recorded(complete), wanted)
+    if not diff:
+        if ctx.dist.is_rank_0:
+            say(f"{ctx.stage}: {out_uri} is complete for the same inputs and parameters; nothing to do")
+        return True
+    ctx.dist.barrier()  # every rank has read the marker before rank 0 removes it
     if ctx.dist.is_rank_0:
-        say(f"{ctx.stage}: {out_uri} is complete; nothing to do")
-    return True
+        say(f"{ctx.stage}: {out_uri} was made with other inputs or parameters (changed: {', '.join(diff)}); "
+            "recomputing it")
+        storage.delete(complete)
+    ctx.dist.barrier()
+    return False
 
 
 def write_metrics(ctx: Context, metrics: dict[str, Any]) -> str:

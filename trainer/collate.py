@@ -38,7 +38,7 @@ prompts are never cut (their image tokens must stay whole).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -278,16 +278,7 @@ class Collator:
 
     def pairs(self, items: Sequence[Example | PreferencePair]) -> Batch:
         """B pairs -> 2B rows (chosen then rejected): prompt + response; response_mask on the response."""
-        examples = self.examples(items)
-        template = self.template
-        prompts, types, vision = _encode_prompts(template, examples)
-        rows = []
-        for side in ("chosen", "rejected"):
-            for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
-                response = template.ids(getattr(example, side) + template.end)
-                row = _Row([(prompt, "prompt"), (response, "response")], types[i] if types else None)
-                rows.append(_truncate(row, self.max_length))
-        return self._move(_pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision))
+        return self._rows(items, lambda example, side, index: [self._response(example, side)])
 
     def reward(self, items: Sequence[Example | PreferencePair], critique: bool = True,
                critiques: Sequence[tuple[str, str]] | None = None) -> Batch:
@@ -296,34 +287,43 @@ class Collator:
         `critique`: add the critique (critique_mask marks the critique text + end token); `critiques`:
         (chosen, rejected) critique texts per pair to use instead of the annotated ones (the score stage
         passes the generated critiques)."""
-        examples = self.examples(items)
         template = self.template
-        prompts, types, vision = _encode_prompts(template, examples)
-        rows = []
-        for side_index, side in enumerate(("chosen", "rejected")):
-            for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
-                pieces = [(prompt, "prompt"), (template.ids(getattr(example, side) + template.end), "response")]
-                if critique:
-                    text = critiques[i][side_index] if critiques else getattr(example, f"{side}_critique")
-                    pieces += [(template.ids(template.critique_request()), "request"),
-                               (template.ids(text + template.end), "critique")]
-                rows.append(_truncate(_Row(pieces, types[i] if types else None), self.max_length))
-        return self._move(_pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision))
+
+        def pieces(example: Example, side: str, index: int) -> list[tuple[list[int], str]]:
+            out = [self._response(example, side)]
+            if critique:
+                side_index = 0 if side == "chosen" else 1
+                text = critiques[index][side_index] if critiques else getattr(example, f"{side}_critique")
+                out += [(template.ids(template.critique_request()), "request"),
+                        (template.ids(text + template.end), "critique")]
+            return out
+
+        return self._rows(items, pieces)
 
     def generation(self, items: Sequence[Example | PreferencePair]) -> Batch:
         """Left-padded critique-generation prompts: prompt + response + critique request, 2B rows
         (chosen then rejected). Feed `batch.model_inputs()` to `model.generate`; new tokens start at
         column `batch.input_ids.shape[1]`."""
+        request = (self.template.ids(self.template.critique_request()), "request")
+        return self._rows(items, lambda example, side, index: [self._response(example, side), request],
+                          left=True)
+
+    def _response(self, example: Example, side: str) -> tuple[list[int], str]:
+        return self.template.ids(getattr(example, side) + self.template.end), "response"
+
+    def _rows(self, items: Sequence[Example | PreferencePair],
+              pieces: Callable[[Example, str, int], list[tuple[list[int], str]]], left: bool = False) -> Batch:
+        """The shared shape of every batch: for side in (chosen, rejected), for each pair i: its prompt
+        (images expanded once per pair) + `pieces(example, side, i)`, cut to max_length, then padded."""
         examples = self.examples(items)
-        template = self.template
-        prompts, types, vision = _encode_prompts(template, examples)
+        prompts, types, vision = _encode_prompts(self.template, examples)
         rows = []
         for side in ("chosen", "rejected"):
             for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
-                pieces = [(prompt, "prompt"), (template.ids(getattr(example, side) + template.end), "response"),
-                          (template.ids(template.critique_request()), "request")]
-                rows.append(_truncate(_Row(pieces, types[i] if types else None), self.max_length))
-        return self._move(_pad(rows, template.tokenizer.pad_token_id, template.kind, 2, vision, left=True))
+                row = _Row([(prompt, "prompt"), *pieces(example, side, i)], types[i] if types else None)
+                rows.append(_truncate(row, self.max_length))
+        batch = _pad(rows, self.template.tokenizer.pad_token_id, self.template.kind, 2, vision, left=left)
+        return self._move(batch)
 
     def _move(self, batch: Batch) -> Batch:
         return batch if self.device is None else batch.to(self.device)

@@ -382,8 +382,13 @@ def split_by_query(
 
 
 def fingerprint(pairs: Iterable[PreferencePair]) -> str:
-    """A short hash of the pairs' uids in order: checkpoints record it to detect changed data."""
+    """A short hash of the pairs in order, by content: each pair's uid, texts, media paths, rewards and
+    its row's fields, so rewriting a row changes it (media files themselves are not read). Checkpoints
+    and stage outputs record it to detect changed data."""
     digest = hashlib.sha256()
     for pair in pairs:
-        digest.update(pair.uid.encode() + b"\0")
+        content = [pair.uid, pair.query_id, pair.category, pair.prompt, pair.chosen, pair.rejected,
+                   pair.chosen_critique, pair.rejected_critique, pair.media, pair.media_kind,
+                   pair.chosen_reward, pair.rejected_reward, pair.delta, pair.fields]
+        digest.update(json.dumps(content, sort_keys=True, default=str).encode() + b"\0")
     return digest.hexdigest()[:16]

@@ -10,6 +10,9 @@ PET_MASTER_ADDR, PET_MASTER_PORT, and MASTER_ADDR/MASTER_PORT). This command
 2. runs torchrun IN THIS PROCESS (torch.distributed.run) with a static rendezvous on the master:
    `torchrun --nnodes N --nproc-per-node P --node-rank R --master-addr A --master-port PORT
    --max-restarts 0 -m mmalign.cli train --job JOB --stage NAME`;
+   The static rendezvous waits MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS (default: torch's 600) for every node;
+   when the gang does not assemble in time (a pod still Pending, waiting for a node or quota) it exits
+   10 (RENDEZVOUS_TIMEOUT, retryable) with a line saying so, instead of torchrun's exit 1;
 3. exits with the root-cause worker's own exit code (torchrun alone exits 1, which would hide the
    NaN / data / storage codes the operator's failure policy reads); a worker killed by signal S gives
    128+S, and it wins over peers that died of the broken collective in the same instant.
@@ -30,6 +33,7 @@ from typing import Any
 
 from mmalign.api import keys
 from mmalign.api.exit_codes import ExitCode
+from mmalign.trainer.failures import report_failure
 from mmalign.trainer.train import add_storage_argument
 
 
@@ -88,12 +92,15 @@ def root_failure(failures: Mapping[int, Any]) -> tuple[int, Any]:
     """
     earliest = min(float(getattr(f, "timestamp", 0)) for f in failures.values())
 
-    def order(item: tuple[int, Any]) -> tuple[int, int, int]:
+    def order(item: tuple[int, Any]) -> tuple[int, int, int, int]:
         rank, failure = item
         code = int(failure.exitcode)
         together = float(getattr(failure, "timestamp", 0)) <= earliest + 1
         crashed_by_signal = code < 0 and -code not in _STOP_SIGNALS
-        return (0 if together else 1, 0 if crashed_by_signal else 1, rank)
+        # a broken collective (exit 9) is how peers see another rank's failure: never the cause when
+        # a rank failed otherwise in the same instant
+        consequence = code == ExitCode.COMMUNICATION_ERROR
+        return (0 if together else 1, 0 if crashed_by_signal else 1, 1 if consequence else 0, rank)
 
     return min(failures.items(), key=order)
 
@@ -106,8 +113,25 @@ def worker_exit_code(failure: Any) -> int:
     return code or 1
 
 
+def rendezvous_failure(error: BaseException, timeout: str) -> tuple[ExitCode, str]:
+    """(code, message) for a c10d store error escaping torchrun: the static rendezvous before any worker.
+
+    On timeout node 0's store raises DistStoreError ("Timed out after 601 seconds waiting for clients.
+    1/2 clients joined."), another node's DistNetworkError ("The client socket has timed out after
+    600000ms while trying to connect to (addr, port)."); anything else is a communication error.
+    """
+    text = " ".join(str(error).split()).split("Exception raised from")[0].strip()
+    if "timed out" not in text.lower():
+        return ExitCode.COMMUNICATION_ERROR, f"torchrun's rendezvous failed: {type(error).__name__}: {text}"
+    # short: the operator keeps the termination message's last 300 characters
+    return ExitCode.RENDEZVOUS_TIMEOUT, (
+        f"the gang did not assemble within {timeout}s: {text[:110]} Some pods Pending (no node with room, "
+        "quota)? See `kubectl get pods` and their events.")
+
+
 def run_torchrun(torchrun_args: list[str]) -> int:
     """torch.distributed.run in this process; 0 or the first failing worker's own exit code."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -115,6 +139,13 @@ def run_torchrun(torchrun_args: list[str]) -> int:
     try:
         run(parse_args(torchrun_args))
         return 0
+    except DistError as error:  # the rendezvous store (workers' own errors arrive as ChildFailedError)
+        timeout = next((a.rsplit("timeout=", 1)[1].split(",")[0] for a in torchrun_args
+                        if a.startswith("--rdzv-conf=") and "timeout=" in a), "600")
+        rendezvous_code, message = rendezvous_failure(error, timeout)
+        _log(f"{message}; exiting {int(rendezvous_code)}")
+        report_failure(int(rendezvous_code), rendezvous_code.name, message)
+        return int(rendezvous_code)
     except SignalException as error:  # SIGTERM/SIGINT to this process (pod deletion): workers stopped
         _log(f"stopped by signal {error.sigval.name}")
         return 128 + int(error.sigval)
@@ -128,6 +159,12 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         _log(f"worker rank {rank} failed first (exit {failure.exitcode}); exiting {code}"
              + (f"; also failed: {others}" if others else ""))
         return code
+
+
+def rendezvous_conf() -> list[str]:
+    """`--rdzv-conf=timeout=N` from MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS (unset: torch's 600 s)."""
+    seconds = os.environ.get("MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS", "").strip()
+    return [f"--rdzv-conf=timeout={int(float(seconds))}"] if seconds else []
 
 
 def train_command(job: str, stage: str, storage: str | None) -> list[str]:
@@ -159,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--master-addr={env['master_addr']}",
         f"--master-port={env['master_port']}",
         "--rdzv-backend=static",
+        *rendezvous_conf(),
         "--max-restarts=0",
         *train_command(args.job, args.stage, args.storage),
     ]

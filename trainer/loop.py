@@ -1,7 +1,7 @@
 """The training loop reward and dpo share: resume, then optimizer steps to the end with progress and
 checkpoints.
 
-    checkpointer, state, progress = resume(ctx, engine, train, total)
+    checkpointer, state, progress = resume(ctx, engine, train, total, made_by)
     train_loop(ctx, engine, order, total, state["step"], loss_of, checkpointer, progress, client_state)
 
 A stage supplies only `loss_of(step, micro, pair_indices) -> (loss, metrics)`; which pairs a rank gets
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mmalign.api.exit_codes import ExitCode
-from mmalign.trainer import data
+from mmalign.trainer import data, identity
 from mmalign.trainer.checkpoint import Checkpointer
 from mmalign.trainer.context import Context, StageConfigError
 from mmalign.trainer.engine import Distributed
@@ -37,10 +37,14 @@ LossOf = Callable[[int, int, list[int]], tuple[torch.Tensor, dict[str, float]]]
 """(step, micro-batch index, pair indices) -> (loss, metrics)."""
 
 
-def resume(ctx: Context, engine: Any, train: list[Any], total: int) -> tuple[Checkpointer, dict[str, Any], Progress]:
+def resume(ctx: Context, engine: Any, train: list[Any], total: int, made_by: identity.Identity,
+           ) -> tuple[Checkpointer, dict[str, Any], Progress]:
     """The stage's checkpointer; the client state of its last committed checkpoint, restored into
-    `engine` ({"step": 0} when there is none); progress reporting from that step. A checkpoint written
-    for other training pairs is refused: its data order would not continue where it stopped."""
+    `engine` ({"step": 0} when there is none); progress reporting from that step. Checkpoints written
+    for another stage identity (`made_by`: the user changed the job's parameters or its inputs) are
+    deleted and the stage starts over, with a log line naming the changed fields (identity.claim); a
+    checkpoint written for other training pairs is refused: its data order would not continue."""
+    identity.claim(ctx, ctx.spec.checkpoint_uri(ctx.stage), made_by, "checkpoints")
     checkpointer = Checkpointer.for_stage(ctx.spec, ctx.job_name, ctx.stage, ctx.dist)
     state = checkpointer.restore(engine) or {"step": 0}
     if state.get("data") not in (None, data.fingerprint(train)):

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmalign.api.exit_codes import ExitCode
 from mmalign.trainer import builtin, logprobs, storage, transfer
 from mmalign.trainer.collate import Batch, Collator
 
@@ -181,19 +182,33 @@ class RewardModel(nn.Module):
         return path
 
 
+class MissingScoreHead(Exception):
+    """A reward model to score with has no trained score head (a configuration error: exit code 2)."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+
+
 def load_reward_model(uri: str, *, seed: int = 0, dtype: torch.dtype | None = None,
-                      cache_dir: str | os.PathLike[str] | None = None) -> tuple[RewardModel, Any]:
+                      cache_dir: str | os.PathLike[str] | None = None,
+                      trained: bool = False) -> tuple[RewardModel, Any]:
     """A RewardModel from a saved reward-model folder/prefix (score head restored), or from any policy
-    source (a fresh, seeded score head: the start of the reward stage)."""
+    source (a fresh, seeded score head: the start of the reward stage). `trained`: the model must be a
+    trained reward model (the score stage): a folder without `score_head.safetensors` is refused
+    (MissingScoreHead) instead of scoring with a random head. builtin:// models have no folder and keep
+    their seeded head (tests, demo)."""
+    head_file = None if builtin.is_builtin(uri) else model_dir(uri, cache_dir) / SCORE_HEAD_FILE
+    if trained and head_file is not None and not head_file.exists():  # refused before loading the weights
+        raise MissingScoreHead(
+            f"{uri}: no {SCORE_HEAD_FILE} in this folder, so it is not a trained reward model; point "
+            "stages.score.rewardModel at a folder the reward stage wrote (it holds the score head), or "
+            "remove it to use this job's reward stage")
     base, processor = load_model(uri, seed=seed, dtype=dtype, cache_dir=cache_dir)
     head = None
-    if not builtin.is_builtin(uri):
-        head_file = model_dir(uri, cache_dir) / SCORE_HEAD_FILE
-        if head_file.exists():
-            from safetensors.torch import load_file
+    if head_file is not None and head_file.exists():
+        from safetensors.torch import load_file
 
-            head = ScoreHead(hidden_size(base), seed)
-            head.load_state_dict(load_file(str(head_file)))
+        head = ScoreHead(hidden_size(base), seed)
+        head.load_state_dict(load_file(str(head_file)))
     return RewardModel(base, head, seed), processor
 
 

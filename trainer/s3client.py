@@ -8,8 +8,9 @@ Endpoint from `configure(endpoint=...)` or `AWS_ENDPOINT_URL`; keys from `AWS_AC
 `configure(region=...)` or `AWS_DEFAULT_REGION`/`AWS_REGION`; path-style addressing by default.
 Credentials are never logged or put into an error message. `with_retries` retries transient errors
 (connection refused/reset, timeouts, 5xx, throttling) with backoff for `MMALIGN_STORAGE_RETRY_SECONDS`
-(default 60) in total; then, and for any permanent error, it raises `StorageError` (storage's error,
-defined here because this loop raises it).
+(default 60) in total; then, and for any other error, it raises `StorageError` (storage's error,
+defined here because this loop raises it) — `StoragePermanentError` at once for the refusals no retry
+changes (403 access denied / bad keys, 404 no such bucket).
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ _MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum size for every part but the la
 
 class StorageError(Exception):
     """Storage failed after retries, or permanently (no such bucket, access denied, bad checksum)."""
+
+
+class StoragePermanentError(StorageError):
+    """S3 refused the request for good: access denied or bad credentials (403), no such bucket (404).
+    Retrying reloads everything to fail again; failures.classify makes it ExitCode.STORAGE_PERMANENT."""
+
+    def __init__(self, message: str, *, code: str, bucket: str) -> None:
+        super().__init__(message)
+        self.code = code  # S3's error code: AccessDenied, InvalidAccessKeyId, NoSuchBucket, ...
+        self.bucket = bucket  # "" when no s3:// URI named it
+
+    @property
+    def no_such_bucket(self) -> bool:
+        return self.code == "NoSuchBucket"
 
 
 @dataclass(frozen=True)
@@ -142,6 +157,35 @@ def _is_transient(error: BaseException) -> bool:
     return False
 
 
+# Refusals that no retry changes: the keys, the bucket policy or the bucket itself must be fixed first.
+_PERMANENT_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "NoSuchBucket"}
+
+
+def permanent_code(error: BaseException) -> str:
+    """S3's error code when `error` (or what it wraps) is a permanent refusal, else ""."""
+    from botocore.exceptions import ClientError
+
+    seen = 0
+    current: BaseException | None = error
+    while current is not None and seen < 8:
+        if isinstance(current, ClientError):
+            code = str(current.response.get("Error", {}).get("Code", ""))
+            status = current.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return code or str(status) if code in _PERMANENT_CODES or status == 403 else ""
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return ""
+
+
+def _bucket_of(what: str, error: BaseException) -> str:
+    """The bucket the failed call named: S3's own BucketName, else the first s3:// URI in `what`."""
+    response = getattr(error, "response", None) or {}
+    bucket = str(response.get("Error", {}).get("BucketName", "") or "")
+    if not bucket and "s3://" in what:
+        bucket = what.split("s3://", 1)[1].split("/", 1)[0].split()[0]
+    return bucket
+
+
 def _retry_seconds() -> float:
     return float(os.environ.get("MMALIGN_STORAGE_RETRY_SECONDS", "60"))
 
@@ -158,6 +202,10 @@ def with_retries(what: str, fn: Callable[[], T]) -> T:
         except StorageError:
             raise
         except Exception as error:  # noqa: BLE001 - classified below, re-raised as StorageError
+            code = permanent_code(error)
+            if code:
+                raise StoragePermanentError(f"{what}: {describe(error)}", code=code,
+                                            bucket=_bucket_of(what, error)) from error
             if not _is_transient(error) or time.monotonic() + delay > deadline:
                 raise StorageError(f"{what}: {describe(error)}") from error
             log.warning("storage: %s failed (%s), retry %d in %.1fs", what, describe(error), attempt, delay)

@@ -11,7 +11,9 @@ on s3client, so they talk to one endpoint under one policy.
 
 Every failure is a `StorageError`: after retries for transient S3 errors (s3client.py says which and for
 how long), at once for permanent ones (missing bucket, access denied, bad URI). Stages map it to
-ExitCode.STORAGE_ERROR, which the operator treats as retryable.
+ExitCode.STORAGE_ERROR, which the operator treats as retryable — except its subclass
+`StoragePermanentError` (S3 said 403 access denied / bad keys or 404 no such bucket), which becomes the
+permanent ExitCode.STORAGE_PERMANENT.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from . import s3client
 # Storage's one error type, for every scheme: it is defined in s3client.py because the retry loop there
 # raises it, and imported here because this is where callers know it from (storage.StorageError).
 from .s3client import StorageError as StorageError
+from .s3client import StoragePermanentError as StoragePermanentError
 
 join = layout.join_uri  # the URI join, as callers of this module know it (storage.join)
 
@@ -62,6 +65,7 @@ class ObjectInfo:
     relative: str
     size: int
     sha256: str | None = None
+    etag: str | None = None  # S3's ETag (content-derived), None for local files
 
 
 def configure_from_spec(storage_spec: Any) -> None:
@@ -231,7 +235,8 @@ def list_prefix(uri: str) -> list[ObjectInfo]:
         for page in paginator.paginate(Bucket=location.bucket, Prefix=location.key):
             for item in page.get("Contents", []):
                 relative = item["Key"][len(location.key):].lstrip("/")
-                found.append(ObjectInfo(f"s3://{location.bucket}/{item['Key']}", relative, item["Size"]))
+                found.append(ObjectInfo(f"s3://{location.bucket}/{item['Key']}", relative, item["Size"],
+                                        etag=str(item.get("ETag", "")).strip('"') or None))
         return sorted(found, key=lambda info: info.relative)
 
     return s3client.with_retries(f"list {uri}", list_all)

@@ -6,10 +6,14 @@ Runs under torchrun (every rank runs this); `mmalign launch` (pods) and `mmalign
         mmalign train --job manifests/examples/tiny-cpu.yaml --stage reward --storage file://./runs/
 
 Exit codes (mmalign.api.exit_codes.ExitCode; the operator's failure policy reads them): 0 done, 2 the job spec cannot
-run as written, 3 bad data, 4 NaN/inf loss, 5 storage unreachable after retries (retryable), 1 any other
-crash. A failure prints ONE line `mmalign: <KIND> (exit N): <reason>` on stderr (the operator shows
-it) and, in a pod, writes it to /dev/termination-log (Kubernetes' termination message; the dev
-cluster's process node names a per-container file in MMALIGN_TERMINATION_LOG instead).
+run as written, 3 bad data, 4 NaN/inf loss, 5 storage unreachable after retries (retryable), 7 S3 refused
+for good (403 access denied / bad keys, 404 no such bucket: the message names the bucket and the Secret
+to fix), 8 CUDA out of memory (the message names the micro-batch size and what to try), 9 NCCL/gloo
+communication error (retryable), 1 any other crash. `mmalign launch` adds 6 (the master's DNS never
+resolved) and 10 (the gang did not assemble within the rendezvous timeout), both retryable. A failure
+prints ONE line `mmalign: <KIND> (exit N): <reason>` on stderr (the operator shows it) and, in a pod,
+writes it to /dev/termination-log (Kubernetes' termination message; the dev cluster's process node names
+a per-container file in MMALIGN_TERMINATION_LOG instead): trainer/failures.py.
 """
 
 from __future__ import annotations
@@ -22,20 +26,10 @@ import sys
 import traceback
 from typing import Any
 
-from mmalign.api import keys
-from mmalign.api.exit_codes import ExitCode
 from mmalign.api.spec import STAGE_ORDER
+from mmalign.trainer.failures import classify, failure_message, report_failure
 
 STAGE_MODULES = {name: f"mmalign.trainer.stages.{name}" for name in STAGE_ORDER}
-TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
-
-
-def termination_log_path() -> str:
-    # A process cannot have /dev/termination-log of its own: the dev cluster's process node gives each
-    # container start a file and names it in keys.ENV_TERMINATION_LOG (devcluster/podspec.py).
-    return os.environ.get(keys.ENV_TERMINATION_LOG) or TERMINATION_LOG
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mmalign train", description="Run one stage of an AlignmentJob.")
     parser.add_argument("--job", required=True, help="AlignmentJob YAML file (the whole document)")
@@ -69,39 +63,6 @@ def load_manifest(path: str, storage_uri: str | None) -> Any:
     return manifest
 
 
-def classify(error: BaseException) -> tuple[ExitCode | int, str]:
-    """(exit code, kind) for an exception that ended a stage."""
-    from pydantic import ValidationError
-
-    from mmalign.trainer.storage import StorageError
-
-    code = getattr(error, "exit_code", None)
-    if code is not None:
-        return ExitCode(code), ExitCode(code).name
-    if isinstance(error, StorageError):
-        return ExitCode.STORAGE_ERROR, "STORAGE_ERROR"
-    if isinstance(error, ValidationError | FileNotFoundError) or type(error).__name__ == "YAMLError":
-        return ExitCode.CONFIG_ERROR, "CONFIG_ERROR"
-    return 1, "ERROR"
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 600 else text[:597] + "..."
-
-
-def report_failure(code: int, kind: str, error: BaseException) -> None:
-    line = f"mmalign: {kind} (exit {code}): {one_line(error)}"
-    print(line, file=sys.stderr, flush=True)
-    path = termination_log_path()
-    if os.path.exists(path) and os.access(path, os.W_OK):  # in a pod; elsewhere stderr is enough
-        try:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(line + "\n")
-        except OSError:
-            pass
-
-
 def main(argv: list[str] | None = None) -> int:
     code = run_stage(argv)
     if os.environ.get("TORCHELASTIC_RUN_ID"):
@@ -121,6 +82,7 @@ def run_stage(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("MMALIGN_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     dist = None
+    manifest = None
     try:
         manifest = load_manifest(args.job, args.storage)
         from mmalign.trainer import engine, storage
@@ -134,10 +96,10 @@ def run_stage(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as error:  # noqa: BLE001 - every failure becomes an exit code + one line
-        code, kind = classify(error)
+        code, kind = classify(error, manifest, args.stage)
         if code == 1 or os.environ.get("MMALIGN_TRACEBACK"):
             traceback.print_exc()
-        report_failure(int(code), kind, error)
+        report_failure(int(code), kind, failure_message(int(code), error, manifest, args.stage))
         return int(code)
     finally:
         if dist is not None:

@@ -63,8 +63,8 @@ EVENT_INVALID_SPEC = "InvalidSpec"
 
 
 def exit_reason(code: int) -> str:
-    """The condition reason of a failed trainer's exit code: NAN_LOSS -> "NanLoss", unknown 7 ->
-    "ExitCode7" (and 0, which is no failure reason, "ExitCode0")."""
+    """The condition reason of a failed trainer's exit code: NAN_LOSS -> "NanLoss", unknown 77 ->
+    "ExitCode77" (and 0, which is no failure reason, "ExitCode0")."""
     try:
         if code:
             return "".join(word.capitalize() for word in ExitCode(code).name.split("_"))

@@ -13,3 +13,7 @@ class ExitCode(enum.IntEnum):
     NAN_LOSS = 4  # the loss became NaN/inf: permanent (restarting would repeat it)
     STORAGE_ERROR = 5  # S3 unreachable after retries: retryable
     RENDEZVOUS_ERROR = 6  # `mmalign launch`: the master address never resolved (MMALIGN_DNS_WAIT_SECONDS)
+    STORAGE_PERMANENT = 7  # S3 refused for good (403 access denied / bad keys, 404 no such bucket): permanent
+    OUT_OF_MEMORY = 8  # CUDA out of memory (the message names the micro-batch size): permanent
+    COMMUNICATION_ERROR = 9  # NCCL/gloo: a peer or the network broke a collective: retryable
+    RENDEZVOUS_TIMEOUT = 10  # `mmalign launch`: the gang did not assemble in time (a pod pending?): retryable

@@ -3,10 +3,12 @@
     <storage>/reward/checkpoints/step-00000200/...     a checkpoint (checkpoint.py writes it)
     <storage>/reward/checkpoints/step-00000200/_done/rank-00001.json
     <storage>/reward/checkpoints/latest               the marker of the last complete one, written last
+    <storage>/reward/checkpoints/identity.json        the stage identity its checkpoints were written for
     <storage>/reward/model/  ... _complete.json       the reward model, marked complete last
     <storage>/reward/metrics.json                     the stage's final metrics
     <storage>/score/scored/shard-00000-of-00003.jsonl the scored pairs, in shards
-    <storage>/score/scored/manifest.json              written last: the stage is done
+    <storage>/score/scored/identity.json              written first: the identity its shards are for
+    <storage>/score/scored/manifest.json              written last: the stage is done (+ its identity)
     <storage>/dpo/reference-logps/shard-...jsonl      precomputed reference log-probs + manifest.json
     <storage>/dpo/model/ ... _complete.json           the final policy
 
@@ -24,6 +26,7 @@ MARKER = "latest"  # <checkpoints>/latest: the last complete checkpoint (step, t
 COMPLETE = "_complete.json"  # written last into a model folder: its files, sizes and sha256
 MANIFEST = "manifest.json"  # written last into a sharded output (scored pairs, reference log-probs)
 METRICS = "metrics.json"
+IDENTITY = "identity.json"  # <checkpoints>/identity.json, <score>/identity.json: what their files were made for
 REFERENCE_LOGPS = "reference-logps/"
 ARTIFACTS: dict[str, str] = {"reward": "reward/model/", "score": "score/scored/", "dpo": "dpo/model/"}
 

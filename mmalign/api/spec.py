@@ -183,9 +183,11 @@ class RunPolicy(Model):
         default=False, description="Suspended: pods are deleted; unsuspend resumes from the checkpoint."
     )
     retryable_exit_codes: list[int] = Field(
-        default_factory=lambda: [int(ExitCode.STORAGE_ERROR), int(ExitCode.RENDEZVOUS_ERROR)],
+        default_factory=lambda: [int(ExitCode.STORAGE_ERROR), int(ExitCode.RENDEZVOUS_ERROR),
+                                 int(ExitCode.COMMUNICATION_ERROR), int(ExitCode.RENDEZVOUS_TIMEOUT)],
         description="Exit codes in 1-127 that restart the gang. Codes >= 128 (signals) and evictions "
-        "always restart it; other codes fail the job at once. Default: [5, 6] (storage, rendezvous DNS).",
+        "always restart it; other codes fail the job at once. Default: [5, 6, 9, 10] (storage "
+        "unreachable, rendezvous DNS, NCCL/gloo communication, rendezvous timeout).",
     )
     clean_pods_after_finished: bool = Field(
         default=True,

@@ -27,7 +27,7 @@ import time
 
 from mmalign.api.exit_codes import ExitCode
 from mmalign.api.jobfile import load_job
-from mmalign.trainer.train import report_failure
+from mmalign.trainer.failures import report_failure
 
 
 def digest(value: str | None) -> str | None:

@@ -36,6 +36,22 @@ def test_launch_waits_for_dns_then_gives_up_with_its_own_code(tmp_path: Path) ->
     assert "waiting for DNS of master tiny-cpu-dpo-0.tiny-cpu.invalid" in result.stderr
 
 
+def test_launch_rendezvous_timeout_is_its_own_retryable_code(tmp_path: Path) -> None:
+    """Node 0 of a 2-node gang whose node 1 never starts (a Pending pod): the static rendezvous times
+    out and `mmalign launch` exits RENDEZVOUS_TIMEOUT (retryable) with a line saying why, not 1."""
+    job = jobs.write_job(tmp_path / "job.yaml", data_uri="builtin://synthetic-colors",
+                         storage_uri=(tmp_path / "s").as_uri() + "/", stages={"dpo": {}})
+    env = jobs.run_env({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
+                        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(_free_port()),
+                        "MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS": "3"})
+    started = time.monotonic()
+    result = jobs.mmalign("launch", "--job", str(job), "--stage", "dpo", env=env, timeout=60)
+    assert result.returncode == ExitCode.RENDEZVOUS_TIMEOUT, result.stderr[-3000:]
+    assert "mmalign: RENDEZVOUS_TIMEOUT (exit 10): the gang did not assemble" in result.stderr
+    assert "1/2 clients joined" in result.stderr
+    assert time.monotonic() - started < 60
+
+
 def test_launch_exits_with_the_workers_data_error(tmp_path: Path) -> None:
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"id": "q_0", "prompt": "p", "chosen": "a", "rejected": "b"}\n{not json\n')

@@ -119,6 +119,6 @@ def test_scalar_reward_and_dpo_with_reference_model_on_s3(tmp_path: Path) -> Non
         marker = storage.read_json(s3.uri("run/dpo/checkpoints/latest"))
         assert marker["step"] == 3 and marker["world_size"] == 2
         steps = {o.relative.split("/")[0] for o in storage.list_prefix(s3.uri("run/dpo/checkpoints/"))}
-        assert steps == {"latest", "step-00000002", "step-00000003"}
+        assert steps == {"identity.json", "latest", "step-00000002", "step-00000003"}  # identity: loop.resume
         assert not storage.exists(s3.uri("run/dpo/reference-logps/manifest.json"))  # reference: model
         assert jobs.progress(output, "dpo")[-1].event == "end"

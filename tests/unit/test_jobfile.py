@@ -31,7 +31,7 @@ def test_the_config_map_carries_every_default_the_operator_validated() -> None:
     assert dpo["learningRate"] == 1.0e-3  # the user's value
     assert dpo["warmupRatio"] == defaults.warmup_ratio and dpo["maxGradNorm"] == defaults.max_grad_norm
     assert document["spec"]["checkpoint"]["asyncUpload"] == spec.CheckpointSpec().async_upload
-    assert document["spec"]["runPolicy"]["retryableExitCodes"] == [5, 6]
+    assert document["spec"]["runPolicy"]["retryableExitCodes"] == [5, 6, 9, 10]
     annotations = document["metadata"]["annotations"]
     assert annotations[ANNOTATION_OPERATOR_VERSION] == __version__
     assert annotations[ANNOTATION_JOB_FILE_FORMAT] == str(jobfile.JOB_FILE_FORMAT)

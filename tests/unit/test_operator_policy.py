@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from mmalign.api.exit_codes import ExitCode
 from mmalign.api.spec import RunPolicy
 from mmalign.operator.policy import (
     SETTLE_SECONDS,
@@ -149,6 +150,46 @@ def test_observe_pod_reads_labels_and_termination() -> None:
     assert (view.stage, view.attempt, view.node_rank, view.owner_uid) == ("dpo", 3, 1, "u1")
     assert view.exit_code == 137 and view.reason == "OOMKilled" and view.finished_at == T0
     assert view.deleting and view.disrupted and view.finished
+
+
+def test_oom_killed_names_the_memory_limit() -> None:
+    def oom_pod(limits: dict[str, str]) -> dict:
+        return {"metadata": {"name": "j-dpo-0-0", "labels": {}},
+                "spec": {"containers": [{"name": "sidecar", "resources": {"limits": {"memory": "1Gi"}}},
+                                        {"name": "trainer", "resources": {"limits": limits}}]},
+                "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+                    "exitCode": 137, "reason": "OOMKilled", "finishedAt": "2026-01-01T12:00:00Z"}}}]}}
+
+    view = observe_pod(oom_pod({"memory": "64Gi", "cpu": "8"}))
+    assert view.memory_limit == "64Gi"
+    failure = classify(view, RunPolicy().retryable_exit_codes)
+    assert (failure.retryable, failure.reason) == (True, "OOMKilled")
+    assert "memory limit 64Gi: raise spec.resources.limits.memory" in failure.message
+    unlimited = classify(observe_pod(oom_pod({})), RunPolicy().retryable_exit_codes)
+    assert unlimited.reason == "OOMKilled" and "no memory limit" in unlimited.message
+
+
+@pytest.mark.parametrize(("code", "retryable", "reason"), [
+    (7, False, "StoragePermanent"), (8, False, "OutOfMemory"),
+    (9, True, "CommunicationError"), (10, True, "RendezvousTimeout"),
+])
+def test_classify_new_exit_codes(code: int, retryable: bool, reason: str) -> None:
+    failure = classify(pod(code=code), RunPolicy().retryable_exit_codes)
+    assert (failure.retryable, failure.reason) == (retryable, reason)
+
+
+def test_a_broken_collective_waits_for_the_cause() -> None:
+    comm = int(ExitCode.COMMUNICATION_ERROR)
+    # node 0 saw the collective break first; node 1 still runs: settle, then node 1's data error decides
+    assert gang_state([pod(0, "Failed", comm, at=0), pod(1, "Running", None)], 2, POLICY,
+                      T0 + timedelta(seconds=1)).state == "Settling"
+    state = gang_state([pod(0, "Failed", comm, at=0), pod(1, "Failed", 3, at=2)], 2, POLICY,
+                       T0 + timedelta(seconds=3))
+    assert state.state == "Failed" and state.failure is not None and state.failure.reason == "DataError"
+    # alone, after the settle time: retryable
+    state = gang_state([pod(0, "Failed", comm, at=0), pod(1, "Running", None)], 2, POLICY,
+                       T0 + timedelta(seconds=SETTLE_SECONDS + 1))
+    assert state.state == "Failed" and state.failure is not None and state.failure.retryable
 
 
 def test_observe_pod_says_why_it_waits() -> None:

@@ -102,7 +102,7 @@ def terminated(run: PodRun) -> dict:
 
 def test_the_trainer_line_reaches_the_status_through_its_own_file(node):
     # mmalign's real report_failure finds the file through MMALIGN_TERMINATION_LOG
-    code = ("from mmalign.trainer.train import report_failure; "
+    code = ("from mmalign.trainer.failures import report_failure; "
             "report_failure(4, 'NAN_LOSS', FloatingPointError('loss is nan at step 3')); raise SystemExit(4)")
     run = run_pod(node, {"command": [sys.executable, "-c", code], **FALLBACK})
     state = terminated(run)

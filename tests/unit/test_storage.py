@@ -116,6 +116,27 @@ def test_s3_errors_are_storage_errors(s3: S3Server, monkeypatch: pytest.MonkeyPa
     s3client.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
 
 
+def test_refusals_are_permanent_at_once(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real server: no such bucket, and keys it does not accept, fail at once (no retries) as
+    StoragePermanentError naming the bucket; the secret never appears in the message."""
+    monkeypatch.setenv("MMALIGN_STORAGE_RETRY_SECONDS", "30")
+    started = time.monotonic()
+    with pytest.raises(storage.StoragePermanentError) as missing:
+        storage.read_bytes("s3://no-such-bucket-here/x.json")
+    assert missing.value.no_such_bucket and missing.value.bucket == "no-such-bucket-here"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    s3client.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)  # a new client, with the wrong key
+    try:
+        with pytest.raises(storage.StoragePermanentError) as denied:
+            storage.write_bytes(s3.uri("denied.json"), b"{}")
+    finally:
+        monkeypatch.undo()
+        s3client.configure(chunk_bytes=5 * 1024 * 1024, concurrency=4)
+    assert denied.value.bucket == s3.bucket and not denied.value.no_such_bucket, denied.value
+    assert "wrong-secret-value" not in str(denied.value)
+    assert time.monotonic() - started < 20
+
+
 def test_a_write_waits_out_an_s3_outage(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The server goes away and comes back (a restarted S3 gateway): the write retries and lands."""
     monkeypatch.setenv("MMALIGN_STORAGE_RETRY_SECONDS", "120")

@@ -10,7 +10,8 @@ Reference (`stages.dpo.reference`):
 * `model`: a frozen copy of the base model stays in memory and scores every micro-batch;
 * `precomputed` (default): a first pass computes log π_ref(y_w), log π_ref(y_l) of every pair (each rank
   a block), stores them in `<storage>/dpo/reference-logps/` (JSONL shards + manifest.json written last,
-  keyed by pair uid, tagged with the data fingerprint and model URI so a restart reuses them), and the
+  keyed by pair uid, tagged with identity.reference_logps: the pairs' content, the base model's identity
+  and the token budget, so a restart reuses them and any change recomputes them), and the
   reference model is freed before training starts.
 
 Bound once when the stage starts: the loss (`bind_loss(config)` -> losses.DpoLoss, whose `needs_*`
@@ -38,7 +39,7 @@ from torch import nn
 
 from mmalign.api import layout
 from mmalign.api.spec import DataSource, DpoStage
-from mmalign.trainer import collate, data, logprobs, losses, media, models, storage, transfer
+from mmalign.trainer import collate, data, identity, logprobs, losses, media, models, storage, transfer
 from mmalign.trainer.artifacts import (
     export_state,
     finished_before,
@@ -141,18 +142,20 @@ class Reference:
 
 
 def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader: media.MediaLoader,
-                         batch_size: int) -> ReferenceTable:
+                         batch_size: int, made_by: identity.Identity) -> ReferenceTable:
     """Reference log-probs of every pair, computed once and stored; reused when they match. The pass
     loads its own copy of the base model (and processor, hence its own collator) and frees it after."""
     spec, dist = ctx.spec, ctx.dist
     uri = ctx.stage_uri(layout.REFERENCE_LOGPS)
-    fingerprint = {"data": data.fingerprint(pairs), "model": spec.model.uri, "seed": spec.seed,
-                   "max_length": spec.data.max_length}
+    fingerprint = identity.reference_logps(made_by)
     manifest_uri = storage.join(uri, layout.MANIFEST)
     manifest = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else None
     if manifest is None or manifest.get("fingerprint") != fingerprint:
         shard = storage.join(uri, layout.shard_name(dist.rank, dist.world_size))
         if manifest is not None and dist.is_rank_0:
+            diff = identity.changed(manifest.get("fingerprint"), fingerprint)
+            say(f"dpo: reference log-probs at {uri} were computed for other inputs (changed: "
+                f"{', '.join(diff)}); recomputing them")
             storage.delete_prefix(uri)  # written for other data or another model
         dist.barrier()
         mine = [pairs[i] for i in rank_slice(len(pairs), dist.rank, dist.world_size)]
@@ -255,18 +258,19 @@ def run(ctx: Context) -> dict[str, Any]:
     spec, dist, config = ctx.spec, ctx.dist, ctx.spec.stages.dpo
     assert config is not None
     out_uri = spec.artifact_uri("dpo")
-    if finished_before(ctx, out_uri):
+    loss_fn = bind_loss(config)
+    pairs = load_pairs(ctx, loss_fn.needs_delta)
+    made_by = identity.for_stage(ctx, pairs)  # pairs, base model, the stage's parameters (identity.py)
+    if finished_before(ctx, out_uri, made_by):
         return {}
 
     # ---- build
     seed_everything(spec.seed)
-    loss_fn = bind_loss(config)
-    pairs = load_pairs(ctx, loss_fn.needs_delta)
     train, held_out, order, total = plan_training(ctx, pairs, config, "stages.dpo")
     loader = media.MediaLoader.from_spec(spec.data)
     started = time.monotonic()
     if config.reference == "precomputed":
-        reference = Reference(table=precompute_reference(ctx, pairs, loader, config.micro_batch_size))
+        reference = Reference(table=precompute_reference(ctx, pairs, loader, config.micro_batch_size, made_by))
     else:
         reference_model, _ = models.load_model(spec.model.uri, seed=spec.seed)
         wrapped = SequenceLogps(reference_model)
@@ -278,7 +282,7 @@ def run(ctx: Context) -> dict[str, Any]:
     wrapper = SequenceLogps(policy)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
-    checkpointer, state, progress = resume(ctx, engine, train, total)
+    checkpointer, state, progress = resume(ctx, engine, train, total, made_by)
     initial = state.get("initial_eval")
     if initial is None:
         initial = evaluate(ctx, engine, collator, reference, held_out, config.micro_batch_size)
@@ -304,7 +308,7 @@ def run(ctx: Context) -> dict[str, Any]:
         folder = ctx.scratch("export")
         remove_tree(folder)
         models.save_model(policy, processor, folder, state_dict=policy_state)  # the module the engine trains
-        upload_model_folder(folder, out_uri)
+        upload_model_folder(folder, out_uri, made_by)
         remove_tree(folder)
         write_metrics(ctx, final)
         progress.finish({k: v for k, v in final.items() if isinstance(v, float) and math.isfinite(v)})

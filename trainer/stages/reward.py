@@ -15,7 +15,8 @@ Evaluation (Acc/Acc+ on the held-out queries, RewardBench style) scores each res
 score stage will (scoring.score_pairs): the model GENERATES its critique (greedy), then scores (prompt,
 response, generated critique) — the annotated critiques would leak the label. Output:
 `spec.artifact_uri("reward")`, the reward-model folder of models.py (HF folder + score head + info
-file), marked complete by `_complete.json`.
+file), marked complete by `_complete.json` with the identity of what made it (identity.reward): a
+rerun reuses it only when that identity matches.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from mmalign.api.spec import RewardStage
-from mmalign.trainer import collate, data, losses, media, metrics, models, scoring
+from mmalign.trainer import collate, data, identity, losses, media, metrics, models, scoring
 from mmalign.trainer.artifacts import (
     export_state,
     finished_before,
@@ -96,19 +97,20 @@ def run(ctx: Context) -> dict[str, Any]:
     spec, dist, config = ctx.spec, ctx.dist, ctx.spec.stages.reward
     assert config is not None
     out_uri = spec.artifact_uri("reward")
-    if finished_before(ctx, out_uri):
+    pairs, stats = data.read_pairs(spec.data)
+    made_by = identity.for_stage(ctx, pairs)  # model, data, the stage's parameters (identity.py)
+    if finished_before(ctx, out_uri, made_by):
         return {}
 
     # ---- build
     seed_everything(spec.seed)
     loss_fn = bind_loss(config)
-    pairs, stats = data.read_pairs(spec.data)
     train, held_out, order, total = plan_training(ctx, pairs, config, "stages.reward")
     model, processor = models.load_reward_model(spec.model.uri, seed=spec.seed)
     wrapper = RewardForward(model)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
-    checkpointer, state, progress = resume(ctx, engine, train, total)
+    checkpointer, state, progress = resume(ctx, engine, train, total, made_by)
     collator = collate.Collator(processor, media.MediaLoader.from_spec(spec.data), spec.data.max_length,
                                 dist.device)
     eval_every = config.eval_every_steps
@@ -145,7 +147,7 @@ def run(ctx: Context) -> dict[str, Any]:
         remove_tree(folder)
         model.save(folder, processor, state_dict=reward_state)
         models.write_reward_info(folder, critique=config.critique, base_model=spec.model.uri)
-        upload_model_folder(folder, out_uri)
+        upload_model_folder(folder, out_uri, made_by)
         remove_tree(folder)
         write_metrics(ctx, final)
         progress.finish({k: v for k, v in final.items() if isinstance(v, float)})

@@ -17,9 +17,11 @@ Output, `spec.artifact_uri("score")` (default `<storage>/score/scored/`):
 The shards concatenated in name order hold the pairs in input order. Resumable at shard granularity,
 whatever the world size: shards depend only on the data and `shardPairs`, so a restarted stage (another
 gang, or fewer nodes) keeps every finished shard and scores only the missing ones; sampling
-(`temperature` > 0) is seeded per shard, so a redone shard draws what it would have drawn. When
-`manifest.json` exists the stage is done. A scalar reward model (reward stage `critique: false`) scores
-(prompt, response) and writes empty critiques.
+(`temperature` > 0) is seeded per shard, so a redone shard draws what it would have drawn. Shards are
+kept only when they were written for the same identity (identity.score: the reward model's identity, the
+pairs' content, the score parameters; `identity.json`, written before any shard, says which), and the
+stage is done when `manifest.json` exists and records that identity. A scalar reward model (reward
+stage `critique: false`) scores (prompt, response) and writes empty critiques.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 from mmalign.api.layout import MANIFEST, shard_name
-from mmalign.trainer import collate, data, media, metrics, models, scoring, storage, transfer
+from mmalign.trainer import collate, data, identity, media, metrics, models, scoring, storage, transfer
 from mmalign.trainer.artifacts import write_metrics
 from mmalign.trainer.context import Context, say
 from mmalign.trainer.engine import frozen
@@ -71,13 +73,16 @@ def run(ctx: Context) -> dict[str, Any]:
     spec, dist, config = ctx.spec, ctx.dist, ctx.spec.stages.score
     assert config is not None
     out_uri = spec.artifact_uri("score")
-    if storage.exists(storage.join(out_uri, MANIFEST)):
+    pairs, stats = data.read_pairs(spec.data)
+    made_by = identity.for_stage(ctx, pairs)  # reward model, data, the stage's parameters (identity.py)
+    manifest_uri = storage.join(out_uri, MANIFEST)
+    if storage.exists(manifest_uri) and not identity.changed(identity.recorded(manifest_uri), made_by):
         if dist.is_rank_0:
-            say(f"score: {out_uri}{MANIFEST} exists; the stage is complete, nothing to do")
+            say(f"score: {manifest_uri} exists for the same inputs and parameters; nothing to do")
         return {}
+    identity.claim(ctx, out_uri, made_by, "scored pairs")  # shards of another identity are deleted
 
     # ---- build
-    pairs, stats = data.read_pairs(spec.data)
     shards = shard_ranges(len(pairs), config.shard_pairs)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     mine = list(range(dist.rank, len(shards), dist.world_size))  # round-robin: ranks finish together
@@ -106,7 +111,7 @@ def run(ctx: Context) -> dict[str, Any]:
                                      row["rejected_reward"]))
         else:
             if model is None or collator is None:
-                model, processor = models.load_reward_model(reward_uri, seed=spec.seed)
+                model, processor = models.load_reward_model(reward_uri, seed=spec.seed, trained=True)
                 # a replica per rank, never ZeRO-3 shards: each rank scores its own shards (uneven counts)
                 model = frozen(model, spec.deepspeed, dist, shard=False)
                 collator = collate.Collator(processor, loader, spec.data.max_length, dist.device)
@@ -142,7 +147,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "reward_model": reward_uri, "critique": critique, "reward_bench": table,
             "seconds": round(time.monotonic() - started, 1),
         }
-        storage.write_json(storage.join(out_uri, MANIFEST), {"shards": names, **summary})
+        storage.write_json(manifest_uri, {"shards": names, **summary, "identity": made_by})
         write_metrics(ctx, summary)
         progress.update(len(pairs))
         progress.finish({"acc": table["overall"]["acc"], "acc_plus": table["overall"]["acc_plus"]})
