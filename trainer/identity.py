@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from mmalign.api import layout
 from mmalign.api.spec import AlignmentJobSpec
-from mmalign.trainer import builtin, data, storage
+from mmalign.trainer import builtin, data, storage, transfer
 from mmalign.trainer.context import Context, say
 
 Identity = dict[str, Any]
@@ -33,7 +32,6 @@ Identity = dict[str, Any]
 # evaluate): changing them reuses the output.
 NOT_SHAPING = frozenset({"checkpoint", "evalEverySteps"})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-HASH_CHUNK = 8 << 20
 
 
 def digest(value: Any) -> str:
@@ -85,16 +83,8 @@ def model_identity(uri: str, seed: int = 0) -> str:
     if config.exists():
         parts.append(["config.json", hashlib.sha256(config.read_bytes()).hexdigest()])
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
-        parts.append([path.relative_to(folder).as_posix(), path.stat().st_size, _file_sha256(path)])
+        parts.append([path.relative_to(folder).as_posix(), path.stat().st_size, transfer.file_sha256(path)])
     return digest(parts)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def output_identity(marker_uri: str) -> str | None:
@@ -145,6 +135,7 @@ def reference_logps(dpo_identity: Identity) -> Identity:
     """What dpo's precomputed reference log-probs depend on, taken from the dpo stage's identity: the
     pairs, the base model, the seed and the token budget (not β or the loss: the reference is reused)."""
     return {k: dpo_identity[k] for k in ("data", "model", "seed", "data.maxLength")}
+
 
 STAGES = {"reward": reward, "score": score, "dpo": dpo}
 

@@ -140,9 +140,7 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         run(parse_args(torchrun_args))
         return 0
     except DistError as error:  # the rendezvous store (workers' own errors arrive as ChildFailedError)
-        timeout = next((a.rsplit("timeout=", 1)[1].split(",")[0] for a in torchrun_args
-                        if a.startswith("--rdzv-conf=") and "timeout=" in a), "600")
-        rendezvous_code, message = rendezvous_failure(error, timeout)
+        rendezvous_code, message = rendezvous_failure(error, str(rendezvous_timeout() or 600))
         _log(f"{message}; exiting {int(rendezvous_code)}")
         report_failure(int(rendezvous_code), rendezvous_code.name, message)
         return int(rendezvous_code)
@@ -161,10 +159,16 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         return code
 
 
-def rendezvous_conf() -> list[str]:
-    """`--rdzv-conf=timeout=N` from MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS (unset: torch's 600 s)."""
+def rendezvous_timeout() -> int | None:
+    """MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS, or None (unset: torch's default, 600 s)."""
     seconds = os.environ.get("MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS", "").strip()
-    return [f"--rdzv-conf=timeout={int(float(seconds))}"] if seconds else []
+    return int(float(seconds)) if seconds else None
+
+
+def rendezvous_conf() -> list[str]:
+    """`--rdzv-conf=timeout=N` when a rendezvous timeout is set (rendezvous_timeout)."""
+    timeout = rendezvous_timeout()
+    return [f"--rdzv-conf=timeout={timeout}"] if timeout is not None else []
 
 
 def train_command(job: str, stage: str, storage: str | None) -> list[str]:

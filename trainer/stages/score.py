@@ -76,7 +76,7 @@ def run(ctx: Context) -> dict[str, Any]:
     pairs, stats = data.read_pairs(spec.data)
     made_by = identity.for_stage(ctx, pairs)  # reward model, data, the stage's parameters (identity.py)
     manifest_uri = storage.join(out_uri, MANIFEST)
-    if storage.exists(manifest_uri) and not identity.changed(identity.recorded(manifest_uri), made_by):
+    if not identity.changed(identity.recorded(manifest_uri), made_by):  # no manifest: changed
         if dist.is_rank_0:
             say(f"score: {manifest_uri} exists for the same inputs and parameters; nothing to do")
         return {}
