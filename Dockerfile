@@ -4,16 +4,70 @@
 # by the tests: tests/unit/test_chart_image.py lints it with hadolint and checks the rules below.
 #
 #   docker build -t ghcr.io/mmalign/mmalign:0.1.0 .
+#   docker build --target operator -t ghcr.io/mmalign/mmalign-operator:0.1.0 .
 #
 # Two stages: `build` makes a virtual environment with the pinned stack (pyproject.toml is the one
 # place the pins live; the ARGs below must match it, a test checks), `runtime` copies only that
 # environment onto the same CUDA runtime base. Same base in both, so the venv's interpreter path holds.
+# `operator` (with `operator-build`) is the slim image of the chart's Deployment: kopf, kubernetes,
+# pydantic, no torch, no CUDA.
+#
+# The bases are build arguments: the CUDA runtime in production; the dev cluster's real node builds on a
+# local Debian + python3 base made with mmdebstrap (devcluster/images.py, docs/devcluster.md), passing
+# BASE_IMAGE, OPERATOR_BASE_IMAGE and PIP_CERT (pip's CA bundle where egress re-signs TLS).
 
-ARG CUDA_BASE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+ARG OPERATOR_BASE_IMAGE=python:3.11.14-slim-bookworm
+
+# ---------------------------------------------------------------- operator (slim)
+FROM ${OPERATOR_BASE_IMAGE} AS operator-build
+
+ARG PIP_CERT
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Dependencies first, from pyproject.toml alone: a source change rebuilds only the layers below.
+COPY pyproject.toml README.md ./
+# hadolint ignore=DL3013
+RUN python3 -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [r for extra in sys.argv[1:] for r in p["optional-dependencies"][extra]]))' operator > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+COPY mmalign/ mmalign/
+COPY operator/ operator/
+COPY trainer/ trainer/
+COPY devcluster/ devcluster/
+# hadolint ignore=DL3013
+RUN pip install --no-deps ".[operator]" \
+    && mmalign --version
+
+FROM ${OPERATOR_BASE_IMAGE} AS operator
+
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="mmalign-operator" \
+      org.opencontainers.image.description="The mmalign operator (no trainer stack)" \
+      org.opencontainers.image.source="https://github.com/mmalign/mmalign" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+RUN groupadd --gid 1000 mmalign \
+    && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin mmalign
+COPY --from=operator-build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 1000:1000
+WORKDIR /tmp
+ENTRYPOINT ["mmalign"]
+CMD ["operator"]
 
 # ---------------------------------------------------------------- build
-FROM ${CUDA_BASE} AS build
+FROM ${BASE_IMAGE} AS build
 
+ARG PIP_CERT
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.2
 ARG DEEPSPEED_VERSION=0.19.8
@@ -46,17 +100,21 @@ RUN pip install "setuptools==${SETUPTOOLS_VERSION}" "wheel==${WHEEL_VERSION}" \
 # The package itself, without the dev extra (no pytest, dev-cluster tools or linters in the image).
 # Its dependencies are pinned in pyproject.toml; hadolint cannot see that through ".[...]".
 WORKDIR /src
+# The rest of the pinned dependencies from pyproject.toml alone, then the source (seconds to rebuild).
 COPY pyproject.toml README.md ./
+# hadolint ignore=DL3013
+RUN python3 -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + [r for extra in sys.argv[1:] for r in p["optional-dependencies"][extra]]))' operator trainer > /tmp/requirements.txt \
+    && DS_BUILD_OPS=0 pip install --no-build-isolation -r /tmp/requirements.txt
 COPY mmalign/ mmalign/
 COPY operator/ operator/
 COPY trainer/ trainer/
 COPY devcluster/ devcluster/
 # hadolint ignore=DL3013
-RUN DS_BUILD_OPS=0 pip install --no-build-isolation ".[operator,trainer]" \
+RUN DS_BUILD_OPS=0 pip install --no-build-isolation --no-deps ".[operator,trainer]" \
     && mmalign --version
 
 # ---------------------------------------------------------------- runtime
-FROM ${CUDA_BASE} AS runtime
+FROM ${BASE_IMAGE} AS runtime
 
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="mmalign" \

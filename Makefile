@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv binaries test lint mypy crds unit integration e2e bench demo demo-down clean
+.PHONY: help venv binaries test test-realnode lint mypy crds unit integration e2e bench demo demo-down clean
 
 help:
 	@echo "make test       set up everything, then lint + unit + integration + e2e tests"
@@ -15,6 +15,7 @@ help:
 	@echo "make demo-down  stop the demo cluster"
 	@echo "make crds       regenerate the CRD YAML from the API models"
 	@echo "make binaries   build/reuse the cached kube-apiserver, controller-manager, etcd, helm"
+	@echo "make test-realnode  the real kubelet/containerd node and the project's image (not yet default)"
 	@echo "make bench      DPO step vs TRL's DPOTrainer on CPU, small size (docs/benchmarks.md)"
 
 # torch first (its pins are read from pyproject.toml, the one place they live); deepspeed is an sdist
@@ -60,6 +61,12 @@ e2e: binaries
 
 test: lint binaries
 	$(BIN)/pytest tests/unit tests/trainer tests/integration tests/e2e -q --timeout=900 --durations=15
+
+# The real node (kubelet + containerd + the project's image; docs/devcluster.md "The real node"): not yet
+# the default path of `make test`/`make demo`. Its binaries and images take ~40 min cold on 2 cores.
+test-realnode: binaries
+	$(BIN)/python -m mmalign.devcluster.binaries --real-node
+	MMALIGN_NODE=real $(BIN)/pytest tests/integration/test_realnode.py -q
 
 # The bench extra (TRL) goes into the same venv only here, never in `make test`'s install.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from mmalign.trainer import builtin, collate, losses, tiny
+from mmalign.trainer import collate, losses, models, tiny
 from mmalign.trainer.stages.dpo import SequenceLogps
 
 VARIANTS = ("trl:ref-model", "trl:precomputed", "mmalign:ref-model", "mmalign:precomputed")
@@ -116,8 +116,9 @@ def trl_rows(examples: list[collate.Example], processor: Any) -> list[dict[str, 
     template = collate.Collator(processor).template  # the exact strings Collator.pairs tokenizes
     rows = []
     for e in examples:
-        row: dict[str, Any] = {"prompt": template.prompt(e.prompt, len(e.images)),
-                               "chosen": e.chosen + template.end, "rejected": e.rejected + template.end}
+        prompt, chosen = template.prompt_and_response(e, "chosen")
+        row: dict[str, Any] = {"prompt": prompt, "chosen": chosen,
+                               "rejected": template.prompt_and_response(e, "rejected")[1]}
         if e.images:
             row["images"] = e.images
         rows.append(row)
@@ -171,7 +172,7 @@ def peak_memory(cfg: BenchConfig, out: dict[str, float]) -> Iterator[None]:
 
 
 def _load(cfg: BenchConfig) -> tuple[Any, Any]:  # (PreTrainedModel, processor)
-    model, processor = builtin.load_model(cfg.uri, seed=cfg.seed)  # float32, eval mode
+    model, processor = models.load_model(cfg.uri, seed=cfg.seed)  # the builtin's HF folder: float32, eval mode
     return model.to(cfg.device), processor
 
 

@@ -2,6 +2,7 @@
 
     mmalign dev binaries                      # build/install the pinned binaries into the cache (once)
     mmalign dev up [--nodes 2] [--gpus-per-node 0] [--fast]
+    mmalign dev up --node real                # containerd + a real kubelet instead (MMALIGN_NODE=real)
     eval "$(mmalign dev env)"                 # KUBECONFIG, PATH, AWS_* for this shell
     kubectl get nodes
     mmalign dev logs POD [-n NS] [-c CONTAINER]
@@ -36,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--memory", default="32Gi", help="memory capacity per node (default 32Gi)")
     up.add_argument("--fast", action="store_true",
                     help="kwok-style: pods go Running/Succeeded without running anything")
+    up.add_argument("--node", choices=("process", "real"), default=None,
+                    help="process (default) or real: containerd, kubelet, kube-scheduler, kube-proxy and "
+                         "CoreDNS in a network namespace (as root; default: $MMALIGN_NODE, else process)")
     up.add_argument("--timeout", type=float, default=120, help="seconds to wait for health")
     sub.add_parser("down", help="stop everything and remove the state folder")
     sub.add_parser("env", help="print `export` lines for eval")
@@ -45,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--namespace", default="default")
     logs.add_argument("-c", "--container", default=None)
     logs.add_argument("--previous", action="store_true")
-    sub.add_parser("binaries", help="build/install the pinned binaries into the cache")
+    binaries_cmd = sub.add_parser("binaries", help="build/install the pinned binaries into the cache")
+    binaries_cmd.add_argument("--real-node", action="store_true", help="also the real node's binaries")
     return parser
 
 
@@ -54,14 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "binaries":
         from mmalign.devcluster import binaries
 
-        return binaries.main([])
+        return binaries.main(["--real-node"] if args.real_node else [])
     from mmalign.devcluster import cluster
 
     if args.command == "up":
         start = time.monotonic()
         try:
             got = cluster.up(args.state_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu=args.cpu,
-                             memory=args.memory, fast=args.fast, timeout=args.timeout,
+                             memory=args.memory, fast=args.fast, timeout=args.timeout, node=args.node,
                              progress=lambda msg: print(f"[dev up] {msg}", file=sys.stderr, flush=True))
         except (RuntimeError, FileNotFoundError, TimeoutError) as err:
             print(f"mmalign dev up: {err}", file=sys.stderr)
@@ -91,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _logs(got: DevCluster, args: argparse.Namespace) -> int:
     """Fallback to `kubectl logs`: reads the node's files directly (same content, no API server)."""
+    if got.node == "real":  # the real kubelet serves the logs: kubectl's answer is the answer
+        flags = (["-c", args.container] if args.container else []) + (["--previous"] if args.previous else [])
+        proc = got.kubectl("logs", args.pod, "-n", args.namespace, *flags)
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write(proc.stderr)
+        return proc.returncode
     pods = sorted(got.state_dir.glob(f"pods/{args.namespace}_{args.pod}_*/logs"))
     if not pods:
         print(f"no pod {args.namespace}/{args.pod} on this cluster's process nodes", file=sys.stderr)

@@ -29,11 +29,14 @@ from typing import Any
 import requests
 import yaml
 
-from mmalign.devcluster import binaries, components, dns, pki
+from mmalign.devcluster import binaries, components, dns, pki, realnode
 from mmalign.devcluster.kubeapi import ApiError, KubeApi
 
 # Components, node first: `down` stops it before the others (it stops the pods).
 STOP_ORDER = ("node", "controller-manager", "apiserver", "seaweedfs", "etcd")
+# The one switch between the process node (default) and the real node: `mmalign dev up --node real`
+# sets it for the command; tests and `make` read it from the environment.
+NODE_ENV = "MMALIGN_NODE"
 
 
 def default_state_dir() -> Path:
@@ -80,10 +83,10 @@ def _start_time(pid: int) -> str | None:
     return None if fields[0] in ("Z", "X") else fields[19]
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 @dataclass
@@ -92,6 +95,16 @@ class DevCluster:
     ports: dict[str, int]
     processes: dict[str, dict[str, Any]]  # name -> {"pid", "start"}
     nodes: int
+    node: str = "process"  # "real": containerd + kubelet in the network namespace (devcluster/realnode.py)
+
+    @property
+    def host(self) -> str:
+        """Where the API server and S3 answer: loopback, or the real node's namespace address."""
+        return realnode.NS_IP if self.node == "real" else "127.0.0.1"
+
+    @property
+    def node_layout(self) -> realnode.NodeLayout:
+        return realnode.NodeLayout(self.state_dir, binaries.bin_dir(), binaries.cache_dir() / "containerd")
 
     @property
     def layout(self) -> components.Layout:
@@ -103,11 +116,11 @@ class DevCluster:
 
     @property
     def apiserver(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.host}:{self.ports['apiserver']}"
 
     @property
     def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.ports['s3']}"
+        return f"http://{self.host}:{self.ports['s3']}"
 
     @property
     def s3_credentials(self) -> dict[str, str]:
@@ -118,7 +131,8 @@ class DevCluster:
     def env(self) -> dict[str, str]:
         """KUBECONFIG, PATH (cached kubectl and helm first), AWS_* for the local S3."""
         dirs = [str(binaries.bin_dir()), sysconfig.get_path("scripts")]
-        return components.shell_env(self.kubeconfig, dirs, self.ports["s3"], os.environ.get("PATH", ""))
+        env = components.shell_env(self.kubeconfig, dirs, self.ports["s3"], os.environ.get("PATH", ""))
+        return {**env, "AWS_ENDPOINT_URL": self.s3_endpoint}
 
     def api(self) -> KubeApi:
         folder = self.layout.pki
@@ -136,7 +150,7 @@ class DevCluster:
         down(self.state_dir)
 
     def save(self) -> None:
-        state = {"ports": self.ports, "processes": self.processes, "nodes": self.nodes}
+        state = {"ports": self.ports, "processes": self.processes, "nodes": self.nodes, "node": self.node}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -146,10 +160,12 @@ def load(state_dir: Path | None = None) -> DevCluster:
     if not path.exists():
         raise FileNotFoundError(f"no dev cluster in {state_dir} (start one with `mmalign dev up`)")
     state = json.loads(path.read_text())
-    return DevCluster(state_dir, state["ports"], state["processes"], state["nodes"])
+    return DevCluster(state_dir, state["ports"], state["processes"], state["nodes"], state.get("node", "process"))
 
 
 def _spawn(cluster: DevCluster, name: str, argv: list[str], env: dict[str, Any] | None = None) -> None:
+    if cluster.node == "real":
+        argv = realnode.in_netns(argv)
     log = open(cluster.layout.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, **(env or {})}, cwd=cluster.state_dir)
@@ -159,10 +175,18 @@ def _spawn(cluster: DevCluster, name: str, argv: list[str], env: dict[str, Any] 
 
 
 def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cpu: str = "8",
-       memory: str = "32Gi", fast: bool = False, timeout: float = 120, progress: Callable[[str], None] | None = None
-       ) -> DevCluster:
-    """Start a cluster in `state_dir` (emptied first) and wait until it is healthy."""
+       memory: str = "32Gi", fast: bool = False, timeout: float = 120, progress: Callable[[str], None] | None = None,
+       node: str | None = None) -> DevCluster:
+    """Start a cluster in `state_dir` (emptied first) and wait until it is healthy.
+
+    `node` (default: $MMALIGN_NODE, else "process") picks the node: "real" starts containerd, a kubelet,
+    kube-scheduler, kube-proxy and CoreDNS in a network namespace (devcluster/realnode.py)."""
     say = progress or (lambda _msg: None)
+    node = node or os.environ.get(NODE_ENV) or "process"
+    if node not in ("process", "real"):
+        raise RuntimeError(f"{NODE_ENV}/--node must be 'process' or 'real', not {node!r}")
+    if node == "real":
+        return _up_real(state_dir, timeout, say)
     state_dir = (state_dir or default_state_dir()).absolute()
     if (state_dir / "state.json").exists():
         existing = load(state_dir)
@@ -209,6 +233,61 @@ def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cp
     return cluster
 
 
+def _up_real(state_dir: Path | None, timeout: float, say: Callable[[str], None]) -> DevCluster:
+    """The control plane and S3 as in `up`, plus the real node, all in the namespace realnode.NETNS."""
+    from mmalign.devcluster import images
+
+    state_dir = (state_dir or default_state_dir()).absolute()
+    if (state_dir / "state.json").exists() and any(load(state_dir).alive().values()):
+        raise RuntimeError(f"a dev cluster is already running in {state_dir}: `mmalign dev down` first")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    realnode.preflight()
+    needed = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "weed", "containerd",
+              "containerd-shim-runc-v2", "ctr", "kubelet", "kube-scheduler", "kube-proxy", "coredns")
+    missing = [b for b in needed if not (binaries.bin_dir() / b).exists()]
+    if missing:
+        raise FileNotFoundError(f"missing {missing} in {binaries.bin_dir()}: run "
+                                "`python -m mmalign.devcluster.binaries --real-node`")
+    pause = images.pause_archive()  # before any process starts: it may compile (seconds)
+    started = time.monotonic()
+    cluster = DevCluster(state_dir, free_ports(components.PORT_NAMES), {}, 1, "real")
+    layout, node_layout = cluster.layout, cluster.node_layout
+    layout.logs.mkdir(parents=True)
+    pki.create(layout.pki)
+    cluster.save()
+    (state_dir / "s3.json").write_text(json.dumps(components.s3_identities()))
+    (state_dir / "kubeconfig").write_text(yaml.safe_dump(components.kubeconfig(
+        cluster.apiserver, layout.pki / "ca.crt", layout.pki / "admin.crt", layout.pki / "admin.key")))
+    try:
+        realnode.create_netns()
+        realnode.write_configs(node_layout, cluster.apiserver)
+        ports = cluster.ports
+        _spawn(cluster, "etcd", components.etcd(layout, ports))
+        _spawn(cluster, "seaweedfs", realnode.seaweedfs_overrides(components.seaweedfs(layout, ports)))
+        _spawn(cluster, "apiserver", realnode.apiserver_overrides(components.apiserver(layout, ports)))
+        # The controller manager gives up when the API server is not healthy within ~10 s, which a loaded
+        # two-core machine starting a dozen components at once can exceed: it starts after /readyz.
+        api = cluster.api()
+        _wait("kube-apiserver /readyz", lambda: api.session.get(cluster.apiserver + "/readyz", timeout=2).ok,
+              started + timeout, cluster)
+        _spawn(cluster, "controller-manager", components.controller_manager(layout))
+        # containerd finds its shim on PATH.
+        env = {"PATH": f"{binaries.bin_dir()}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+        for name, argv in realnode.commands(node_layout, layout.kubeconfig).items():
+            _spawn(cluster, name, argv, env)
+            if name == "containerd":
+                _wait("containerd's socket", node_layout.socket.exists, started + timeout, cluster)
+                images.import_archive(node_layout, pause)
+        say(f"started processes in {time.monotonic() - started:.1f}s; waiting for health")
+        _wait_healthy(cluster, started + timeout, say)
+    except BaseException:
+        _print_logs(cluster)
+        down(state_dir, keep=True)
+        raise
+    say(f"dev cluster with a real node up in {time.monotonic() - started:.1f}s")
+    return cluster
+
+
 def _wait(what: str, check: Callable[[], bool], deadline: float, cluster: DevCluster) -> None:
     while time.monotonic() < deadline:
         dead = [name for name, ok in cluster.alive().items() if not ok]
@@ -228,7 +307,7 @@ def _wait_healthy(cluster: DevCluster, deadline: float, say: Callable[[str], Non
     _wait("kube-apiserver /readyz", lambda: api.session.get(cluster.apiserver + "/readyz", timeout=2).ok,
           deadline, cluster)
     say("kube-apiserver ready")
-    _wait("S3 endpoint", lambda: port_open(cluster.ports["s3"]), deadline, cluster)
+    _wait("S3 endpoint", lambda: port_open(cluster.ports["s3"], cluster.host), deadline, cluster)
 
     def nodes_ready() -> bool:
         items = api.get("/api/v1/nodes")["items"]
@@ -236,8 +315,8 @@ def _wait_healthy(cluster: DevCluster, deadline: float, say: Callable[[str], Non
                  and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))]
         return len(ready) >= cluster.nodes
 
-    _wait(f"{cluster.nodes} Ready process nodes", nodes_ready, deadline, cluster)
-    say("process nodes ready")
+    _wait(f"{cluster.nodes} Ready {cluster.node} nodes", nodes_ready, deadline, cluster)
+    say(f"{cluster.node} nodes ready")
     _wait("the default ServiceAccount (controller manager)",
           lambda: bool(api.get("/api/v1/namespaces/default/serviceaccounts/default")), deadline, cluster)
 
@@ -265,8 +344,10 @@ def down(state_dir: Path | None = None, keep: bool = False, grace: float = 10) -
         return
     cluster = load(state_dir)
     # The node first, alone: it stops the pods while the API server still answers. Then the rest at once.
-    node_stopped_pods = False
-    for group in (["node"], [n for n in STOP_ORDER if n != "node"]):
+    # A real node: the kubelet first (it would restart containers), then every container, then the rest.
+    node_stopped_pods = cluster.node == "real"
+    first = ["kubelet"] if cluster.node == "real" else ["node"]
+    for group in (first, [n for n in (*STOP_ORDER, *realnode.NODE_COMPONENTS) if n not in first]):
         procs = [cluster.processes[n] for n in group if n in cluster.processes]
         was_alive = [_start_time(p["pid"]) == p["start"] for p in procs]
         for proc in procs:
@@ -278,6 +359,10 @@ def down(state_dir: Path | None = None, keep: bool = False, grace: float = 10) -
             node_stopped_pods = was_alive[0] and _start_time(procs[0]["pid"]) != procs[0]["start"]
         for proc in procs:
             _signal(proc["pid"], proc["start"], signal.SIGKILL)
+        if group == ["kubelet"]:
+            realnode.stop_pods(cluster.node_layout)
+    if cluster.node == "real":
+        realnode.cleanup(cluster.node_layout)
     if not node_stopped_pods:
         # The node died without stopping its pods: their process groups are recorded per pod.
         for pgid_file in state_dir.glob("pods/*/pgid"):

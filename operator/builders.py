@@ -23,7 +23,7 @@ from typing import Any
 from mmalign.api import jobfile, keys
 from mmalign.api.groupversion import API_VERSION_FULL, KIND
 from mmalign.api.layout import StageName
-from mmalign.api.spec import AlignmentJobSpec
+from mmalign.api.spec import AlignmentJobSpec, Resources
 
 FIELD_MANAGER = "mmalign-operator"
 MAX_NAME = 63  # DNS-1123 label: pod hostnames, Service names and label values are all limited to 63
@@ -194,6 +194,8 @@ def _env(job: JobRef, stage: StageName, attempt: int, node: int) -> list[dict[st
         keys.ENV_JOB: job.name,
         keys.ENV_STAGE: stage,
         keys.ENV_ATTEMPT: str(attempt),
+        # how long torchrun's rendezvous waits for the rest of the gang (then exit 10, retryable)
+        keys.ENV_RENDEZVOUS_TIMEOUT: str(spec.run_policy.startup_timeout_seconds),
         "PYTHONUNBUFFERED": "1",  # progress lines reach the log (and the operator) at once
         # Downloads (model, data) and checkpoint shards go to the pod's scratch emptyDir, not to the
         # image's writable layer; a user's own env entries may point them elsewhere.
@@ -205,9 +207,8 @@ def _env(job: JobRef, stage: StageName, attempt: int, node: int) -> list[dict[st
     if spec.storage.region:
         ours["AWS_DEFAULT_REGION"] = spec.storage.region
     merged = dict(ours)
-    for variable in spec.pod_template.env:
-        if variable.name not in keys.RESERVED_ENV:
-            merged[variable.name] = variable.value
+    for variable in spec.pod_template.env:  # the spec refuses entries naming keys.RESERVED_ENV
+        merged[variable.name] = variable.value
     return [{"name": name, "value": value} for name, value in merged.items()]
 
 
@@ -255,17 +256,15 @@ def build_pod(
     }
     if spec.storage.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": spec.storage.credentials_secret}}]
-    resources = {}
-    if spec.resources.requests:
-        resources["requests"] = _quantities(spec.resources.requests)
-    if spec.resources.limits:
-        resources["limits"] = _quantities(spec.resources.limits)
+    resources = container_resources(spec.resources)
     if resources:
         container["resources"] = resources
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostname": name,  # pod names are cut to 63, so they are valid hostnames
         "subdomain": service_name(job.name),
+        # SIGTERM -> SIGKILL: time for every rank to finish its step and commit a checkpoint of it
+        "terminationGracePeriodSeconds": template.termination_grace_period_seconds,
         "containers": [container],
         "volumes": [
             {"name": "job", "configMap": {"name": config_map_name(job.name)}},
@@ -292,6 +291,21 @@ def build_pod(
     if template.scheduler_name:
         pod_spec["schedulerName"] = template.scheduler_name
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+
+
+def container_resources(resources: Resources) -> dict[str, dict[str, str]]:
+    """The trainer container's requests and limits: the user's, with the GPU resource set to
+    `Resources.gpu_resource()` in BOTH (Kubernetes wants an extended resource in limits, equal to its
+    request): nvidia.com/gpu = procPerNode unless the user named a GPU resource; 0 = none (a CPU job)."""
+    gpu, count = resources.gpu_resource()
+    out: dict[str, dict[str, str]] = {}
+    for kind, given in (("requests", resources.requests), ("limits", resources.limits)):
+        quantities = {k: v for k, v in _quantities(given).items() if k != gpu}
+        if count > 0:
+            quantities[gpu] = str(count)
+        if quantities:
+            out[kind] = dict(sorted(quantities.items()))
+    return out
 
 
 def build_gang(

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from mmalign.api import conditions, jobfile, progress
+from mmalign.api.layout import StageName
 from mmalign.api.spec import STAGE_ORDER, AlignmentJobSpec
 from mmalign.api.status import AlignmentJobStatus, JobPhase, StageStatus
 from mmalign.operator import metrics
@@ -35,9 +37,26 @@ from mmalign.operator.builders import (
     service_name,
     with_operator_defaults,
 )
-from mmalign.operator.kube import Kube, error_summary
-from mmalign.operator.policy import FINISHED_PHASES, RUNNING, PodView, observe_pod, spec_change
-from mmalign.operator.status import Event, Observation, Plan, reconcile, rfc3339, set_condition
+from mmalign.operator.kube import Kube, error_details, error_summary
+from mmalign.operator.policy import (
+    FINISHED_PHASES,
+    RUNNING,
+    CreateFailure,
+    PodView,
+    classify_create_error,
+    observe_pod,
+    spec_change,
+)
+from mmalign.operator.status import (
+    Event,
+    Observation,
+    Plan,
+    create_failed,
+    parse_time,
+    reconcile,
+    rfc3339,
+    set_condition,
+)
 
 ACTIVE_PHASES: tuple[JobPhase, ...] = ("Pending", "Running", "Restarting")
 
@@ -67,6 +86,7 @@ class JobController:
         self.last_poll = 0.0
         self.last_poll_key: tuple[str, str] | None = None
         self.report: progress.ProgressReport | None = None
+        self.create_failures = 0  # consecutive refused creates: the retry backs off (1, 2, 4 ... 30 s)
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -144,11 +164,19 @@ class JobController:
         report = await self._poll_progress(mine)
         observation = Observation(
             generation=generation, spec=spec, pods=tuple(mine), now=datetime.now(UTC), job_name=self.name,
-            progress=report, refused_paths=refused,
+            progress=report, refused_paths=refused, created=parse_time(metadata.get("creationTimestamp")),
         )
         previous = self.status
         plan = reconcile(observation, previous)
-        await self._act(plan, job)
+        refused_create = await self._act(plan, job)
+        if refused_create is not None:
+            # The status says so now (not after minutes of silent retries); the gang is planned again.
+            self.logger.warning(refused_create.message)
+            plan = create_failed(observation, plan, refused_create)
+            plan.soon(min(2.0 ** self.create_failures, 30.0))
+            self.create_failures += 1
+        else:
+            self.create_failures = 0
         new = plan.status.to_k8s()
         if new != self.written:
             await self.kube.apply_status(self.namespace, self.name, new)
@@ -179,7 +207,8 @@ class JobController:
 
     async def _invalid_spec(self, generation: int, error: ValidationError,
                             emit: Callable[[Event], None]) -> None:
-        # The API server validated the spec against the CRD; this only happens with an older CRD.
+        # The API server validated the spec against the CRD; this happens with an older CRD, or with what
+        # CEL cannot check (a deepspeed.config contradicting the spec: AlignmentJobSpec.deepspeed_contradictions).
         assert self.status is not None
         status = self.status.model_copy(deep=True)
         status.observed_generation = generation
@@ -241,26 +270,43 @@ class JobController:
 
     # ------------------------------------------------------------------------------ act
 
-    async def _act(self, plan: Plan, job: JobRef) -> None:
-        deletes = [a for a in plan.actions if a.kind == "delete_pods"]
-        if deletes:
-            await self.kube.delete_pods(self.namespace, [n for a in deletes for n in a.pods])
+    async def _act(self, plan: Plan, job: JobRef) -> CreateFailure | None:
+        """Run the plan's actions; an API error creating a child is returned (the status reports it)."""
+        for delete in (a for a in plan.actions if a.kind == "delete_pods"):
+            await self.kube.delete_pods(self.namespace, delete.pods, grace_seconds=delete.grace_seconds)
         for action in plan.actions:
             if action.kind == "create_gang":
                 assert action.stage, action  # reconcile always names the stage of a gang
-                # Service and ConfigMap first (the pods mount one and resolve through the other), then
-                # every pod of the gang at once.
-                config_map = build_config_map(job)
-                await self.kube.gather([self.kube.apply(build_service(job)), self.kube.apply(config_map)])
-                self.applied_spec = jobfile.spec_document(job.spec)
-                pods = build_gang(job, action.stage, action.attempt, self.settings.build)
-                await self.kube.gather(self.kube.apply(pod) for pod in pods)
-                self.logger.info(f"stage {action.stage}: created {len(pods)} pods of attempt {action.attempt}")
+                failure = await self._create_gang(job, action.stage, action.attempt)
+                if failure is not None:
+                    return failure
             elif action.kind == "delete_service":
                 await self.kube.delete_service(self.namespace, service_name(self.name))
             elif action.kind == "delete_job":
                 self.logger.info(f"deleting the job: {action.reason}")
                 await self.kube.delete_job(self.namespace, self.name)
+        return None
+
+    async def _create_gang(self, job: JobRef, stage: StageName, attempt: int) -> CreateFailure | None:
+        # Service and ConfigMap first (the pods mount one and resolve through the other), then every pod
+        # of the gang at once.
+        children = [build_service(job), build_config_map(job)]
+        pods = build_gang(job, stage, attempt, self.settings.build)
+        for batch in (children, pods):
+            results = await asyncio.gather(*(self.kube.apply(o) for o in batch), return_exceptions=True)
+            refused = next(((o, r) for o, r in zip(batch, results, strict=True) if isinstance(r, ApiException)),
+                           None)
+            others = [r for r in results if isinstance(r, BaseException) and not isinstance(r, ApiException)]
+            if others:
+                raise others[0]  # not an answer of the API server (network, a bug): the loop retries
+            if refused is not None:
+                body, error = refused
+                code, reason, message = error_details(error)
+                return classify_create_error(code, reason, message, body["kind"], body["metadata"]["name"], stage)
+            if batch is children:
+                self.applied_spec = jobfile.spec_document(job.spec)
+        self.logger.info(f"stage {stage}: created {len(pods)} pods of attempt {attempt}")
+        return None
 
     def _count(self, old: AlignmentJobStatus, new: AlignmentJobStatus) -> None:
         metrics.track_phase(self.uid, new.phase)
@@ -270,6 +316,6 @@ class JobController:
                 continue
             if before is None or before.phase != after.phase:
                 metrics.STAGE_TRANSITIONS.labels(stage=stage, phase=after.phase).inc()
-            if before is not None and after.restarts > before.restarts:
+            if before is not None and (after.restarts, after.disruptions) > (before.restarts, before.disruptions):
                 reason = next((c.reason for c in new.conditions if c.type == conditions.RESTARTING), "")
                 metrics.RESTARTS.labels(stage=stage, reason=reason).inc()

@@ -45,7 +45,10 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         rest = {k: v for k, v in schema.items() if k != "anyOf"}
         types = sorted(v.get("type", "") for v in variants)
         if types == ["integer", "string"]:
-            return _common({**rest, "x-kubernetes-int-or-string": True}, defs)
+            # the string variant's bounds stay: CEL rules over such values need a maxLength to be costed
+            text = next(v for v in variants if v.get("type") == "string")
+            bounds = {k: text[k] for k in ("maxLength", "pattern") if k in text}
+            return _common({**bounds, **rest, "x-kubernetes-int-or-string": True}, defs)
         if len(variants) != 1:
             raise ValueError(f"cannot express anyOf {schema['anyOf']} structurally")
         inner = structural(variants[0], defs)
@@ -73,7 +76,7 @@ def _common(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     """Keys that carry over (or translate) on any node."""
     out: dict[str, Any] = {}
     for key in ("type", "description", "enum", "minimum", "maximum", "minLength", "maxLength", "pattern",
-                "minItems", "maxItems", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
+                "minItems", "maxItems", "maxProperties", "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields",
                 "x-kubernetes-int-or-string"):
         if key in schema:
             out[key] = schema[key]

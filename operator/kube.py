@@ -116,10 +116,11 @@ class Kube:
 
     # ------------------------------------------------------------------------------ delete
 
-    async def delete_pods(self, namespace: str, names: Iterable[str]) -> None:
+    async def delete_pods(self, namespace: str, names: Iterable[str], grace_seconds: int | None = None) -> None:
+        options = {} if grace_seconds is None else {"grace_period_seconds": grace_seconds}
         await self.gather(
             self._call("delete", "pods", self.core.delete_namespaced_pod, name, namespace, missing_ok=True,
-                       propagation_policy="Background")
+                       propagation_policy="Background", **options)
             for name in names
         )
 
@@ -134,6 +135,18 @@ class Kube:
     async def delete_job(self, namespace: str, name: str) -> None:
         await self._call("delete", PLURAL, self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION,
                          namespace, PLURAL, name, missing_ok=True, propagation_policy="Background")
+
+
+def error_details(error: BaseException) -> tuple[int | None, str, str]:
+    """(HTTP code, the API's reason word, the server's message) of an API error; (None, "", text) else."""
+    if isinstance(error, ApiException):
+        try:
+            body = json.loads(error.body or "{}")
+        except (ValueError, AttributeError):
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        return error.status, str(body.get("reason") or error.reason or ""), str(body.get("message") or "")
+    return None, "", f"{type(error).__name__}: {error}"
 
 
 def error_summary(error: BaseException) -> str:

@@ -16,6 +16,7 @@ Exit codes (runPolicy.retryableExitCodes makes 1-127 retryable one by one):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +26,7 @@ from mmalign.api import conditions
 from mmalign.api.exit_codes import ExitCode
 from mmalign.api.keys import LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
 from mmalign.api.spec import RunPolicy
+from mmalign.api.status import PendingPod
 from mmalign.operator.builders import CONTAINER as TRAINER_CONTAINER
 
 # A permanent-looking exit is often a consequence: when one node is killed, torchrun on the others sees
@@ -92,7 +94,11 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
             message = message or terminated.get("message") or ""
             finished_at = _time(terminated.get("finishedAt"))
     pod_conditions = status.get("conditions") or []
-    disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in pod_conditions)
+    target = next((c for c in pod_conditions if c.get("type") == "DisruptionTarget" and c.get("status") == "True"),
+                  None)
+    disrupted = target is not None
+    if target is not None:  # who disrupted it says more than the exit of a SIGTERMed container
+        reason, message = target.get("reason") or reason, target.get("message") or message
     waiting = ""
     for condition in pod_conditions:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
@@ -118,7 +124,7 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
         finished_at=finished_at,
         disrupted=disrupted,
         owner_uid=owners[0] if owners else "",
-        waiting=waiting[:300],
+        waiting=conditions.shorten(waiting),
         memory_limit=memory_limit,
     )
 
@@ -130,6 +136,9 @@ class Failure:
     message: str
     pod: str
     exit_code: int | None = None
+    # evicted, preempted, drained, its node lost: restarts the gang without using backoffLimit (bounded by
+    # runPolicy.maxDisruptions instead), like a Job's podFailurePolicy on DisruptionTarget
+    disruption: bool = False
 
 
 def oom_advice(memory_limit: str) -> str:
@@ -145,7 +154,8 @@ def classify(pod: PodView, retryable_exit_codes: Iterable[int]) -> Failure:
     """One failed (or vanished) pod -> retryable or permanent, with a reason a user can act on."""
     if pod.disrupted or pod.reason in _DISRUPTION_REASONS:
         why = pod.reason or conditions.DISRUPTED
-        return Failure(True, why, f"pod {pod.name} was {why.lower()}: {pod.message}".rstrip(": "), pod.name)
+        return Failure(True, why, f"pod {pod.name} was disrupted ({why}): {pod.message}".rstrip(": "), pod.name,
+                       disruption=True)
     if pod.deleting and not pod.finished or pod.phase == MISSING:
         return Failure(True, conditions.POD_DELETED, f"pod {pod.name} was deleted while the stage ran", pod.name)
     code = pod.exit_code
@@ -156,7 +166,7 @@ def classify(pod: PodView, retryable_exit_codes: Iterable[int]) -> Failure:
     if pod.reason and pod.reason not in _PLAIN_EXIT_REASONS:
         detail += f" ({pod.reason})"
     if pod.message:
-        detail += f": {pod.message.strip()[-300:]}"
+        detail += f": {conditions.shorten(pod.message)}"  # head and tail kept
     if code >= 128:
         if pod.reason == conditions.OOM_KILLED:
             return Failure(True, conditions.OOM_KILLED, f"{detail}: {oom_advice(pod.memory_limit)}", pod.name, code)
@@ -212,6 +222,24 @@ def gang_state(pods: list[PodView], nodes: int, run_policy: RunPolicy, now: date
     return GangState("Pending", None, 0)
 
 
+def pending_pods(pods: list[PodView]) -> list[PendingPod]:
+    """The pods of one attempt that are created but not running yet, in node order, and why (the
+    scheduler's or the kubelet's words: Unschedulable, ImagePullBackOff, ...; no reason = starting)."""
+    waiting = [p for p in pods if p.phase == PENDING and not p.deleting]
+    found = []
+    for pod in sorted(waiting, key=lambda p: p.node_rank):
+        reason, _, message = pod.waiting.partition(": ")
+        found.append(PendingPod(name=pod.name, reason=reason, message=message))
+    return found
+
+
+def deadline_start(start_time: datetime | None, resumed_at: datetime | None,
+                   created: datetime | None) -> datetime | None:
+    """Where runPolicy.activeDeadlineSeconds counts from: the job's start (its first gang), else its last
+    resume, else its creation: a job whose pods were never created (refused, operator down) still ends."""
+    return start_time or resumed_at or created
+
+
 def deadline_exceeded(start_time: datetime | None, now: datetime, run_policy: RunPolicy) -> bool:
     seconds = run_policy.active_deadline_seconds
     return bool(seconds and start_time and now - start_time >= timedelta(seconds=seconds))
@@ -222,6 +250,48 @@ def ttl_expires_at(completion_time: datetime | None, run_policy: RunPolicy) -> d
     if ttl is None or completion_time is None:
         return None
     return completion_time + timedelta(seconds=ttl)
+
+
+# ------------------------------------------------------------------------------ API errors on create
+
+# Which API errors creating a child object (pod, Service, ConfigMap) fail the job: the ones that say
+# THIS object can never be created as built from this spec. Anything else (quota, RBAC of the operator,
+# throttling, the server down, the namespace terminating) is retried with backoff while the job's
+# CreateFailed condition and an Event say why.
+PERMANENT_API_CODES = {400: "BadRequest", 413: "RequestEntityTooLarge", 422: "Invalid"}
+# 403 is permanent when an admission plugin refuses the pod's content (PodSecurity, a LimitRange);
+# it is transient when it is a ResourceQuota (frees up) or the operator's own RBAC (fixable).
+# ("status unknown for quota": the quota controller has not counted the namespace yet; RBAC says
+# `User "..." cannot <verb> resource "<resource>"`: create, or patch for a server-side apply)
+_TRANSIENT_FORBIDDEN = re.compile(r"quota|cannot \w+ resource|is being terminated")
+
+
+@dataclass(frozen=True)
+class CreateFailure:
+    """The API server refused a child object: what the job's condition and Event say."""
+
+    permanent: bool
+    reason: str  # CamelCase: Invalid, Forbidden, ExceededQuota, ...
+    message: str
+    stage: str = ""
+
+
+def classify_create_error(code: int | None, api_reason: str, message: str, kind: str, name: str,
+                          stage: str = "") -> CreateFailure:
+    """An API error creating `kind/name` -> permanent (the job Fails) or transient (retried)."""
+    what = f"creating {kind} {name} failed: HTTP {code} {api_reason}: {message}" if code else (
+        f"creating {kind} {name} failed: {message}")
+    if code in PERMANENT_API_CODES:
+        reason = api_reason or PERMANENT_API_CODES[code]
+        return CreateFailure(True, reason, f"{what} (permanent: fix the spec, then re-create the job)", stage)
+    if code == 403:
+        lowered = message.lower()
+        if "exceeded quota" in lowered:
+            return CreateFailure(False, "ExceededQuota", f"{what} (retrying until the quota has room)", stage)
+        if not _TRANSIENT_FORBIDDEN.search(lowered):
+            return CreateFailure(True, "Forbidden", f"{what} (permanent: an admission policy refuses the pod; "
+                                 "fix the spec, then re-create the job)", stage)
+    return CreateFailure(False, api_reason or "ApiError", f"{what} (retrying)", stage)
 
 
 # ------------------------------------------------------------------------------ spec changes mid-run

@@ -21,11 +21,20 @@ from typing import Literal
 from mmalign.api import conditions, layout
 from mmalign.api.conditions import ConditionStatus, ConditionType
 from mmalign.api.layout import StageName
-from mmalign.api.progress import ProgressReport
+from mmalign.api.progress import MAX_NOTICES, ProgressReport
 from mmalign.api.spec import STAGE_ORDER, AlignmentJobSpec
 from mmalign.api.status import AlignmentJobStatus, Condition, StageProgress, StageStatus
 from mmalign.operator.builders import pod_name
-from mmalign.operator.policy import MISSING, PodView, deadline_exceeded, gang_state, ttl_expires_at
+from mmalign.operator.policy import (
+    MISSING,
+    CreateFailure,
+    PodView,
+    deadline_exceeded,
+    deadline_start,
+    gang_state,
+    pending_pods,
+    ttl_expires_at,
+)
 
 # How soon to look again while something is about to change (pods terminating, a gang starting).
 SOON = 1.0
@@ -42,7 +51,10 @@ class Observation:
     job_name: str = ""
     progress: ProgressReport | None = None  # last progress line of the active gang's node 0
     refused_paths: tuple[str, ...] = ()  # spec changes refused (see policy.spec_change)
+    created: datetime | None = None  # the job's metadata.creationTimestamp
 
+
+FAILED_GANG_GRACE_SECONDS = 30  # Kubernetes' default grace period: what a failed gang's pods had before
 
 @dataclass(frozen=True)
 class Action:
@@ -51,6 +63,7 @@ class Action:
     attempt: int = 0
     pods: tuple[str, ...] = ()
     reason: str = ""
+    grace_seconds: int | None = None  # delete_pods': None keeps each pod's terminationGracePeriodSeconds
 
 
 @dataclass(frozen=True)
@@ -70,10 +83,10 @@ class Plan:
     def soon(self, seconds: float) -> None:
         self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
-    def delete(self, pods: list[PodView], reason: str) -> None:
+    def delete(self, pods: list[PodView], reason: str, grace_seconds: int | None = None) -> None:
         names = tuple(p.name for p in pods if not p.deleting and p.phase != MISSING)
         if names:
-            self.actions.append(Action("delete_pods", pods=names, reason=reason))
+            self.actions.append(Action("delete_pods", pods=names, reason=reason, grace_seconds=grace_seconds))
 
 
 def rfc3339(moment: datetime) -> str:
@@ -168,7 +181,10 @@ class _Reconciler:
             return self.plan
         active = next((s for s in enabled if _stage(status, s).phase != "Succeeded"), None)
         run_policy = spec.run_policy
-        if not run_policy.suspend and deadline_exceeded(parse_time(status.start_time), self.now, run_policy):
+        resumed = next((c.last_transition_time for c in status.conditions
+                        if c.type == conditions.SUSPENDED and c.status == "False"), None)
+        since = deadline_start(parse_time(status.start_time), parse_time(resumed), self.obs.created)
+        if not run_policy.suspend and deadline_exceeded(since, self.now, run_policy):
             self.fail(active, conditions.DEADLINE_EXCEEDED,
                       f"the job was active longer than runPolicy.activeDeadlineSeconds="
                       f"{run_policy.active_deadline_seconds}s")
@@ -241,10 +257,19 @@ class _Reconciler:
         ]
         gang = gang_state(views, spec.resources.nodes, spec.run_policy, self.now)
         self.progress(name, entry)
+        self.clear(conditions.CREATE_FAILED, conditions.CHILDREN_CREATED, f"stage {name}: attempt {entry.attempt} created")
+        self.pending(name, entry, current if gang.state in ("Pending", "Running", "Settling") else [])
         if gang.state == "Failed":
             assert gang.failure is not None
             failure = gang.failure
-            if not failure.retryable:
+            if failure.disruption:
+                if entry.disruptions >= spec.run_policy.max_disruptions:
+                    self.fail(name, conditions.DISRUPTION_LIMIT_EXCEEDED,
+                              f"{entry.disruptions} gang restarts after disruptions (runPolicy.maxDisruptions="
+                              f"{spec.run_policy.max_disruptions}); last: {failure.message}")
+                else:
+                    self.restart(name, entry, current, failure.reason, failure.message, disruption=True)
+            elif not failure.retryable:
                 self.fail(name, failure.reason, failure.message)
             elif entry.restarts >= spec.run_policy.backoff_limit:
                 self.fail(name, conditions.BACKOFF_LIMIT_EXCEEDED,
@@ -282,6 +307,27 @@ class _Reconciler:
             status.message = f"stage {name}: {entry.message}"
         return False
 
+    def pending(self, name: str, entry: StageStatus, pods: list[PodView]) -> None:
+        """Which pods of the gang wait, and why: the stage's pendingPods (every pod not running yet), and
+        while one waits for a reason (the scheduler's Unschedulable message, ImagePullBackOff, ...) the
+        PodsPending condition and, when that reason is new, a Warning Event. Pods merely starting set no
+        condition: a gang that starts normally shows none."""
+        entry.pending_pods = pending_pods(pods)
+        stuck = [p for p in entry.pending_pods if p.reason]
+        if not stuck:
+            self.clear(conditions.PODS_PENDING, conditions.GANG_COMPLETE, f"stage {name}: no pod of the gang waits")
+            return
+        shown = "; ".join(f"pod {p.name}: {p.reason}{': ' + p.message if p.message else ''}" for p in stuck[:3])
+        more = len(stuck) - 3
+        message = conditions.shorten(
+            f"stage {name} attempt {entry.attempt}: {len(entry.pending_pods)}/{self.spec.resources.nodes} pods "
+            f"pending; {shown}" + (f"; and {more} more" if more > 0 else ""))
+        before = next((c for c in self.status.conditions if c.type == conditions.PODS_PENDING), None)
+        was = (before.status, before.reason) if before else None
+        self.condition(conditions.PODS_PENDING, "True", stuck[0].reason, message)
+        if was != ("True", stuck[0].reason):
+            self.event("Warning", conditions.EVENT_PODS_PENDING, message)
+
     def progress(self, name: str, entry: StageStatus) -> None:
         report = self.obs.progress
         if report is None or report.stage not in ("", name):
@@ -295,20 +341,36 @@ class _Reconciler:
         entry.metrics = report.all_metrics()
         if report.checkpoint:
             entry.last_checkpoint = report.checkpoint
+        for notice in report.notices:  # the trainer did not reuse an earlier output: one Event each
+            if notice not in entry.notices:
+                entry.notices = [*entry.notices, notice][-MAX_NOTICES:]
+                self.event("Normal", conditions.EVENT_RECOMPUTING, f"stage {name}: {notice}")
         self.status.progress = report.summary()
 
-    def restart(self, name: StageName, entry: StageStatus, gang: list[PodView], reason: str, why: str) -> None:
+    def restart(self, name: StageName, entry: StageStatus, gang: list[PodView], reason: str, why: str,
+                disruption: bool = False) -> None:
         spec, status = self.spec, self.status
-        self.plan.delete(gang, f"gang restart of stage {name}")
-        entry.restarts += 1
+        # A gang restarts because one of its pods failed: the others' ranks cannot agree on a last
+        # checkpoint with a dead peer (they may sit in a collective, deaf to SIGTERM), so they get at most
+        # FAILED_GANG_GRACE_SECONDS, not the full grace period a suspend or a drain gives them to save.
+        grace = min(FAILED_GANG_GRACE_SECONDS, spec.pod_template.termination_grace_period_seconds)
+        self.plan.delete(gang, f"gang restart of stage {name}", grace_seconds=grace)
+        if disruption:
+            entry.disruptions += 1
+            counted = (f"disruption {entry.disruptions}/{spec.run_policy.max_disruptions}, not counted in "
+                       f"runPolicy.backoffLimit")
+        else:
+            entry.restarts += 1
+            counted = f"restart {entry.restarts}/{spec.run_policy.backoff_limit}"
+        entry.pending_pods = []
         entry.attempt += 1
         entry.pods_created = False
         entry.phase = "Restarting"
-        resume = layout.marker_uri(spec.storage.uri, name)
-        if not entry.last_checkpoint:
-            entry.last_checkpoint = resume
+        marker, resuming = layout.resume_point(spec.storage.uri, name)  # score: its finished shards
+        if marker and not entry.last_checkpoint:
+            entry.last_checkpoint = marker
         entry.message = (f"{why}; restarting all {spec.resources.nodes} pods as attempt {entry.attempt} "
-                         f"(restart {entry.restarts}/{spec.run_policy.backoff_limit}), resuming from {resume}")
+                         f"({counted}), {resuming}")
         status.phase = "Restarting"
         status.message = f"stage {name}: {entry.message}"
         self.condition(conditions.RESTARTING, "True", reason, status.message)
@@ -352,6 +414,9 @@ class _Reconciler:
         self.condition(conditions.FAILED, "True", reason, status.message)
         self.clear(conditions.RUNNING, reason, "the job failed")
         self.clear(conditions.RESTARTING, reason, "the job failed")
+        self.clear(conditions.PODS_PENDING, reason, "the job failed")
+        if stage is not None:
+            _stage(status, stage).pending_pods = []
         self.event("Warning", conditions.EVENT_FAILED, f"{reason}: {status.message}")
         self.finished(just_now=True)
 
@@ -380,6 +445,34 @@ class _Reconciler:
                 self.plan.actions.append(Action("delete_job", reason="ttlSecondsAfterFinished"))
             else:
                 self.plan.soon((expires - self.now).total_seconds())
+
+    def create_failed(self, failure: CreateFailure, planned: Plan) -> Plan:
+        """The API server refused a child object of the gang `planned` creates: the job says so at once
+        (CreateFailed condition, a FailedCreate Event when the message changes) and Fails when the refusal
+        is permanent; otherwise the next pass creates the gang again."""
+        status = self.status
+        self.plan.events = list(planned.events)  # e.g. Created, StageStarted: they happened
+        before = next((c for c in status.conditions if c.type == conditions.CREATE_FAILED), None)
+        unchanged = before is not None and (before.status, before.message) == ("True", failure.message)
+        self.condition(conditions.CREATE_FAILED, "True", failure.reason, failure.message)
+        if not unchanged:
+            self.event("Warning", conditions.EVENT_FAILED_CREATE, failure.message)
+        stage = failure.stage if failure.stage in STAGE_ORDER else None
+        if failure.permanent:
+            self.fail(stage, conditions.CREATE_REJECTED, failure.message)
+        elif stage is not None:
+            entry = _stage(status, stage)
+            entry.pods_created = False  # created again on the next pass (server-side apply: idempotent)
+            entry.message = failure.message
+            status.stage = stage
+            status.message = f"stage {stage}: {failure.message}"
+        return self.plan
+
+
+def create_failed(obs: Observation, planned: Plan, failure: CreateFailure) -> Plan:
+    """`planned` (a reconcile() Plan whose gang the API server refused) corrected: the status says why
+    (pure; see _Reconciler.create_failed)."""
+    return _Reconciler(obs, planned.status).create_failed(failure, planned)
 
 
 def reconcile(obs: Observation, current: AlignmentJobStatus) -> Plan:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from mmalign.api import formats
 from mmalign.api.spec import AlignmentJobManifest
 
 # metadata.name becomes the prefix of pod and Service names: DNS-1123 label rules.
@@ -68,6 +69,9 @@ def _message(error: Any) -> str:  # pydantic's ErrorDetails
         return "unknown field (check the spelling; `kubectl explain aj.spec` lists the fields)"
     if error["type"] == "missing":
         return "required field is missing"
+    meaning = formats.PATTERN_MEANINGS.get((error.get("ctx") or {}).get("pattern", ""))
+    if error["type"] == "string_pattern_mismatch" and meaning:
+        msg = f"must be {meaning}"
     if "input" in error and not isinstance(error["input"], dict | list):
         msg += f" (got {error['input']!r})"
     return msg

@@ -13,16 +13,20 @@ from typing import Any
 import torch
 
 from mmalign.api import layout
-from mmalign.trainer import identity, storage, transfer
+from mmalign.trainer import adapters, identity, storage, transfer
 from mmalign.trainer.context import Context, say
 
 
-def export_state(engine: Any) -> dict[str, torch.Tensor] | None:
+def export_state(engine: Any, merge: adapters.Adapters | None = None) -> dict[str, torch.Tensor] | None:
     """The trained model's full weights on rank 0 (names without the wrapper's `model.` prefix); None
-    elsewhere. A collective under ZeRO-3 (it gathers the shards): every rank must call it."""
+    elsewhere. A collective under ZeRO-3 (it gathers the shards): every rank must call it. `merge`: the
+    model's LoRA adapters, folded into the base weights (plain Hugging Face names, adapters.merged)."""
     prefix = "model."
     state = engine.state_dict_for_export()
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or None
+    ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if ours and merge is not None:
+        ours = adapters.merged(ours, merge)
+    return ours or None
 
 
 def upload_model_folder(local: Path, uri: str, made_by: identity.Identity) -> None:
@@ -53,8 +57,8 @@ def finished_before(ctx: Context, out_uri: str, wanted: identity.Identity) -> bo
         return True
     ctx.dist.barrier()  # every rank has read the marker before rank 0 removes it
     if ctx.dist.is_rank_0:
-        say(f"{ctx.stage}: {out_uri} was made with other inputs or parameters (changed: {', '.join(diff)}); "
-            "recomputing it")
+        identity.not_reused(ctx, f"{out_uri} was made with other inputs or parameters (changed: "
+                            f"{', '.join(diff)}); recomputing it")  # a log line and an Event
         storage.delete(complete)
     ctx.dist.barrier()
     return False

@@ -3,7 +3,8 @@
 Models (random weights, see tiny.py): `builtin://tiny-qwen2-vl`, `builtin://tiny-qwen2.5-vl`,
 `builtin://tiny-llava-onevision`, `builtin://tiny-text` (~200k parameters, CPU tests), and
 `builtin://random-qwen2-vl-0.5b` (also `-qwen2.5-vl-`, `-llava-onevision-`, `-text-`): ~0.5B parameters
-for GPU smoke runs. An optional `?seed=N` picks other weights.
+for GPU smoke runs. An optional `?seed=N` picks other weights. Each is a real Hugging Face folder, written
+once into the cache (`model_folder`) and loaded by models.load_model exactly as a user's folder is.
 
 Dataset `builtin://synthetic-colors`: 96 queries, each a 32x32 image filled with one of 8 colours (with
 seeded pixel noise so no two images are equal) and a question about its colour, in three categories:
@@ -74,16 +75,30 @@ def is_builtin(uri: str) -> bool:
 # ------------------------------------------------------------------------------------------ models
 
 
-def load_model(uri: str, seed: int | None = None) -> tuple[Any, Any]:
-    """(model, processor) for a builtin model URI. Seed: `seed` argument, else `?seed=`, else 0."""
+def model_folder(uri: str, seed: int | None = None) -> Path:
+    """The Hugging Face folder of a builtin model, written once into the cache with `save_pretrained`
+    (config.json, model.safetensors, tokenizer/processor files, chat_template) and then loaded like any
+    user's folder (models.load_model). Seed: the URI's `?seed=`, else the `seed` argument (the job's
+    seed), else 0.
+
+    Concurrent ranks are safe, as for the dataset: each writes into a temporary folder and renames it."""
     from mmalign.trainer import tiny
 
     name, options = parse(uri)
     if name not in MODELS:
         raise ValueError(f"{uri} is a dataset, not a model")
-    chosen_seed = seed if seed is not None else int(options.get("seed", 0))
-    architecture, size = MODELS[name]
-    return tiny.build_tiny(architecture, seed=chosen_seed, size=size)
+    chosen_seed = int(options["seed"]) if "seed" in options else (seed or 0)
+    target = cache_dir() / "builtin" / f"{name}-{tiny.FOLDER_VERSION}-seed{chosen_seed}"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        architecture, size = MODELS[name]
+        tiny.save_tiny(architecture, scratch, seed=chosen_seed, size=size)
+        try:
+            os.rename(scratch, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target
 
 
 # ------------------------------------------------------------------------------------------ dataset

@@ -17,10 +17,17 @@ the names are mmalign.api.layout's):
    (step, tag, files with sizes and sha256, world size) and deletes all but the newest `keep_last`
    checkpoints. A failed or partial upload never writes `latest`; the previous checkpoint stays the
    one a restart resumes from, and the error surfaces as StorageError at the next join.
-3. `restore()` (all ranks): read `latest`; one rank per node downloads the checkpoint into a node-local
-   folder, verifying each file's sha256 from the marker; every rank loads model, optimizer, scheduler
-   and its RNG state; the returned client state holds the step (and whatever the stage saved, e.g.
-   the data position), so training continues at the same step with the same data order.
+3. `restore()` (all ranks): read `latest`; one rank per node downloads the files ITS ranks load (their
+   ZeRO partitions and RNG states, and the shared model-states file: each node of a 2-node ZeRO-3 job
+   fetches half of the checkpoint, not all of it) into a node-local folder, verifying each file's
+   sha256 from the marker; every rank loads model, optimizer, scheduler and its RNG state; the returned
+   client state holds the step (and whatever the stage saved, e.g. the data position), so training
+   continues at the same step with the same data order.
+4. Another world size (the job re-created with other `resources`): every node downloads the whole
+   checkpoint, converts it to DeepSpeed's universal format (engine.load_resized: `ds_to_universal`, then
+   a `load_universal` load that re-partitions the optimizer state over the new ranks), and the stage
+   keeps the checkpoint's global batch (`global_batch` in the marker; loop.resumed_batch), so the run
+   continues the same optimisation.
 
 The nonce: a restarted gang may rewrite a step that an earlier, failed attempt partly wrote; rank 0
 only accepts `_done` objects that carry the nonce of the current run.
@@ -28,6 +35,7 @@ only accepts `_done` objects that carry the nonce of the current run.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -44,9 +52,8 @@ from typing import Any, Protocol
 import torch
 
 from mmalign.api import layout
-from mmalign.api.exit_codes import ExitCode
 
-from . import storage, transfer
+from . import s3client, storage, transfer
 from .context import scratch_root
 from .engine import Distributed
 
@@ -55,18 +62,14 @@ log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(layout.CHECKPOINT_TAG_PATTERN)
 
 
-class CheckpointMismatch(Exception):
-    """The latest checkpoint cannot be loaded by this gang (another world size): permanent."""
-
-    exit_code = ExitCode.CONFIG_ERROR
-
-
 class SavesShards(Protocol):
     """What the checkpointer needs from an engine (engine.Engine has it)."""
 
     def save(self, folder: str, tag: str, client_state: dict[str, Any] | None = None) -> None: ...
 
     def load(self, folder: str, tag: str) -> dict[str, Any]: ...
+
+    def load_resized(self, folder: str, tag: str) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_committed: CheckpointInfo | None = None
+        # pairs per optimizer step, recorded in the marker (the loop sets it): a resize keeps it
+        self.global_batch: int | None = None
+        # seconds the last save took from the engine's write to this rank's upload (rank 0: to the commit)
+        self.last_save_seconds: float | None = None
 
     @classmethod
     def for_stage(cls, spec: Any, job_name: str, stage: str, dist: Distributed) -> Checkpointer:
@@ -112,6 +119,7 @@ class Checkpointer:
         if not (last or (step > 0 and step % self.every_steps == 0)):
             return None
         self.wait()  # the previous upload must finish (and its errors surface) first
+        started = time.monotonic()
         tag = layout.checkpoint_tag(step)
         rank_folder = self.local_root / "save" / f"rank-{self.dist.rank:05d}"
         shutil.rmtree(rank_folder / tag, ignore_errors=True)
@@ -120,7 +128,7 @@ class Checkpointer:
         info = CheckpointInfo(step, tag, storage.join(self.uri, tag) + "/")
         if self.async_upload:
             self._thread = threading.Thread(
-                target=self._upload_guarded, args=(rank_folder / tag, info), name=f"ckpt-upload-{tag}",
+                target=self._upload_guarded, args=(rank_folder / tag, info, started), name=f"ckpt-upload-{tag}",
                 daemon=True,
             )
             self._thread.start()
@@ -129,6 +137,7 @@ class Checkpointer:
             self.dist.barrier()  # every rank's _done object exists: rank 0's commit finds them at once
             if self.dist.is_rank_0:
                 self._commit(info)
+            self.last_save_seconds = time.monotonic() - started
         return info
 
     def wait(self) -> None:
@@ -147,11 +156,12 @@ class Checkpointer:
         self.wait()
         self.dist.barrier()
 
-    def _upload_guarded(self, folder: Path, info: CheckpointInfo) -> None:
+    def _upload_guarded(self, folder: Path, info: CheckpointInfo, started: float) -> None:
         try:
             self._upload(folder, info)
             if self.dist.is_rank_0:
                 self._commit(info)
+            self.last_save_seconds = time.monotonic() - started
         except BaseException as error:  # noqa: BLE001 - re-raised in the training thread by wait()
             log.error("checkpoint %s: upload failed: %s", info.tag, error)
             self._error = error
@@ -192,6 +202,7 @@ class Checkpointer:
             "tag": info.tag,
             "uri": info.uri,
             "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
             "files": [files[name] for name in sorted(files)],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -218,25 +229,28 @@ class Checkpointer:
     def restore(self, engine: SavesShards) -> dict[str, Any] | None:
         """Load the latest complete checkpoint into `engine` and this rank's RNG; None if there is none.
 
-        Returns the client state saved with it ("step" and what the stage added)."""
+        Each node downloads only the files its own ranks load (`files_for`); a checkpoint written by
+        another world size is downloaded whole and converted (engine.load_resized). Returns the client
+        state saved with it ("step" and what the stage added)."""
         marker = self.dist.broadcast_object(self.read_marker() if self.dist.is_rank_0 else None)
         if marker is None:
             return None
-        if int(marker["world_size"]) != self.dist.world_size:
-            raise CheckpointMismatch(
-                f"{self.uri}{layout.MARKER} (step {marker['step']}) was written by {marker['world_size']} "
-                f"ranks but this gang has {self.dist.world_size}: ZeRO partitions are per rank. Run with "
-                "resources.nodes x procPerNode as before, or delete the checkpoints to start the stage over"
-            )
+        resized = int(marker["world_size"]) != self.dist.world_size
+        node_of_rank = self.dist.all_gather_object(self.dist.node_rank)
+        own_ranks = {rank for rank, node in enumerate(node_of_rank) if node == self.dist.node_rank}
         folder = self.local_root / "restore" / f"node-{self.dist.node_rank}"
         tag = marker["tag"]
         if self.dist.is_local_rank_0:
             shutil.rmtree(folder, ignore_errors=True)
-            transfer.download_prefix(
-                marker["uri"], folder / tag, checksums={f["name"]: f["sha256"] for f in marker["files"]}
-            )
+            files = marker["files"] if resized else files_for(marker["files"], own_ranks)
+            self._download(marker["uri"], files, folder / tag)
         self.dist.barrier()
-        client_state = engine.load(str(folder), tag)
+        if resized:
+            log.warning("checkpoint %s was written by %s ranks, this gang has %d: converting it",
+                        marker["uri"], marker["world_size"], self.dist.world_size)
+            client_state = engine.load_resized(str(folder), tag)
+        else:
+            client_state = engine.load(str(folder), tag)
         rng_file = folder / tag / layout.rank_rng_name(self.dist.rank)
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -246,6 +260,32 @@ class Checkpointer:
         self.last_committed = CheckpointInfo(int(marker["step"]), tag, marker["uri"])
         log.info("resumed from %s (step %s)", marker["uri"], marker["step"])
         return {**client_state, "step": int(marker["step"])}
+
+    def _download(self, uri: str, files: list[dict[str, Any]], folder: Path) -> None:
+        """The marker's `files` (name, sha256) below `uri` into `folder`, in parallel, each verified."""
+        workers = max(1, min(len(files), s3client.settings().concurrency))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(transfer.download_file, storage.join(uri, f["name"]), folder / f["name"],
+                                   f["sha256"]) for f in files]
+            for future in futures:
+                future.result()
+
+
+# A file of one rank: DeepSpeed's ZeRO partitions (`[bf16_]zero_pp_rank_R_mp_rank_00_optim_states.pt`;
+# under ZeRO-3 also `zero_pp_rank_R_mp_rank_00_model_states.pt`) and the RNG state (`rng-rank-0000R.pt`).
+# DeepSpeed opens only its own rank's partition files (engine._get_all_zero_checkpoint_state_dicts without
+# elastic_checkpoint); anything else (ZeRO-0/1/2's `mp_rank_00_model_states.pt`) every rank reads.
+_RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_|^rng-rank-(\d+)\.pt$")
+
+
+def files_for(files: list[dict[str, Any]], ranks: set[int]) -> list[dict[str, Any]]:
+    """The marker's files that ranks `ranks` load: their own partitions and every shared file."""
+    kept = []
+    for f in files:
+        match = _RANK_FILE.search(Path(f["name"]).name)
+        if match is None or int(match.group(1) or match.group(2)) in ranks:
+            kept.append(f)
+    return kept
 
 
 def _rng_state() -> dict[str, Any]:

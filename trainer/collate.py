@@ -3,7 +3,7 @@
 A stage builds ONE Collator when it starts (processor, media loader, max length, device; the chat
 template is read from the processor once) and turns preference pairs (or ready `Example`s) into batches:
 
-    collator = collate.Collator(processor, loader, max_length=2048, device=dist.device)
+    collator = collate.Collator.from_spec(spec, processor, loader, dist.device)  # or Collator(processor, ...)
     batch = collator.pairs(pairs)                          # B pairs -> 2B rows, 1 forward (DPO)
     batch = collator.reward(pairs, critique=True)          # RM: + annotated critique tokens
     batch = collator.reward(pairs, critiques=generated)    # RM: + the given (chosen, rejected) critiques
@@ -22,51 +22,102 @@ vision pass per pair and model instead of TRL's two (so 2 instead of 4 per pair 
     `image_grid_thw` repeated per row (for its 3-D RoPE positions) and `mm_token_type_ids`.
   * LLaVA-OneVision: features are the packed anyres tiles + newline tokens per image; repeated per row.
   * text models: no vision inputs (a pair's images are ignored).
-Videos (frame folders) enter as their sampled frames, one image placeholder per frame, for every
-architecture (Qwen's temporal video patches are not used: simpler, costs more tokens).
+Videos (frame folders) enter Qwen2-VL / Qwen2.5-VL as the model's own video input (`videos=`: frames
+merged in temporal patches of 2, `pixel_values_videos` + `video_grid_thw`), LLaVA-OneVision as one
+image per sampled frame. Images larger than `max_pixels` are scaled down first (media.fit_pixels), and
+Qwen's image processor gets `min_pixels`/`max_pixels` per call (data.minPixels / data.maxPixels).
 `Batch.model_inputs()` gives plain HF forward kwargs with the pixels duplicated (a reference path for
 tests, and what `generate` needs).
 
-Sequences are built from pieces tokenized separately, so masks are exact:
-  prompt   = chat header + vision placeholders + prompt + assistant header   (processor: expands images)
-  response = response text + end-of-turn                                    (response_mask = 1)
-  critique = critique request + critique text + end-of-turn                 (critique_mask on the text)
-Truncation to `max_length` cuts the critique first, then the response (at least 1 response token stays);
-prompts are never cut (their image tokens must stay whole).
+The prompt format is the model's OWN chat template (`Template`: the spec override `model.chatTemplate`,
+else the processor's, else the tokenizer's; no template at all is an error naming the model). Each
+piece of a row is the difference between two renderings of the conversation, so masks are exact:
+  prompt   = render([user], add_generation_prompt=True)          (images/video placeholders expanded)
+  response = render([user, assistant]) - prompt                  (response_mask = 1)
+  request  = render([..., user: critique request], gen. prompt) - the above
+  critique = render([..., assistant: critique]) - the above      (critique_mask = 1)
+A template whose rendering of a shorter conversation is not a prefix of the longer one (one that
+rewrites earlier turns) is refused with a clear error. THE MASK RULE: a masked piece is everything the
+template writes for the assistant turn after its generation prompt — the text and the template's
+end-of-turn (`<|im_end|>` for ChatML, ` </s>` for Llama-2, `<|eot_id|>` for Llama-3) — without the
+whitespace after it (that goes to the next piece, or is dropped at the end of a row: generation stops
+at the end-of-turn token). Pieces are tokenized separately, as generation sees them (the response
+continues the prompt's tokens). A tokenizer without a pad token pads with eos (else unk); the padded
+positions are masked out by `attention_mask`.
+
+Truncation to `max_length`: the critique is cut from its end first, then the prompt's text (the user's
+words, from their start: the end of a question holds the instruction); the template's markers, the
+image/video tokens and the response are never cut. A row that still does not fit raises `RowTooLong`
+(a DataError naming the row's file:line). `Collator.keep_fitting(pairs)` is the pre-pass that leaves
+such rows out and names them; every stage runs it on all its pairs before step 0 (preflight.fitting),
+so a too-long row fails the stage in seconds or, with `data.onBadLine: skip`, is dropped and counted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
+
+from mmalign.api.exit_codes import ExitCode
+from mmalign.trainer import media
+from mmalign.trainer.data import DataError
 
 if TYPE_CHECKING:
     from mmalign.trainer.data import PreferencePair
     from mmalign.trainer.media import MediaLoader
 
 CRITIQUE_REQUEST = "Critique the answer above."
+_TEXT_MARK = "\x00mmalign-prompt-text\x00"  # stands for the user's words when locating them in a rendering
 
 _Rows = TypeVar("_Rows", torch.Tensor, list[Any])  # per-row values of a batch: a (R, ...) tensor or a list
 
 
+class ChatTemplateError(ValueError):
+    """The model's chat template is missing or cannot give exact masks: a configuration error."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+
+
+class RowTooLong(DataError):
+    """A row that does not fit `max_length` even with its prompt text and critique cut (file:line).
+    `where`: "row 'id' (file:line)"; `tokens`: its length after the cuts."""
+
+    def __init__(self, message: str, where: str = "", tokens: int = 0) -> None:
+        super().__init__(message)
+        self.where, self.tokens = where, tokens
+
+
 @dataclasses.dataclass
 class Example:
-    """What collation needs from one preference pair (images already loaded)."""
+    """What collation needs from one preference pair (media already loaded)."""
 
     prompt: str
     chosen: str
     rejected: str
-    images: list[Any] = dataclasses.field(default_factory=list)  # PIL images; video = its frames
+    images: list[Any] = dataclasses.field(default_factory=list)  # PIL images
     chosen_critique: str = ""
     rejected_critique: str = ""
+    video: list[Any] = dataclasses.field(default_factory=list)  # the sampled frames of a video (PIL)
+    where: str = ""  # the row, for errors: "row 'id' (file:line)"
 
     @classmethod
-    def from_pair(cls, pair: Any, images: list[Any]) -> Example:
-        return cls(prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected, images=images,
-                   chosen_critique=pair.chosen_critique, rejected_critique=pair.rejected_critique)
+    def from_pair(cls, pair: Any, media_items: list[Any]) -> Example:
+        """`media_items`: what MediaLoader.load gave: the images, or a video's frames."""
+        video = pair.media_kind == "video"
+        return cls(
+            prompt=pair.prompt,
+            chosen=pair.chosen,
+            rejected=pair.rejected,
+            images=[] if video else media_items,
+            video=media_items if video else [],
+            chosen_critique=pair.chosen_critique,
+            rejected_critique=pair.rejected_critique,
+            where=f"row {pair.id!r} ({pair.uid})",
+        )
 
 
 @dataclasses.dataclass
@@ -92,9 +143,11 @@ class Batch:
         """(chosen, rejected): the halves [:B] and [B:] of a per-row (2B, ...) tensor or list of 2B
         values (log-probs, scores, generated texts) of this batch's rows."""
         if self.repeats != 2 or len(values) != self.rows:
-            raise ValueError(f"split: expected {self.rows} values of a (chosen, rejected) batch, "
-                             f"got {len(values)} (repeats {self.repeats})")
-        return values[:self.pairs], values[self.pairs:]
+            raise ValueError(
+                f"split: expected {self.rows} values of a (chosen, rejected) batch, "
+                f"got {len(values)} (repeats {self.repeats})"
+            )
+        return values[: self.pairs], values[self.pairs :]
 
     def last_token_index(self) -> torch.Tensor:
         """(R,) index of each row's last real token (right padding): where a score head reads."""
@@ -106,8 +159,11 @@ class Batch:
             return value.to(device) if isinstance(value, torch.Tensor) else value
 
         return dataclasses.replace(
-            self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
-            response_mask=move(self.response_mask), critique_mask=move(self.critique_mask),
+            self,
+            input_ids=move(self.input_ids),
+            attention_mask=move(self.attention_mask),
+            response_mask=move(self.response_mask),
+            critique_mask=move(self.critique_mask),
             mm_token_type_ids=move(self.mm_token_type_ids),
             vision={k: move(v) for k, v in self.vision.items()},
         )
@@ -127,13 +183,22 @@ class Batch:
 
 # ------------------------------------------------------------------------------------ templates
 
+# (text, role); role: vision (prompt head) | prompt | prompt_text | response | request | critique
+Piece = tuple[str, str]
+_MASKED = ("response", "critique")
+
 
 class Template:
-    """Chat formatting and vision placeholders for one processor (read once from its class)."""
+    """The model's chat template and vision placeholders, read once from its processor.
 
-    def __init__(self, processor: Any) -> None:
+    `chat_template`: the spec's override (model.chatTemplate); it is also set on the processor and its
+    tokenizer so that an exported model carries the template it was trained with. `model`: the model's
+    name for error messages."""
+
+    def __init__(self, processor: Any, chat_template: str | None = None, model: str = "") -> None:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.processor = processor
+        self.model = model or getattr(self.tokenizer, "name_or_path", "") or type(processor).__name__
         name = type(processor).__name__.lower()
         if self.tokenizer is processor:
             self.kind = "text"  # a text model ignores the pairs' images
@@ -142,73 +207,231 @@ class Template:
         elif "llavaonevision" in name:
             self.kind = "llava"
         else:
-            raise ValueError(f"unsupported processor {type(processor).__name__}: mmalign supports Qwen2-VL, "
-                             "Qwen2.5-VL, LLaVA-OneVision and text-only causal LMs")
-        vocab = self.tokenizer.get_vocab()
-        self.chat = "<|im_start|>" in vocab and "<|im_end|>" in vocab
-        self.end = "<|im_end|>" if self.chat else (self.tokenizer.eos_token or "")
+            raise ValueError(
+                f"unsupported processor {type(processor).__name__}: mmalign supports Qwen2-VL, "
+                "Qwen2.5-VL, LLaVA-OneVision and text-only causal LMs"
+            )
+        if chat_template:
+            self.tokenizer.chat_template = chat_template
+            if processor is not self.tokenizer:
+                processor.chat_template = chat_template
+        own = getattr(processor, "chat_template", None) if processor is not self.tokenizer else None
+        template = chat_template or own or getattr(self.tokenizer, "chat_template", None)
+        if not template or not isinstance(template, str):
+            raise ChatTemplateError(
+                f"{self.model}: the model has no chat template (no chat_template.jinja, and none in its "
+                "processor or tokenizer config), so the prompt format it was fine-tuned on is unknown; set "
+                "spec.model.chatTemplate to its Jinja chat template, or use a checkpoint that ships one"
+            )
+        self.chat_template = template
+        self.pad_token_id = _pad_token_id(self.tokenizer, self.model)
+        # Probe once: the template renders, keeps its turns, and says which tokens end a turn.
+        probe = self.pieces(Example("Question?", "Answer.", "Other."), "chosen")
+        tail = probe[-1][0][len("Answer.") :] if probe[-1][0].startswith("Answer.") else probe[-1][0]
+        special = set(self.tokenizer.all_special_ids) | set(
+            getattr(self.tokenizer, "added_tokens_decoder", {})
+        )
+        ids = {t for t in self.ids(tail) if t in special}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        self.end_of_turn_ids: list[int] = sorted(ids)  # `eos_token_id` for generate
+
+    # -- rendering
+
+    def _user(self, text: str, example: Example) -> dict[str, Any]:
+        if self.kind == "text":
+            return {"role": "user", "content": text}
         if self.kind == "qwen":
-            self.vision = "<|vision_start|>" + processor.image_token + "<|vision_end|>"
-        elif self.kind == "llava":
-            self.vision = processor.image_token + "\n"
-        else:
-            self.vision = ""
+            vision = [{"type": "image"} for _ in example.images] + [{"type": "video"}] * bool(example.video)
+        else:  # LLaVA-OneVision: a video's frames are images (anyres per frame)
+            vision = [{"type": "image"} for _ in (*example.images, *example.video)]
+        return {"role": "user", "content": [*vision, {"type": "text", "text": text}]}
 
-    def prompt(self, text: str, images: int) -> str:
-        body = self.vision * images + text
-        if self.chat:
-            return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
-        return body + "\n"
+    def _text(self, role: str, text: str) -> dict[str, Any]:
+        return {"role": role, "content": text if self.kind == "text" else [{"type": "text", "text": text}]}
 
-    def critique_request(self) -> str:
-        if self.chat:
-            return f"\n<|im_start|>user\n{CRITIQUE_REQUEST}<|im_end|>\n<|im_start|>assistant\n"
-        return f"\n{CRITIQUE_REQUEST}\n"
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
+        except Exception as error:  # jinja2 TemplateError, or the template's own raise_exception
+            raise ChatTemplateError(
+                f"{self.model}: its chat template failed to render a conversation "
+                f"({type(error).__name__}: {error}); fix spec.model.chatTemplate"
+            ) from None
+        return str(text)
+
+    def _mismatch(self, shorter: str, longer: str, what: str) -> ChatTemplateError:
+        at = len(os.path.commonprefix([shorter, longer]))
+        return ChatTemplateError(
+            f"{self.model}: its chat template renders the conversation before {what} differently from the "
+            f"start of the conversation with it (first difference at character {at}: {shorter[at : at + 40]!r} "
+            f"vs {longer[at : at + 40]!r}), so the {what} tokens cannot be masked exactly; set "
+            "spec.model.chatTemplate to a template that leaves earlier turns unchanged"
+        )
+
+    def _after(self, shorter: str, longer: str, what: str) -> str:
+        """`longer` minus its prefix `shorter`; a template that rewrites earlier turns is refused."""
+        if not longer.startswith(shorter):
+            raise self._mismatch(shorter, longer, what)
+        return longer[len(shorter) :]
+
+    def _assistant_turn(self, prompt: str, full: str, text: str, what: str) -> str:
+        """What the template writes for an assistant turn after `prompt` (rendered with its generation
+        prompt) in `full` (the conversation with the turn): the text and the end-of-turn.
+
+        Some checkpoints' templates write the turn's start slightly differently from their generation
+        prompt (LLaVA-OneVision: `<|im_start|>assistant \n` in a turn, `<|im_start|>assistant\n` as
+        the generation prompt). A difference in whitespace only is accepted: the row keeps the
+        generation prompt (what the model sees when it generates) and the turn from its text on. Any
+        other difference, or text before the turn's words, is refused."""
+        body = text.strip()
+        if full.startswith(prompt):
+            span = full[len(prompt) :]
+            at = span.find(body) if body else len(span) - len(span.lstrip())
+            if at < 0:
+                raise ChatTemplateError(
+                    f"{self.model}: its chat template does not write the {what} text as "
+                    f"given ({body[:40]!r}); fix spec.model.chatTemplate"
+                )
+            if span[:at].strip():
+                raise ChatTemplateError(
+                    f"{self.model}: its chat template writes {span[:at].strip()[:40]!r} before the {what} that "
+                    "its generation prompt (add_generation_prompt) does not, so generation and training would "
+                    "see different prompts; set spec.model.chatTemplate to one with a generation prompt"
+                )
+            return span
+        common = len(os.path.commonprefix([prompt, full]))
+        rest = full[common:]
+        at = rest.find(body) if body else len(rest) - len(rest.lstrip())
+        if at < 0 or prompt[common:].strip() or rest[:at].strip():
+            raise self._mismatch(prompt, full, f"the {what}")
+        return rest[at:]
+
+    def prompt_pieces(self, example: Example) -> list[Piece]:
+        """The prompt: template head (with the vision placeholders), the user's words, template tail."""
+        images = self.kind != "text" and bool(example.images or example.video)
+        rendered = self.render([self._user(example.prompt, example)], True)
+        marked = self.render([self._user(_TEXT_MARK, example)], True)
+        if marked.count(_TEXT_MARK) == 1:
+            head, tail = marked.split(_TEXT_MARK)
+            if (
+                rendered.startswith(head)
+                and rendered.endswith(tail)
+                and len(rendered) >= len(head) + len(tail)
+            ):
+                return [
+                    (head, "vision" if images else "prompt"),
+                    (rendered[len(head) : len(rendered) - len(tail)], "prompt_text"),
+                    (tail, "prompt"),
+                ]
+        return [(rendered, "vision" if images else "prompt")]  # the user's words cannot be located: uncut
+
+    def pieces(
+        self,
+        example: Example,
+        side: str,
+        request: bool = False,
+        critique: str | None = None,
+        prompt: list[Piece] | None = None,
+    ) -> list[Piece]:
+        """One row's pieces: prompt, response [, critique request [, critique]] (see the module doc)."""
+        response = getattr(example, side)
+        messages = [self._user(example.prompt, example)]
+        rendered = self.render(messages, True)
+        out = list(prompt) if prompt is not None else self.prompt_pieces(example)
+        messages.append(self._text("assistant", response))
+        full = self.render(messages, False)
+        out.append((self._assistant_turn(rendered, full, response, "response"), "response"))
+        if request or critique is not None:
+            messages.append(self._text("user", CRITIQUE_REQUEST))
+            asked = self.render(messages, True)
+            out.append((self._after(full, asked, "the critique request"), "request"))
+            if critique is not None:
+                messages.append(self._text("assistant", critique))
+                judged = self.render(messages, False)
+                out.append((self._assistant_turn(asked, judged, critique, "critique"), "critique"))
+        return _move_trailing_space(out)
+
+    def prompt_and_response(self, example: Example, side: str) -> tuple[str, str]:
+        """The prompt and the masked response text of one row, as strings (benchmarks, debugging)."""
+        pieces = self.pieces(example, side)
+        return "".join(text for text, _ in pieces[:-1]), pieces[-1][0]
 
     def ids(self, text: str) -> list[int]:
+        # The template writes bos/eos itself: no special tokens of the tokenizer's own on top.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def _encode_prompts(template: Template, examples: list[Example]) -> tuple[list[list[int]], list[list[int]] | None, dict[str, torch.Tensor]]:
-    """Prompt token ids per example (image placeholders expanded), mm token types, pixel inputs."""
-    texts = [template.prompt(e.prompt, len(e.images) if template.kind != "text" else 0) for e in examples]
-    if template.kind == "text" or not any(e.images for e in examples):
-        return [template.ids(t) for t in texts], None, {}
-    encoded = template.processor(text=texts, images=[e.images for e in examples], padding=True,
-                                 return_tensors="pt")
-    keep = encoded["attention_mask"].bool()  # (P, T') padding side does not matter
-    ids = [row[mask].tolist() for row, mask in zip(encoded["input_ids"], keep, strict=True)]
-    types = None
-    if "mm_token_type_ids" in encoded:
-        types = [row[mask].tolist() for row, mask in zip(encoded["mm_token_type_ids"], keep, strict=True)]
-    vision_keys = ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images")
-    vision = {k: encoded[k] for k in vision_keys if k in encoded}
-    return ids, types, vision
+def _pad_token_id(tokenizer: Any, model: str) -> int:
+    """The pad token, else eos, else unk (set on the tokenizer, so generate and exports agree)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    for fallback in (tokenizer.eos_token, tokenizer.unk_token):
+        if fallback is not None:
+            tokenizer.pad_token = fallback  # padded positions have attention_mask 0: never attended
+            pad_id: int = tokenizer.convert_tokens_to_ids(fallback)
+            return pad_id
+    raise ChatTemplateError(f"{model}: the tokenizer has no pad, eos or unk token to pad batches with")
+
+
+def _move_trailing_space(pieces: list[Piece]) -> list[Piece]:
+    """Masked pieces end at the end-of-turn: the whitespace after it goes to the next piece (or is
+    dropped at the end of a row)."""
+    out: list[Piece] = []
+    carry = ""
+    for text, role in pieces:
+        text = carry + text
+        carry = ""
+        if role in _MASKED:
+            stripped = text.rstrip()
+            carry, text = text[len(stripped) :], stripped
+        out.append((text, role))
+    return out
 
 
 @dataclasses.dataclass
 class _Row:
-    pieces: list[tuple[list[int], str]]  # (token ids, role) with role in prompt|response|request|critique
-    mm_types: list[int] | None
+    pieces: list[tuple[list[int], str]]  # (token ids, role)
+    mm_types: list[int] | None  # per token of the first (vision) piece: 1 image, 2 video (Qwen)
+    where: str
 
 
 def _truncate(row: _Row, max_length: int) -> _Row:
-    """Cut critique, then response tokens from the end until the row fits (>= 1 response token)."""
+    """Cut the critique from its end, then the prompt text from its start, until the row fits."""
     total = sum(len(ids) for ids, _ in row.pieces)
-    for role in ("critique", "request", "response"):
-        for index in range(len(row.pieces) - 1, -1, -1):
-            ids, piece_role = row.pieces[index]
+    for role in ("critique", "prompt_text"):
+        for index, (ids, piece_role) in enumerate(row.pieces):
             if total <= max_length or piece_role != role:
                 continue
-            floor = 1 if role == "response" else 0
-            cut = min(total - max_length, len(ids) - floor)
-            row.pieces[index] = (ids[: len(ids) - cut], role)
+            cut = min(total - max_length, len(ids))
+            row.pieces[index] = (ids[: len(ids) - cut] if role == "critique" else ids[cut:], role)
             total -= cut
+    if total > max_length:
+        fixed = {role: sum(len(ids) for ids, r in row.pieces if r == role) for role in ("vision", "response")}
+        raise RowTooLong(
+            f"{row.where}: {total} tokens after cutting the prompt text and critique, more than data.maxLength "
+            f"{max_length} (image/video and template {fixed['vision']}, response {fixed['response']}; these "
+            "are never cut). Raise data.maxLength, lower data.maxPixels or data.videoFrames, or shorten or "
+            "remove this row",
+            where=row.where,
+            tokens=total,
+        )
     return row
 
 
-def _pad(rows: list[_Row], pad_id: int, kind: str, repeats: int, vision: dict[str, torch.Tensor],
-         left: bool = False) -> Batch:
+def _pad(
+    rows: list[_Row],
+    pad_id: int,
+    kind: str,
+    repeats: int,
+    vision: dict[str, torch.Tensor],
+    left: bool = False,
+) -> Batch:
     length = max(sum(len(ids) for ids, _ in r.pieces) for r in rows)
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
@@ -220,23 +443,40 @@ def _pad(rows: list[_Row], pad_id: int, kind: str, repeats: int, vision: dict[st
     for i, row in enumerate(rows):
         flat = [t for ids, _ in row.pieces for t in ids]
         start = length - len(flat) if left else 0
-        input_ids[i, start:start + len(flat)] = torch.tensor(flat, dtype=torch.long)
-        attention[i, start:start + len(flat)] = 1
+        input_ids[i, start : start + len(flat)] = torch.tensor(flat, dtype=torch.long)
+        attention[i, start : start + len(flat)] = 1
         position = start
         for ids, role in row.pieces:
             if role == "response":
-                response[i, position:position + len(ids)] = True
+                response[i, position : position + len(ids)] = True
             elif role == "critique":
-                critique[i, position:position + len(ids)] = True
+                critique[i, position : position + len(ids)] = True
             position += len(ids)
         if row.mm_types is not None:
-            types[i, start:start + len(row.mm_types)] = torch.tensor(row.mm_types, dtype=torch.long)
-    return Batch(input_ids=input_ids, attention_mask=attention, response_mask=response,
-                 critique_mask=critique if critique.any() else None,
-                 mm_token_type_ids=types if with_types else None, vision=vision, repeats=repeats, kind=kind)
+            types[i, start : start + len(row.mm_types)] = torch.tensor(row.mm_types, dtype=torch.long)
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        response_mask=response,
+        critique_mask=critique if critique.any() else None,
+        mm_token_type_ids=types if with_types else None,
+        vision=vision,
+        repeats=repeats,
+        kind=kind,
+    )
 
 
 # ------------------------------------------------------------------------------------ public
+
+RowPieces = Callable[[Example, str, int, list[Piece]], list[Piece]]  # (example, side, index, prompt)
+VISION_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "image_sizes",
+    "batch_num_images",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
 
 
 class Collator:
@@ -244,86 +484,207 @@ class Collator:
 
     `processor`: the model's processor (VLM) or tokenizer (text model); `loader` loads a
     PreferencePair's images/frames (not needed when the caller passes ready `Example`s); every row is
-    cut to `max_length` tokens; batches are moved to `device` (None: left on the CPU)."""
+    cut to `max_length` tokens (see the module doc); batches are moved to `device` (None: left on the
+    CPU). `chat_template`: spec.model.chatTemplate; `max_pixels`/`min_pixels`: data.maxPixels /
+    data.minPixels; `model`: the model's URI for error messages."""
 
-    def __init__(self, processor: Any, loader: MediaLoader | None = None, max_length: int = 2048,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        loader: MediaLoader | None = None,
+        max_length: int = 2048,
+        device: torch.device | str | None = None,
+        *,
+        chat_template: str | None = None,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        model: str = "",
+    ) -> None:
         self.processor = processor
-        self.template = Template(processor)  # chat markers and vision placeholders, read once
+        self.template = Template(processor, chat_template, model)  # read once; errors here, at stage start
         self.loader = loader
         self.max_length = max_length
         self.device = device
-        tokenizer = self.template.tokenizer
-        ids = {tokenizer.convert_tokens_to_ids(self.template.end)} if self.template.end else set()
-        if tokenizer.eos_token_id is not None:
-            ids.add(tokenizer.eos_token_id)
+        self.max_pixels = max_pixels
+        self.min_pixels = min_pixels
         # Token ids that end a generated critique (`eos_token_id` for generate).
-        self.end_of_turn_ids: list[int] = sorted(ids)
+        self.end_of_turn_ids: list[int] = self.template.end_of_turn_ids
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: Any,
+        processor: Any,
+        loader: MediaLoader | None,
+        device: torch.device | str | None,
+        model: str | None = None,
+    ) -> Collator:
+        """The stage's collator from the AlignmentJobSpec (data.maxLength, data.maxPixels/minPixels,
+        model.chatTemplate); `model`: the URI the processor came from (default spec.model.uri)."""
+        return cls(
+            processor,
+            loader,
+            spec.data.max_length,
+            device,
+            chat_template=spec.model.chat_template,
+            max_pixels=spec.data.max_pixels,
+            min_pixels=spec.data.min_pixels,
+            model=model or spec.model.uri,
+        )
 
     @property
     def tokenizer(self) -> Any:
         return self.template.tokenizer
 
     def examples(self, items: Sequence[Example | PreferencePair]) -> list[Example]:
-        """Each pair with its media loaded (in order); `Example`s pass through as they are."""
-        out = []
-        for item in items:
-            if isinstance(item, Example):
-                out.append(item)
-            elif self.loader is None:
-                raise ValueError("Collator: preference pairs need a media loader (Collator(processor, loader))")
-            else:
-                out.append(Example.from_pair(item, self.loader.load(item)))
-        return out
+        """Each pair with its media loaded (in order; the batch's pairs load in parallel threads,
+        MediaLoader.load_many); `Example`s pass through as they are."""
+        pairs = [item for item in items if not isinstance(item, Example)]
+        if pairs and self.loader is None:
+            raise ValueError("Collator: preference pairs need a media loader (Collator(processor, loader))")
+        loaded = iter(self.loader.load_many(pairs) if self.loader is not None and pairs else [])
+        return [
+            item if isinstance(item, Example) else Example.from_pair(item, next(loaded)) for item in items
+        ]
 
     def pairs(self, items: Sequence[Example | PreferencePair]) -> Batch:
         """B pairs -> 2B rows (chosen then rejected): prompt + response; response_mask on the response."""
-        return self._rows(items, lambda example, side, index: [self._response(example, side)])
+        return self._rows(
+            items, lambda example, side, index, prompt: self.template.pieces(example, side, prompt=prompt)
+        )
 
-    def reward(self, items: Sequence[Example | PreferencePair], critique: bool = True,
-               critiques: Sequence[tuple[str, str]] | None = None) -> Batch:
+    def reward(
+        self,
+        items: Sequence[Example | PreferencePair],
+        critique: bool = True,
+        critiques: Sequence[tuple[str, str]] | None = None,
+    ) -> Batch:
         """Reward-model rows: prompt + response [+ critique request + critique]; 2B rows as above.
 
-        `critique`: add the critique (critique_mask marks the critique text + end token); `critiques`:
+        `critique`: add the critique (critique_mask marks the critique text + end of turn); `critiques`:
         (chosen, rejected) critique texts per pair to use instead of the annotated ones (the score stage
         passes the generated critiques)."""
-        template = self.template
 
-        def pieces(example: Example, side: str, index: int) -> list[tuple[list[int], str]]:
-            out = [self._response(example, side)]
+        def pieces(example: Example, side: str, index: int, prompt: list[Piece]) -> list[Piece]:
+            text = None
             if critique:
-                side_index = 0 if side == "chosen" else 1
-                text = critiques[index][side_index] if critiques else getattr(example, f"{side}_critique")
-                out += [(template.ids(template.critique_request()), "request"),
-                        (template.ids(text + template.end), "critique")]
-            return out
+                text = (
+                    critiques[index][side != "chosen"] if critiques else getattr(example, f"{side}_critique")
+                )
+            return self.template.pieces(example, side, critique=text, prompt=prompt)
 
         return self._rows(items, pieces)
 
     def generation(self, items: Sequence[Example | PreferencePair]) -> Batch:
-        """Left-padded critique-generation prompts: prompt + response + critique request, 2B rows
-        (chosen then rejected). Feed `batch.model_inputs()` to `model.generate`; new tokens start at
-        column `batch.input_ids.shape[1]`."""
-        request = (self.template.ids(self.template.critique_request()), "request")
-        return self._rows(items, lambda example, side, index: [self._response(example, side), request],
-                          left=True)
+        """Left-padded critique-generation prompts: prompt + response + critique request (ending in the
+        template's generation prompt), 2B rows (chosen then rejected). Feed `batch.model_inputs()` to
+        `model.generate`; new tokens start at column `batch.input_ids.shape[1]`."""
+        return self._rows(
+            items,
+            lambda example, side, index, prompt: self.template.pieces(
+                example, side, request=True, prompt=prompt
+            ),
+            left=True,
+        )
 
-    def _response(self, example: Example, side: str) -> tuple[list[int], str]:
-        return self.template.ids(getattr(example, side) + self.template.end), "response"
+    def keep_fitting(
+        self,
+        items: Sequence[PreferencePair],
+        critique: bool = False,
+    ) -> tuple[list[PreferencePair], list[str]]:
+        """The pre-pass before step 0 (preflight.fitting): (pairs whose rows fit max_length, "where: N
+        tokens" of the others). `critique`: measure the reward stage's rows (with the annotated
+        critiques)."""
+        kept, skipped = [], []
+        for item in items:
+            try:
+                self._encode(
+                    self.examples([item]),
+                    lambda e, s, i, p: self.template.pieces(
+                        e, s, critique=getattr(e, f"{s}_critique") if critique else None, prompt=p
+                    ),
+                )
+            except RowTooLong as error:
+                skipped.append(f"{error.where}: {error.tokens} tokens")
+                continue
+            kept.append(item)
+        return kept, skipped
 
-    def _rows(self, items: Sequence[Example | PreferencePair],
-              pieces: Callable[[Example, str, int], list[tuple[list[int], str]]], left: bool = False) -> Batch:
-        """The shared shape of every batch: for side in (chosen, rejected), for each pair i: its prompt
-        (images expanded once per pair) + `pieces(example, side, i)`, cut to max_length, then padded."""
-        examples = self.examples(items)
-        prompts, types, vision = _encode_prompts(self.template, examples)
+    def _bounded(self, images: list[Any]) -> list[Any]:
+        return [media.fit_pixels(image, self.max_pixels) for image in images]
+
+    def _encode(
+        self, examples: list[Example], pieces: RowPieces
+    ) -> tuple[list[_Row], dict[str, torch.Tensor]]:
+        """Rows for side in (chosen, rejected), for each example: its prompt pieces (vision placeholders
+        expanded once per pair by the processor) + `pieces(...)`, tokenized and cut to max_length."""
+        template = self.template
+        prompts = [template.prompt_pieces(e) for e in examples]
+        vision_ids, types, vision = self._encode_vision(examples, prompts)
         rows = []
         for side in ("chosen", "rejected"):
             for i, (example, prompt) in enumerate(zip(examples, prompts, strict=True)):
-                row = _Row([(prompt, "prompt"), *pieces(example, side, i)], types[i] if types else None)
-                rows.append(_truncate(row, self.max_length))
-        batch = _pad(rows, self.template.tokenizer.pad_token_id, self.template.kind, 2, vision, left=left)
-        return self._move(batch)
+                # piece 0 is the prompt's head: the processor tokenized it (vision placeholders expanded)
+                tokens = [
+                    (vision_ids[i] if index == 0 else template.ids(text), role)
+                    for index, (text, role) in enumerate(pieces(example, side, i, prompt))
+                ]
+                where = example.where or f"pair {i} of the batch"
+                rows.append(_truncate(_Row(tokens, types[i] if types else None, where), self.max_length))
+        return rows, vision
 
-    def _move(self, batch: Batch) -> Batch:
+    def _encode_vision(
+        self,
+        examples: list[Example],
+        prompts: list[list[Piece]],
+    ) -> tuple[list[list[int]], list[list[int]] | None, dict[str, torch.Tensor]]:
+        """Token ids of each prompt's vision piece (placeholders expanded), Qwen's mm token types, and
+        the processor's pixel inputs for the examples."""
+        heads = [prompt[0][0] for prompt in prompts]
+        template = self.template
+        if template.kind == "text" or not any(e.images or e.video for e in examples):
+            return [template.ids(h) for h in heads], None, {}
+        kwargs: dict[str, Any] = {}
+        if any(e.images for e in examples) or template.kind == "llava" and any(e.video for e in examples):
+            kwargs["images"] = [
+                self._bounded(e.images + (e.video if template.kind == "llava" else [])) for e in examples
+            ]
+        if template.kind == "qwen":
+            size = self._qwen_size()
+            if size:
+                kwargs["images_kwargs"] = {"size": size}
+            if any(e.video for e in examples):
+                kwargs["videos"] = [self._bounded(e.video) for e in examples if e.video]
+                kwargs["videos_kwargs"] = {
+                    "do_sample_frames": False,
+                    "cap_pixels_per_frame": True,
+                    **({"size": size} if size else {}),
+                }
+        encoded = template.processor(
+            text=heads, padding=True, return_tensors="pt", add_special_tokens=False, **kwargs
+        )
+        keep = encoded["attention_mask"].bool()  # (P, T') padding side does not matter
+        ids = [row[mask].tolist() for row, mask in zip(encoded["input_ids"], keep, strict=True)]
+        types = None
+        if "mm_token_type_ids" in encoded:
+            types = [row[mask].tolist() for row, mask in zip(encoded["mm_token_type_ids"], keep, strict=True)]
+        return ids, types, {k: encoded[k] for k in VISION_KEYS if k in encoded}
+
+    def _qwen_size(self) -> dict[str, int] | None:
+        """Qwen2-VL's image processor bounds: {shortest_edge: min_pixels, longest_edge: max_pixels}."""
+        if self.max_pixels is None and self.min_pixels is None:
+            return None
+        current = self.processor.image_processor.size
+        default_min = getattr(current, "shortest_edge", None) or getattr(current, "min_pixels", None)
+        default_max = getattr(current, "longest_edge", None) or getattr(current, "max_pixels", None)
+        return {
+            "shortest_edge": int(self.min_pixels or default_min or 56 * 56),
+            "longest_edge": int(self.max_pixels or default_max or 28 * 28 * 1280),
+        }
+
+    def _rows(
+        self, items: Sequence[Example | PreferencePair], pieces: RowPieces, left: bool = False
+    ) -> Batch:
+        rows, vision = self._encode(self.examples(items), pieces)
+        batch = _pad(rows, self.template.pad_token_id, self.template.kind, 2, vision, left=left)
         return batch if self.device is None else batch.to(self.device)

@@ -18,6 +18,8 @@ first well-formed row, and a later row in the other layout is a malformed line):
   "critique" | "reason": str}`. A higher `score` is better; a lower `rank` is better (1 = best); a row
   uses one or the other for all its responses. It expands into ALL pairs of differently ranked responses
   (ties give no pair), each in the `dpo_pairs` layout (`fields` are what a `dpo_pairs` row would hold).
+  A row whose responses ALL tie gives no pair: it is skipped and counted in `ReadStats` with its reason
+  (whatever `onBadLine` says: the row is well-formed, it just holds no preference).
 
 Query id: an explicit `query_id` field, else for `dpo_pairs` the part of `id` before its LAST `_` (the
 release writes `<query id>_<pair id>` and query ids themselves contain `_`, e.g.
@@ -329,6 +331,10 @@ def _iter_file(file: str, base: str, on_bad_line: str, fmt: str, stats: ReadStat
                 row = json.loads(text)
                 pairs = pairs_from_row(row, f"{posixpath.basename(file)}:{number}", fmt)
                 fmt = detect_format(row) if fmt == "auto" else fmt  # the first good row fixes the file's layout
+                if not pairs:  # a ranked row whose responses all tie holds no preference
+                    stats.skip(f"{file}:{number}", "every response of the ranked row has the same score/rank: "
+                               "no pair (give them different scores or drop the row)")
+                    continue
             except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 why = f"not valid JSON ({error})" if isinstance(error, json.JSONDecodeError) else str(error)
                 if isinstance(error, UnicodeDecodeError):

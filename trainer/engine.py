@@ -3,7 +3,10 @@
 Stages, losses and data never import deepspeed or torch.distributed; they get a `Distributed` (who am I,
 collectives) and an `Engine` (a trainable model: forward, backward, step, save, load).
 
+    check_device(spec)                        # a GPU-shaped job refuses to run on CPU (exit 2)
     dist = init_distributed()                 # torchrun env; NCCL on GPU, gloo on CPU
+    placement = training_placement(spec.stages.dpo, spec.deepspeed, dist)   # bf16 / ZeRO-3 partitions
+    model, processor = models.load_model(uri, placement=placement)         # built straight into them
     engine = Engine(model, optim=spec.stages.dpo, deepspeed_spec=spec.deepspeed, dist=dist,
                     total_steps=total)
     out = engine.model(**batch)               # the wrapped module (ZeRO-3 hooks live on it)
@@ -22,6 +25,7 @@ because it JIT-compiles with g++ (~70 s) and brings nothing to a test of 2 proce
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import logging
 import os
@@ -31,6 +35,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+
+from mmalign.api import keys
+from mmalign.api.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +155,44 @@ def init_distributed() -> Distributed:
         device=device,
         node_rank=int(os.environ.get("GROUP_RANK", "0")),
     )
+
+
+class CpuRefused(Exception):
+    """A GPU-shaped job found no CUDA device (a configuration error: exit code 2)."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+
+
+def cpu_refusal(spec: Any, cuda: bool, allow_cpu: bool) -> str | None:
+    """Why this job must not run here, or None. A job is GPU-shaped when its pods get GPUs
+    (`Resources.gpus_per_node()`: nvidia.com/gpu defaults to procPerNode) or it asks for bf16: on a
+    process without CUDA it would silently train on CPU with gloo, orders of magnitude slower."""
+    if cuda or allow_cpu:
+        return None
+    gpus = spec.resources.gpus_per_node()
+    wants = []
+    if gpus > 0:
+        name = spec.resources.gpu_resource()[0]
+        wants.append(f"{gpus} {name} per pod" + ("" if _gpus_written(spec.resources) else " (= procPerNode)"))
+    if spec.deepspeed.bf16:
+        wants.append("deepspeed.bf16")
+    if not wants:
+        return None
+    return (f"the job asks for GPUs ({', '.join(wants)}) but this process sees no CUDA device, so it would "
+            "train on CPU with gloo; in a pod, check the node's GPU driver and device plugin. A CPU job says "
+            "so: resources.requests: {nvidia.com/gpu: 0} and deepspeed.bf16: false; or set "
+            f"{keys.ENV_ALLOW_CPU}=1 to run this job on CPU anyway")
+
+
+def _gpus_written(resources: Any) -> bool:
+    return any(name.endswith("/gpu") for name in (*resources.requests, *resources.limits))
+
+
+def check_device(spec: Any) -> None:
+    """Refuse a GPU-shaped job on a machine without CUDA (CpuRefused) unless MMALIGN_ALLOW_CPU=1."""
+    reason = cpu_refusal(spec, torch.cuda.is_available(), os.environ.get(keys.ENV_ALLOW_CPU, "") == "1")
+    if reason:
+        raise CpuRefused(reason)
 
 
 def shutdown_distributed() -> None:
@@ -305,6 +350,32 @@ class Engine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag} in {folder}")
         return client_state or {}
 
+    def load_resized(self, folder: str, tag: str) -> dict[str, Any]:
+        """`load` of a checkpoint written by another world size (`folder/tag` holds every rank's files).
+
+        ZeRO-1/2/3 partition the optimizer state per rank, so DeepSpeed refuses a plain load; the first
+        local rank converts the checkpoint to DeepSpeed's universal format (one folder per parameter:
+        fp32 weights, Adam moments) and every rank loads it with `load_universal`, taking its new
+        partition. ZeRO-0 checkpoints hold no partitions: a plain load."""
+        if self.config["zero_optimization"]["stage"] == 0:
+            return self.load(folder, tag)
+        universal = f"{tag}-universal"
+        if self.dist.is_local_rank_0:
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            ds_to_universal(argparse.Namespace(
+                input_folder=os.path.join(folder, tag), output_folder=os.path.join(folder, universal),
+                num_extract_workers=4, num_merge_workers=2, keep_temp_folder=False, strict=True,
+                inject_missing_state=True,  # models that are not Megatron's carry no universal-checkpoint info
+            ))
+        self.dist.barrier()
+        # read when loading only, so set for this one load (the engine was built for plain checkpoints)
+        self.model._config.load_universal_checkpoint = True
+        try:
+            return self.load(folder, universal)
+        finally:
+            self.model._config.load_universal_checkpoint = False
+
     @contextmanager
     def full_parameters(self) -> Iterator[torch.nn.Module]:
         """The whole module with all parameters present on every rank (gathers ZeRO-3 partitions)."""
@@ -338,6 +409,69 @@ def register_external_parameters(module: torch.nn.Module, deepspeed_spec: Any) -
             return
 
 
+# ------------------------------------------------------------------------------ loading
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a model's weights come into memory (models.load_model reads it).
+
+    `dtype`: the job's precision, bf16 when `deepspeed.bf16` (the optimizer keeps its own float32
+    master copy), else float32. `zero3`: the DeepSpeed config when the model will be ZeRO-3-partitioned:
+    transformers' own ZeRO-3 integration (HfDeepSpeedConfig, which `is_deepspeed_zero3_enabled()` reads)
+    then builds every parameter already partitioned (deepspeed.zero.Init) and copies the checkpoint into
+    the partitions module by module, so no rank ever holds a full float32 model. Rank 0 reads the
+    checkpoint's tensors (memory-mapped safetensors, in the file's dtype); the other ranks read only
+    names and shapes (measured: docs/trainer.md, Loading). `device`: a whole model (no `zero3`) on a GPU
+    loads straight onto it (`device_map`), instead of one host copy per rank first (8 per node)."""
+
+    dtype: torch.dtype = torch.float32
+    zero3: dict[str, Any] | None = None
+    device: torch.device | None = None
+
+    @contextmanager
+    def building(self) -> Iterator[None]:
+        """The models made inside are ZeRO-3-partitioned as they are built (when `zero3` is set)."""
+        if self.zero3 is None:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        hf_config = HfDeepSpeedConfig(self.zero3)  # transformers holds a weak reference: keep ours alive
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del hf_config
+
+
+def precision(deepspeed_spec: Any) -> torch.dtype:
+    return torch.bfloat16 if deepspeed_spec.bf16 else torch.float32
+
+
+def training_placement(optim: Any, deepspeed_spec: Any, dist: Distributed) -> Placement:
+    """For a model `Engine(model, optim, deepspeed_spec, dist, ...)` will train: the engine's own config."""
+    zero3 = deepspeed_config(optim, deepspeed_spec, dist.world_size) if deepspeed_spec.zero_stage == 3 else None
+    return Placement(precision(deepspeed_spec), zero3, _gpu(dist) if zero3 is None else None)
+
+
+def frozen_placement(deepspeed_spec: Any, dist: Distributed, *, shard: bool) -> Placement:
+    """For a model `frozen(model, deepspeed_spec, dist, shard=shard)` will take (the same rule)."""
+    sharded = shard and deepspeed_spec.zero_stage == 3 and dist.world_size > 1
+    if sharded:
+        return Placement(precision(deepspeed_spec), _frozen_config(deepspeed_spec))
+    return Placement(precision(deepspeed_spec), None, _gpu(dist))
+
+
+def _gpu(dist: Distributed) -> torch.device | None:
+    return dist.device if dist.device.type == "cuda" else None
+
+
+def _frozen_config(deepspeed_spec: Any) -> dict[str, Any]:
+    return {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": bool(deepspeed_spec.bf16)}}
+
+
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 
@@ -347,19 +481,16 @@ def frozen(model: _Module, deepspeed_spec: Any, dist: Distributed, *, shard: boo
     `shard=True`: ZeRO-3-sharded over the ranks when the job runs ZeRO-3 on more than one rank. Every
     rank must then run the same number of forward passes (each gathers parameters from all ranks), as
     the DPO training loop does. `shard=False`: a whole replica on this rank's device, for passes whose
-    per-rank counts differ (the reference precompute's blocks, the score stage's shards). A replica is
-    cast to bf16 on GPU when the job uses bf16."""
+    per-rank counts differ (the reference precompute's blocks, the score stage's shards). Load the model
+    with `frozen_placement(deepspeed_spec, dist, shard=shard)`: ZeRO-3 partitions are then built straight
+    from the checkpoint, and a replica is already in the job's precision (cast to bf16 on GPU otherwise)."""
     model.requires_grad_(False)
     model.eval()
     if shard and deepspeed_spec.zero_stage == 3 and dist.world_size > 1:
         import deepspeed
 
-        config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "zero_optimization": {"stage": 3},
-            "bf16": {"enabled": bool(deepspeed_spec.bf16)},
-        }
-        engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+        engine, *_ = deepspeed.initialize(model=model, config=_frozen_config(deepspeed_spec),
+                                          dist_init_required=False)
         engine.eval()
         sharded: _Module = engine.module  # `model` itself, its parameters now ZeRO-3 partitions
         return sharded

@@ -15,7 +15,7 @@ import re
 import sys
 from typing import Any
 
-from mmalign.api import keys
+from mmalign.api import conditions, keys
 from mmalign.api.exit_codes import ExitCode
 
 TERMINATION_LOG = "/dev/termination-log"  # Kubernetes' default terminationMessagePath
@@ -61,7 +61,7 @@ def is_communication_error(error: BaseException) -> bool:
 
 def storage_permanent_message(error: Any, spec: Any) -> str:
     """What to do about a permanent S3 refusal: the bucket and the Secret to fix. Never the keys."""
-    # short (the operator keeps the termination message's last 300 characters): the action, then the call
+    # short (a condition message keeps conditions.MESSAGE_LIMIT characters): the action, then the call
     bucket = f"bucket {error.bucket!r}" if error.bucket else "the bucket"
     what = str(error).split(": ", 1)[0][:90]  # "read s3://bucket/key", from with_retries
     if error.no_such_bucket:
@@ -127,8 +127,9 @@ def failure_message(code: int, error: BaseException, manifest: Any = None, stage
 
 
 def one_line(error: BaseException | str) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 600 else text[:597] + "..."
+    """The error's text on one line, cut in the middle when long (conditions.shorten: the reason at its
+    head and the advice at its tail survive; the operator cuts the same way)."""
+    return conditions.shorten(str(error)) or type(error).__name__
 
 
 def report_failure(code: int, kind: str, error: BaseException | str) -> None:

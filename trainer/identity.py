@@ -1,15 +1,17 @@
 """What made a stage's output: the ONE place its identity is computed, recorded and compared.
 
-    wanted = identity.reward(spec, pairs)               # {field: value}: spec parameters + input identities
+    wanted = identity.reward(spec, pairs, media)        # {field: value}: spec parameters + input identities
     recorded = identity.recorded(uri_of_json)           # what the marker says made the output (None: no record)
     changed = identity.changed(recorded, wanted)        # field names that differ ([] = reuse)
 
 An output (`_complete.json` of a model folder, the score stage's `manifest.json` and its shards, dpo's
 reference log-probs, a stage's checkpoints) is reused only when every field matches. Fields are named as
-the user writes them (`stages.dpo.beta`, `data.maxLength`) or after the input (`model`, `data`,
-`rewardModel`, `scoredPairs`), so the log line that says why a stage is recomputed names what changed.
+the user writes them (`stages.dpo.beta`, `data.maxLength`) or after the input (`model`, `data`, `media`,
+`rewardModel`, `scoredPairs`), so the log line that says why a stage is recomputed names what changed;
+`not_reused` says it, and puts it on the stage's progress lines, where the operator makes it an Event.
 
-Inputs are identified by content: the pairs by data.fingerprint (every row's fields), a model by
+Inputs are identified by content: the pairs by data.fingerprint (every row's fields), their media by
+preflight.MediaCheck.digest (each local image's sha256, each S3 image's ETag and size), a model by
 `model_identity` (builtin name + seed; a folder's config.json and weight files; an S3 prefix's ETags and
 sizes), and an output of this job by the digest it recorded (so a retrained reward model changes the
 score stage's identity, and with it dpo's).
@@ -23,7 +25,7 @@ from typing import Any
 
 from mmalign.api import layout
 from mmalign.api.spec import AlignmentJobSpec
-from mmalign.trainer import builtin, data, storage, transfer
+from mmalign.trainer import builtin, data, progress, storage, transfer
 from mmalign.trainer.context import Context, say
 
 Identity = dict[str, Any]
@@ -104,46 +106,55 @@ def _fields(prefix: str, config: Any) -> Identity:
 
 def _data_fields(spec: AlignmentJobSpec) -> Identity:
     d = spec.data
-    return {"data.maxLength": d.max_length, "data.evalFraction": d.eval_fraction,
-            "data.missingMedia": d.missing_media, "data.videoFrames": d.video_frames, "seed": spec.seed}
+    shaping = {"data.maxLength": d.max_length, "data.evalFraction": d.eval_fraction,
+               "data.missingMedia": d.missing_media, "data.videoFrames": d.video_frames, "seed": spec.seed}
+    # The tokens a row becomes (collate.py) also depend on these; recorded only when set, so outputs
+    # made before they existed keep their identity.
+    optional = {"data.maxPixels": d.max_pixels, "data.minPixels": d.min_pixels,
+                "model.chatTemplate": digest(spec.model.chat_template) if spec.model.chat_template else None}
+    return {**shaping, **{k: v for k, v in optional.items() if v is not None}}
 
 
-def reward(spec: AlignmentJobSpec, pairs: list[data.PreferencePair]) -> Identity:
+def reward(spec: AlignmentJobSpec, pairs: list[data.PreferencePair], media: str | None = None) -> Identity:
+    """`media`: the pairs' media content (preflight.MediaCheck.digest), in every stage's identity."""
     assert spec.stages.reward is not None
-    return {"model": model_identity(spec.model.uri, spec.seed), "data": data.fingerprint(pairs),
+    return {"model": model_identity(spec.model.uri, spec.seed), "data": data.fingerprint(pairs), "media": media,
             **_data_fields(spec), **_fields("stages.reward", spec.stages.reward)}
 
 
-def score(spec: AlignmentJobSpec, pairs: list[data.PreferencePair]) -> Identity:
+def score(spec: AlignmentJobSpec, pairs: list[data.PreferencePair], media: str | None = None) -> Identity:
     assert spec.stages.score is not None
     return {"rewardModel": model_identity(spec.reward_model_uri(), spec.seed), "data": data.fingerprint(pairs),
-            **_data_fields(spec), **_fields("stages.score", spec.stages.score)}
+            "media": media, **_data_fields(spec), **_fields("stages.score", spec.stages.score)}
 
 
-def dpo(spec: AlignmentJobSpec, pairs: list[data.PreferencePair]) -> Identity:
+def dpo(spec: AlignmentJobSpec, pairs: list[data.PreferencePair], media: str | None = None) -> Identity:
     """dpo's pairs by content (for scored pairs: their rewards and δ too) and, when they are this job's
     score output, the identity that output recorded."""
     assert spec.stages.dpo is not None
     scored = None
     if spec.dpo_data_uri() == spec.artifact_uri("score"):
         scored = output_identity(storage.join(spec.artifact_uri("score"), layout.MANIFEST))
-    return {"model": model_identity(spec.model.uri, spec.seed), "data": data.fingerprint(pairs),
+    return {"model": model_identity(spec.model.uri, spec.seed), "data": data.fingerprint(pairs), "media": media,
             "scoredPairs": scored, **_data_fields(spec), **_fields("stages.dpo", spec.stages.dpo)}
 
 
 def reference_logps(dpo_identity: Identity) -> Identity:
     """What dpo's precomputed reference log-probs depend on, taken from the dpo stage's identity: the
-    pairs, the base model, the seed and the token budget (not β or the loss: the reference is reused)."""
-    return {k: dpo_identity[k] for k in ("data", "model", "seed", "data.maxLength")}
+    pairs and their media, the base model, the seed and the token budget (not β or the loss: the reference
+    is reused)."""
+    keys = ("data", "media", "model", "seed", "data.maxLength")
+    tokens = ("data.maxPixels", "data.minPixels", "model.chatTemplate")  # only when set (_data_fields)
+    return {**{k: dpo_identity.get(k) for k in keys}, **{k: dpo_identity[k] for k in tokens if k in dpo_identity}}
 
 
 STAGES = {"reward": reward, "score": score, "dpo": dpo}
 
 
-def for_stage(ctx: Context, pairs: list[data.PreferencePair]) -> Identity:
+def for_stage(ctx: Context, pairs: list[data.PreferencePair], media: str | None = None) -> Identity:
     """This stage's identity, computed once on rank 0 (hashing a model folder reads its weights) and
-    broadcast, so every rank decides the same."""
-    value = STAGES[ctx.stage](ctx.spec, pairs) if ctx.dist.is_rank_0 else None
+    broadcast, so every rank decides the same. `media`: preflight.check's digest of the pairs' media."""
+    value = STAGES[ctx.stage](ctx.spec, pairs, media) if ctx.dist.is_rank_0 else None
     result: Identity = ctx.dist.broadcast_object(value)
     return result
 
@@ -158,8 +169,15 @@ def claim(ctx: Context, prefix: str, wanted: Identity, what: str) -> None:
         diff = changed(recorded(marker), wanted)
         if diff:
             if storage.list_prefix(prefix):
-                say(f"{ctx.stage}: {what} at {prefix} were written for other inputs or parameters "
-                    f"(changed: {', '.join(diff)}); starting them over")
+                not_reused(ctx, f"{what} at {prefix} were written for other inputs or parameters "
+                           f"(changed: {', '.join(diff)}); starting them over")
                 storage.delete_prefix(prefix)
             storage.write_json(marker, {"identity": wanted})
     ctx.dist.barrier()
+
+
+def not_reused(ctx: Context, why: str) -> None:
+    """Say that an earlier output is not reused, and why (rank 0 calls it): a log line, and a notice on
+    the stage's progress lines that the operator turns into an Event on the job (reason Recomputing)."""
+    say(f"{ctx.stage}: {why}")
+    progress.notice(ctx.stage, why)

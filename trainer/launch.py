@@ -17,6 +17,12 @@ PET_MASTER_ADDR, PET_MASTER_PORT, and MASTER_ADDR/MASTER_PORT). This command
    NaN / data / storage codes the operator's failure policy reads); a worker killed by signal S gives
    128+S, and it wins over peers that died of the broken collective in the same instant.
 
+SIGTERM (the kubelet sends it to this process, PID 1 of the container, on suspend, preemption, drain or
+pod deletion): torchrun forwards it to every worker, which finish their step and commit a checkpoint of
+it (trainer/loop.py), and waits `--shutdown-timeout` for them before SIGKILL: the pod's grace period
+(spec.podTemplate.terminationGracePeriodSeconds) less a few seconds, not torchrun's default 30 s.
+Exit 143. Before torchrun starts (waiting for DNS), SIGTERM exits 143 at once: nothing to save yet.
+
 The operator restarts the whole gang on retryable failures; torchrun itself never restarts workers.
 """
 
@@ -123,7 +129,7 @@ def rendezvous_failure(error: BaseException, timeout: str) -> tuple[ExitCode, st
     text = " ".join(str(error).split()).split("Exception raised from")[0].strip()
     if "timed out" not in text.lower():
         return ExitCode.COMMUNICATION_ERROR, f"torchrun's rendezvous failed: {type(error).__name__}: {text}"
-    # short: the operator keeps the termination message's last 300 characters
+    # short: a condition message keeps conditions.MESSAGE_LIMIT characters (its head and tail)
     return ExitCode.RENDEZVOUS_TIMEOUT, (
         f"the gang did not assemble within {timeout}s: {text[:110]} Some pods Pending (no node with room, "
         "quota)? See `kubectl get pods` and their events.")
@@ -159,6 +165,31 @@ def run_torchrun(torchrun_args: list[str]) -> int:
         return code
 
 
+# torchrun and this process need a moment to exit after the workers, before the kubelet's SIGKILL.
+EXIT_MARGIN_SECONDS = 5
+
+
+def shutdown_timeout(grace_seconds: int) -> list[str]:
+    """torchrun's `--shutdown-timeout`: how long its workers get between SIGTERM and SIGKILL."""
+    return [f"--shutdown-timeout={max(1, grace_seconds - EXIT_MARGIN_SECONDS)}"]
+
+
+def grace_period(job: str) -> int:
+    """spec.podTemplate.terminationGracePeriodSeconds of the job file; its default when the file does not
+    load (the worker then reports why, with its exit code)."""
+    from mmalign.api.jobfile import load_job
+    from mmalign.api.spec import PodTemplate
+
+    try:
+        return int(load_job(job).spec.pod_template.termination_grace_period_seconds)
+    except Exception:  # noqa: BLE001 - the worker reads the same file and names the problem
+        return int(PodTemplate().termination_grace_period_seconds)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def rendezvous_timeout() -> int | None:
     """MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS, or None (unset: torch's default, 600 s)."""
     seconds = os.environ.get("MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS", "").strip()
@@ -189,6 +220,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # PID 1 of a container ignores a signal it has no handler for: without this, a SIGTERM while waiting
+    # for DNS would cost the whole grace period. torchrun installs its own handler once workers start.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     env = torchrun_env()
     timeout = float(os.environ.get("MMALIGN_DNS_WAIT_SECONDS", "600"))
     if not wait_for_dns(str(env["master_addr"]), int(env["master_port"]), timeout):
@@ -202,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rdzv-backend=static",
         *rendezvous_conf(),
         "--max-restarts=0",
+        *shutdown_timeout(grace_period(args.job)),
         *train_command(args.job, args.stage, args.storage),
     ]
     _log(f"torchrun {' '.join(torchrun_args)}")

@@ -40,21 +40,27 @@ def encode_vision(model: Any, batch: Batch) -> dict[str, Any] | None:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     backbone = _backbone(model)
+    outputs: dict[str, Any] = {}  # "image" / "video" -> the encoder's output for the P pairs
     if batch.kind == "qwen":
-        out = backbone.get_image_features(batch.vision["pixel_values"], batch.vision["image_grid_thw"],
-                                          return_dict=True)
+        if "pixel_values" in batch.vision:
+            outputs["image"] = backbone.get_image_features(batch.vision["pixel_values"],
+                                                           batch.vision["image_grid_thw"], return_dict=True)
+        if "pixel_values_videos" in batch.vision:  # the model's own video input (collate.py)
+            outputs["video"] = backbone.get_video_features(batch.vision["pixel_values_videos"],
+                                                           batch.vision["video_grid_thw"], return_dict=True)
     else:
         config = model.config
-        out = backbone.get_image_features(
+        outputs["image"] = backbone.get_image_features(
             batch.vision["pixel_values"], batch.vision["image_sizes"],
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             vision_aspect_ratio=config.vision_aspect_ratio,
             batch_num_images=batch.vision.get("batch_num_images"),
         )
-    per_image = list(out.pooler_output)  # one (tokens, H) tensor per image, pair order
-    # HF types pooler_output as a Tensor; the VLMs' get_image_features return a per-image tuple here.
-    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(per_image * batch.repeats))}  # type: ignore[arg-type]
+    # One (tokens, H) tensor per image/video, pair order; HF types pooler_output as a Tensor, the VLMs'
+    # get_*_features return a per-item tuple here.
+    return {kind: BaseModelOutputWithPooling(pooler_output=tuple(list(out.pooler_output) * batch.repeats))  # type: ignore[arg-type]
+            for kind, out in outputs.items()}
 
 
 def forward_hidden(model: Any, batch: Batch) -> torch.Tensor:
@@ -63,8 +69,10 @@ def forward_hidden(model: Any, batch: Batch) -> torch.Tensor:
     features = encode_vision(model, batch)
     if features is not None:
         kwargs["mm_encoder_outputs"] = features
-        if batch.kind == "qwen":
-            kwargs["image_grid_thw"] = torch.cat([batch.vision["image_grid_thw"]] * batch.repeats)
+        if batch.kind == "qwen":  # 3-D RoPE positions need the grids, repeated per row
+            for key in ("image_grid_thw", "video_grid_thw"):
+                if key in batch.vision:
+                    kwargs[key] = torch.cat([batch.vision[key]] * batch.repeats)
     kwargs["use_cache"] = False
     return _backbone(model)(**kwargs).last_hidden_state
 

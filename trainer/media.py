@@ -2,11 +2,13 @@
 
     loader = media.MediaLoader(missing="error", video_frames=8)
     images = loader.load(pair)          # list[PIL.Image]: 1 per image, `video_frames` for a video
+    batch = loader.load_many(pairs)     # the same for a batch's pairs, in threads, in order
     loader.placeholders                 # rows that got a placeholder (counted, reported in metrics)
 
 Paths resolve against `pair.media_base` (DataSource.media_uri, else the data file's folder): local
 folders and s3:// prefixes. A video is a folder of frame images (jpg/png/webp...); `video_frames` of them
-are sampled uniformly over the sorted file names (every frame when the folder has fewer). Video files
+are sampled uniformly over the sorted file names (every frame when the folder has fewer); the collator
+hands them to Qwen2-VL as its video input and to other models as images. Video files
 (.mp4 ...) are not decoded: extract frames first (e.g. `ffmpeg -i v.mp4 -vf fps=1 v/%05d.jpg`).
 
 A missing image/folder raises DataError naming the row id and the path, unless `missing="placeholder"`:
@@ -17,6 +19,9 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from mmalign.trainer import storage
@@ -50,15 +55,25 @@ def placeholder_image() -> Any:
 
 
 class MediaLoader:
-    """Loads a pair's media; counts placeholders. One per stage (not thread-safe: plain counters)."""
+    """Loads a pair's media; counts placeholders. One per stage; `load_many` loads a batch's pairs in
+    `threads` threads (reads from S3 and PNG/JPEG decoding overlap; the counters take a lock)."""
 
-    def __init__(self, missing: str = "error", video_frames: int = 8) -> None:
+    def __init__(self, missing: str = "error", video_frames: int = 8, threads: int = 8) -> None:
         if missing not in ("error", "placeholder"):
             raise ValueError(f"missing must be 'error' or 'placeholder', got {missing!r}")
         self.missing = missing
         self.video_frames = video_frames
+        self.threads = threads
         self.placeholders = 0
         self.placeholder_rows: list[str] = []  # first 20 row uids, for the report
+        self._lock = threading.Lock()
+
+    def load_many(self, pairs: Sequence[PreferencePair]) -> list[list[Any]]:
+        """`load` of every pair, in order, `threads` at a time; the first failing pair's error is raised."""
+        if len(pairs) <= 1 or self.threads <= 1:
+            return [self.load(pair) for pair in pairs]
+        with ThreadPoolExecutor(min(self.threads, len(pairs)), thread_name_prefix="mmalign-media") as pool:
+            return list(pool.map(self.load, pairs))
 
     @classmethod
     def from_spec(cls, spec: Any) -> MediaLoader:
@@ -75,9 +90,10 @@ class MediaLoader:
             return [_open_image(resolve(path, pair.media_base)) for path in pair.media]
         except _Missing as missing:
             if self.missing == "placeholder":
-                self.placeholders += 1
-                if len(self.placeholder_rows) < 20:
-                    self.placeholder_rows.append(pair.uid)
+                with self._lock:
+                    self.placeholders += 1
+                    if len(self.placeholder_rows) < 20:
+                        self.placeholder_rows.append(pair.uid)
                 return [placeholder_image()]
             raise DataError(
                 f"row {pair.id!r} ({pair.uid}): media not found: {missing}. Check data.mediaUri "
@@ -87,8 +103,10 @@ class MediaLoader:
 
     def _frames(self, folder: str) -> list[Any]:
         if folder.lower().endswith(VIDEO_FILE_SUFFIXES):
-            raise DataError(f"{folder}: video files are not decoded; extract frames into a folder "
-                            "(e.g. ffmpeg -i video.mp4 -vf fps=1 folder/%05d.jpg) and point the row at it")
+            raise DataError(
+                f"{folder}: video files are not decoded; extract frames into a folder "
+                "(e.g. ffmpeg -i video.mp4 -vf fps=1 folder/%05d.jpg) and point the row at it"
+            )
         names = _frame_names(folder)
         if not names:
             raise _Missing(f"{folder} (no frame images in the folder)")
@@ -130,6 +148,19 @@ def _open_image(uri: str) -> Any:
         raise DataError(f"{uri}: not a readable image ({error}); replace or remove the file") from None
 
 
+def fit_pixels(image: Any, max_pixels: int | None) -> Any:
+    """`image` scaled down (aspect kept, LANCZOS) so that width x height <= `max_pixels`; the image
+    itself when it fits or there is no bound (data.maxPixels)."""
+    width, height = image.size
+    if max_pixels is None or width * height <= max_pixels:
+        return image
+    scale = (max_pixels / (width * height)) ** 0.5
+    size = (max(1, int(width * scale)), max(1, int(height * scale)))
+    from PIL import Image
+
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
 def image_bytes(image: Any, fmt: str = "PNG") -> bytes:
     """Encode a PIL image (export helpers and tests)."""
     buffer = io.BytesIO()
@@ -137,4 +168,4 @@ def image_bytes(image: Any, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["MediaLoader", "resolve", "uniform_indices", "placeholder_image"]
+__all__ = ["MediaLoader", "resolve", "uniform_indices", "placeholder_image", "fit_pixels"]

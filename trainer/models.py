@@ -15,8 +15,13 @@ reward stage writes and the score stage reads to know whether to generate critiq
 
 Sources: a local Hugging Face folder, an `s3://` prefix holding one (downloaded ONCE per node into
 `$MMALIGN_CACHE/models/<hash>/`: the first process takes a file lock, the others wait and reuse it), or
-`builtin://tiny-*` (tiny.py). Supported: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision (image-text-to-text) and
-causal text LMs; models load in float32 unless `dtype` says otherwise (the engine casts for bf16).
+`builtin://tiny-*` (tiny.py, saved once as such a folder by builtin.model_folder): every source is read
+by the same `from_pretrained`. Supported: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision (image-text-to-text)
+and causal text LMs. A stage passes the engine's `Placement`: weights load in the job's precision (bf16
+when `deepspeed.bf16`) and, under ZeRO-3, straight into each rank's partitions:
+
+    placement = engine.training_placement(spec.stages.dpo, spec.deepspeed, dist)
+    policy, processor = models.load_model(spec.model.uri, seed=spec.seed, placement=placement)
 """
 
 from __future__ import annotations
@@ -36,14 +41,18 @@ from torch import nn
 from mmalign.api.exit_codes import ExitCode
 from mmalign.trainer import builtin, logprobs, storage, transfer
 from mmalign.trainer.collate import Batch, Collator
+from mmalign.trainer.engine import Placement
 
 SCORE_HEAD_FILE = "score_head.safetensors"  # the score head's weights, beside the base model's
 REWARD_INFO_FILE = "mmalign_reward.json"  # {critique, base_model}: how the reward model was trained
 VISION_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
 
 
-def model_dir(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A local folder holding the model at `uri`: the folder itself, or the node's download of it."""
+def model_dir(uri: str, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
+    """A local folder holding the model at `uri`: the folder itself, the node's download of it, or a
+    builtin model's folder (written once into the cache, builtin.model_folder; `seed` picks its weights)."""
+    if builtin.is_builtin(uri):
+        return builtin.model_folder(uri, seed)
     if not storage.is_remote(uri):
         path = storage.local_path(uri)
         if not (path / "config.json").exists():
@@ -66,23 +75,35 @@ def model_dir(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path
     return target
 
 
-def load_model(uri: str, *, seed: int = 0, dtype: torch.dtype | None = None,
+def load_model(uri: str, *, seed: int = 0, placement: Placement | None = None,
                cache_dir: str | os.PathLike[str] | None = None) -> tuple[nn.Module, Any]:
-    """(model, processor-or-tokenizer) from a folder, an s3:// prefix or builtin://."""
-    if builtin.is_builtin(uri):
-        model, processor = builtin.load_model(uri, seed=seed)
-        return (model.to(dtype) if dtype else model), processor
+    """(model in eval mode, processor-or-tokenizer) from a folder, an s3:// prefix or builtin://, all
+    through `from_pretrained` on a Hugging Face folder. `placement` (engine.training_placement /
+    frozen_placement): the dtype, and ZeRO-3 partitions built straight from the checkpoint; default
+    float32, whole on this rank."""
     import transformers
 
-    folder = model_dir(uri, cache_dir)
+    placement = placement or Placement()
+    folder = model_dir(uri, cache_dir, seed)
     config = transformers.AutoConfig.from_pretrained(folder)
-    if config.model_type in VISION_MODEL_TYPES:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype or torch.float32)
-        processor = transformers.AutoProcessor.from_pretrained(folder)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
-        processor = transformers.AutoTokenizer.from_pretrained(folder)
+    vision = config.model_type in VISION_MODEL_TYPES
+    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+    where = {"device_map": {"": placement.device}} if placement.device is not None else {}
+    with placement.building():
+        model = auto.from_pretrained(folder, dtype=placement.dtype, **where)
+    processor = load_processor(uri, seed=seed, cache_dir=cache_dir)
+    model.eval()
     return model, processor
+
+
+def load_processor(uri: str, *, seed: int = 0, cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The processor (VLM) or tokenizer (text model) of the model at `uri`, without its weights: what
+    the stages need before step 0 to count every row's tokens (preflight.fitting)."""
+    import transformers
+
+    folder = model_dir(uri, cache_dir, seed)
+    vision = transformers.AutoConfig.from_pretrained(folder).model_type in VISION_MODEL_TYPES
+    return (transformers.AutoProcessor if vision else transformers.AutoTokenizer).from_pretrained(folder)
 
 
 def save_model(model: nn.Module, processor: Any, folder: str | os.PathLike[str],
@@ -188,21 +209,22 @@ class MissingScoreHead(Exception):
     exit_code = ExitCode.CONFIG_ERROR
 
 
-def load_reward_model(uri: str, *, seed: int = 0, dtype: torch.dtype | None = None,
+def load_reward_model(uri: str, *, seed: int = 0, placement: Placement | None = None,
                       cache_dir: str | os.PathLike[str] | None = None,
                       trained: bool = False) -> tuple[RewardModel, Any]:
     """A RewardModel from a saved reward-model folder/prefix (score head restored), or from any policy
     source (a fresh, seeded score head: the start of the reward stage). `trained`: the model must be a
     trained reward model (the score stage): a folder without `score_head.safetensors` is refused
-    (MissingScoreHead) instead of scoring with a random head. builtin:// models have no folder and keep
-    their seeded head (tests, demo)."""
-    head_file = None if builtin.is_builtin(uri) else model_dir(uri, cache_dir) / SCORE_HEAD_FILE
+    (MissingScoreHead) instead of scoring with a random head. builtin:// models have no score head and
+    keep their seeded one (tests, demo). The score head is small: built whole, ZeRO-3 partitions it when
+    the engine starts."""
+    head_file = None if builtin.is_builtin(uri) else model_dir(uri, cache_dir, seed) / SCORE_HEAD_FILE
     if trained and head_file is not None and not head_file.exists():  # refused before loading the weights
         raise MissingScoreHead(
             f"{uri}: no {SCORE_HEAD_FILE} in this folder, so it is not a trained reward model; point "
             "stages.score.rewardModel at a folder the reward stage wrote (it holds the score head), or "
             "remove it to use this job's reward stage")
-    base, processor = load_model(uri, seed=seed, dtype=dtype, cache_dir=cache_dir)
+    base, processor = load_model(uri, seed=seed, placement=placement, cache_dir=cache_dir)
     head = None
     if head_file is not None and head_file.exists():
         from safetensors.torch import load_file

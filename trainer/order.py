@@ -60,6 +60,24 @@ class DataOrder:
         return out
 
 
+def split_global_batch(global_batch: int, world_size: int, micro_batch: int, field: str) -> tuple[int, int]:
+    """(micro-batch, accumulation) that make `global_batch` pairs per step on `world_size` ranks: the
+    micro-batch as written when it divides the rank's share, else the largest one below it that does
+    (a smaller micro-batch never needs more memory); accumulation takes the rest. Used when a stage
+    resumes a checkpoint written by another world size: the same global batch gives the same data order,
+    step count and learning-rate schedule (the module docstring)."""
+    share, rest = divmod(global_batch, world_size)
+    if rest or share == 0:
+        raise StageConfigError(
+            f"{field}: the checkpoint's optimizer steps take {global_batch} pairs (microBatchSize x "
+            f"gradientAccumulation x its world size), which {world_size} ranks cannot share evenly; resume with "
+            f"a world size (resources.nodes x procPerNode) that divides {global_batch}, or delete the "
+            "stage's checkpoints to start it over"
+        )
+    micro = max(m for m in range(1, min(micro_batch, share) + 1) if share % m == 0)
+    return micro, share // micro
+
+
 def check_enough_pairs(order: DataOrder, field: str) -> None:
     if order.steps_per_epoch < 1:
         raise StageConfigError(

@@ -4,7 +4,8 @@ Rank 0 prints one line to stdout per report, in the format `mmalign.api.progress
 for the operator): "start", "step" (at least every `interval` seconds while training, default 10,
 MMALIGN_PROGRESS_INTERVAL; 0 = every step), "checkpoint", "eval" and "end" (with the final metrics).
 When stderr is a terminal, a one-line bar is redrawn there too (no dependency). Other ranks report
-nothing.
+nothing. What a stage learned before its reporter existed (`note_metrics`, `notice`) rides along on
+every line of that stage.
 """
 
 from __future__ import annotations
@@ -15,9 +16,36 @@ import sys
 import time
 from typing import Any, TextIO
 
-from mmalign.api.progress import ProgressReport
+from mmalign.api import conditions
+from mmalign.api.progress import MAX_NOTICES, ProgressReport
 
 INTERVAL_ENV = "MMALIGN_PROGRESS_INTERVAL"  # seconds between "step" lines; tests set 0 to see every step
+
+# What a stage learned before its reporter started (the data check's counts; an earlier output not reused,
+# and why), per stage of this process: every line of that stage's reporter carries it, so the operator's
+# last line alone has it (the metrics into the job's status, each notice into one Event).
+_metrics: dict[str, dict[str, float]] = {}
+_notices: dict[str, list[str]] = {}
+
+
+def note_metrics(stage: str, values: dict[str, float]) -> None:
+    """Metrics every later progress line of `stage` reports (rank 0 calls it)."""
+    _metrics.setdefault(stage, {}).update(values)
+
+
+def notice(stage: str, message: str) -> None:
+    """A decision the user should see as an Event (`mmalign.api.progress`: `notices`); the first
+    MAX_NOTICES of a stage are sent, each shortened like a condition message."""
+    kept = _notices.setdefault(stage, [])
+    text = conditions.shorten(message)
+    if text not in kept and len(kept) < MAX_NOTICES:
+        kept.append(text)
+
+
+def forget_notes() -> None:
+    """Drop every stage's notes (a process running another job's stage, tests)."""
+    _metrics.clear()
+    _notices.clear()
 
 
 class Progress:
@@ -93,8 +121,9 @@ class Progress:
             return
         report = ProgressReport(
             stage=self.stage, step=self.step, total=self.total, event=event, loss=self.loss,
-            eta_seconds=None if (eta := self.eta_seconds()) is None else int(eta), epoch=self.epoch, metrics=dict(self.metrics),
-            checkpoint=self.checkpoint_uri,
+            eta_seconds=None if (eta := self.eta_seconds()) is None else int(eta), epoch=self.epoch,
+            metrics={**_metrics.get(self.stage, {}), **self.metrics}, checkpoint=self.checkpoint_uri,
+            notices=tuple(_notices.get(self.stage, ())),
         )
         self.out.write(report.to_line() + "\n")
         self.out.flush()

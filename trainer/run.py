@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from pydantic import ValidationError
 
-    from mmalign.trainer.launch import run_torchrun, train_command
+    from mmalign.trainer.launch import run_torchrun, shutdown_timeout, train_command
     from mmalign.trainer.train import load_manifest, storage_override
 
     try:
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         code = run_torchrun([
             "--standalone", f"--nproc-per-node={processes}", "--max-restarts=0",
+            *shutdown_timeout(spec.pod_template.termination_grace_period_seconds),  # SIGTERM: loop.py
             *train_command(args.job, stage, storage_uri),
         ])
         timings[stage] = time.monotonic() - started

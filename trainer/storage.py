@@ -133,6 +133,27 @@ def exists(uri: str) -> bool:
     return s3client.with_retries(f"head {uri}", head)
 
 
+def head(uri: str) -> ObjectInfo | None:
+    """One object's size (and ETag on S3) without reading it; None when there is no such object (a local
+    folder is no object either)."""
+    location = parse(uri)
+    if location.scheme == "file":
+        return ObjectInfo(uri, os.path.basename(location.path), os.path.getsize(location.path)) \
+            if os.path.isfile(location.path) else None
+
+    def call() -> ObjectInfo | None:
+        try:
+            found = s3client.client().head_object(Bucket=location.bucket, Key=location.key)
+        except Exception as error:
+            if s3client.is_not_found(error):
+                return None
+            raise
+        return ObjectInfo(uri, location.key.rsplit("/", 1)[-1], int(found["ContentLength"]),
+                          etag=str(found.get("ETag", "")).strip('"') or None)
+
+    return s3client.with_retries(f"head {uri}", call)
+
+
 def read_bytes(uri: str) -> bytes:
     """A small object's bytes. FileNotFoundError when it does not exist."""
     location = parse(uri)

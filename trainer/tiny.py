@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +39,39 @@ SPECIAL_TOKENS = [PAD, EOS, IM_START, IM_END, VISION_START, VISION_END, QWEN_IMA
 
 TINY_ARCHITECTURES = ("qwen2-vl", "qwen2.5-vl", "llava-onevision", "text")
 IMAGE_SIZE = 32  # every tiny processor resizes images to 32x32: 4x4 patches of 8 px
+FOLDER_VERSION = "v1"  # bump when a saved folder's content changes: builtin.model_folder's cache name has it
+
+# The checkpoints' own chat templates (tokenizer_config.json / chat_template.jinja of the Hub models),
+# trimmed to what the tiny models need: ChatML turns; Qwen2-VL adds its default system prompt and wraps
+# each image in vision markers; LLaVA-OneVision puts `<image>` first in the turn, then a newline
+# and the text (its assistant text in `{% generation %}`, for assistant-token masks).
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_TEMPLATE = (  # llava-hf/llava-onevision-qwen2-7b-ov-hf's, verbatim (string content added)
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% if message['content'] is string %}{{ '\\n' + message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{% endif %}"
+    "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TEXT_TEMPLATE = (  # Qwen2's ChatML, text only
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_TEMPLATES = {"qwen2-vl": QWEN_VL_TEMPLATE, "qwen2.5-vl": QWEN_VL_TEMPLATE, "llava-onevision": LLAVA_TEMPLATE,
+                  "text": TEXT_TEMPLATE}
 
 # A few KB of text the BPE learns its merges from: the chat scaffolding, the synthetic data's words
 # and ordinary English, so that real prompts do not explode into single bytes.
@@ -85,6 +119,7 @@ def build_tokenizer(architecture: str = "qwen2-vl") -> Any:
         ),
     )
     tokenizer.padding_side = "right"
+    tokenizer.chat_template = CHAT_TEMPLATES.get(architecture, TEXT_TEMPLATE)
     return tokenizer
 
 
@@ -189,7 +224,7 @@ def build_processor(architecture: str, tokenizer: Any | None = None, size: str =
         sizes: dict[str, Any] = dict(size={"shortest_edge": side * side, "longest_edge": side * side},
                                      patch_size=preset.patch, merge_size=2, temporal_patch_size=2)
         return Processor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
-                         video_processor=Qwen2VLVideoProcessor(**sizes))
+                         video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_VL_TEMPLATE)
     if architecture == "llava-onevision":
         from transformers import (
             LlavaOnevisionImageProcessor,
@@ -204,6 +239,7 @@ def build_processor(architecture: str, tokenizer: Any | None = None, size: str =
             image_processor=images, video_processor=videos, tokenizer=tokenizer,
             num_image_tokens=(side // preset.patch) ** 2,
             vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
+            chat_template=LLAVA_TEMPLATE,
         )
     raise ValueError(f"unknown tiny architecture {architecture!r}: use one of {', '.join(TINY_ARCHITECTURES)}")
 
@@ -262,6 +298,22 @@ def build_tiny(architecture: str, seed: int = 0, size: str = "tiny") -> tuple[to
     _seeded_init(model, seed)
     model.eval()
     return model, processor
+
+
+def save_tiny(architecture: str, folder: str | Path, seed: int = 0, size: str = "tiny",
+              max_shard_size: str | int = "5GB") -> Path:
+    """`build_tiny` written as a Hugging Face checkpoint folder, exactly what `save_pretrained` gives for
+    a Hub model: config.json (+ generation_config.json), model.safetensors (or shards + index when larger
+    than `max_shard_size`), the tokenizer/processor files and the chat template."""
+    model, processor = build_tiny(architecture, seed=seed, size=size)
+    path = Path(folder)
+    # Under torch.distributed, save_pretrained writes the weights and config on global rank 0 only
+    # (PreTrainedModel.should_save_on_this_rank); every node's first rank builds its own cache folder
+    # (builtin.model_folder), so this private folder is written whatever the rank.
+    setattr(model, "should_save_on_this_rank", lambda is_main_process: True)  # noqa: B010 (nn.Module typing)
+    model.save_pretrained(path, max_shard_size=max_shard_size)  # type: ignore[operator]
+    processor.save_pretrained(path)
+    return path
 
 
 def _time_forward_backward(architecture: str, repeats: int = 10) -> float:

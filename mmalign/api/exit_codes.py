@@ -17,3 +17,6 @@ class ExitCode(enum.IntEnum):
     OUT_OF_MEMORY = 8  # CUDA out of memory (the message names the micro-batch size): permanent
     COMMUNICATION_ERROR = 9  # NCCL/gloo: a peer or the network broke a collective: retryable
     RENDEZVOUS_TIMEOUT = 10  # `mmalign launch`: the gang did not assemble in time (a pod pending?): retryable
+    # SIGTERM (suspend, preemption, drain, pod deletion): every rank committed the checkpoint of the step it
+    # reached, then stopped. 128 + SIGTERM, what a process killed by it shows: retryable (>= 128), no work lost.
+    STOPPED = 143

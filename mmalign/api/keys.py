@@ -33,15 +33,21 @@ ENV_ATTEMPT = "MMALIGN_ATTEMPT"
 ENV_CACHE = "MMALIGN_CACHE"
 ENV_LOCAL_DIR = "MMALIGN_LOCAL_DIR"
 
+# -- "1": run a GPU-shaped job (GPU requests, or bf16) on CPU anyway; the trainer refuses otherwise
+ENV_ALLOW_CPU = "MMALIGN_ALLOW_CPU"
+
 # -- where the trainer writes its one-line failure reason; unset = Kubernetes' /dev/termination-log
 # (the dev cluster's process node gives each container start a file of its own).
 ENV_TERMINATION_LOG = "MMALIGN_TERMINATION_LOG"
 
-# The operator owns these: a user's podTemplate.env cannot override them (a wrong PET_NODE_RANK would
+# -- how long torchrun's static rendezvous waits for the whole gang (spec.runPolicy.startupTimeoutSeconds)
+ENV_RENDEZVOUS_TIMEOUT = "MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS"
+
+# The operator owns these: the spec refuses podTemplate.env entries naming them (a wrong PET_NODE_RANK would
 # hang the rendezvous).
 RESERVED_ENV = (
     ENV_NNODES, ENV_NPROC_PER_NODE, ENV_NODE_RANK, ENV_MASTER_ADDR, ENV_MASTER_PORT,
-    ENV_TORCH_MASTER_ADDR, ENV_TORCH_MASTER_PORT, ENV_JOB, ENV_STAGE, ENV_ATTEMPT,
+    ENV_TORCH_MASTER_ADDR, ENV_TORCH_MASTER_PORT, ENV_JOB, ENV_STAGE, ENV_ATTEMPT, ENV_RENDEZVOUS_TIMEOUT,
 )
 
 # -- annotations on the job document the operator writes into the ConfigMap (mmalign.api.jobfile)

@@ -59,6 +59,15 @@ def marker_uri(storage: str, stage: str) -> str:
     return checkpoint_uri(storage, stage) + MARKER
 
 
+def resume_point(storage: str, stage: str) -> tuple[str | None, str]:
+    """What a restarted attempt of `stage` continues from: (its checkpoint marker, words for the status).
+    The score stage has no checkpoints (None): it keeps the shards an earlier attempt finished."""
+    if stage == "score":
+        return None, f"keeping the shards already scored in {artifact_uri(storage, stage)}"
+    marker = marker_uri(storage, stage)
+    return marker, f"resuming from {marker}"
+
+
 def checkpoint_tag(step: int) -> str:
     """A checkpoint's folder name below the stage's checkpoint prefix."""
     return f"step-{step:08d}"

@@ -10,6 +10,8 @@ trainer pods need no RBAC and the operator no S3 credentials:
 
 `event` is "start", "step", "checkpoint", "eval" or "end". `checkpoint` is the URI of the last
 COMMITTED checkpoint (null before the first) on every line, so the last line alone says everything.
+`notices` (omitted when empty) are decisions the user should hear of — an earlier output not reused
+and why — also on every line; the operator turns each new one into an Event (reason Recomputing).
 Non-finite numbers are sent as null, never as NaN (JSON has none).
 """
 
@@ -24,6 +26,7 @@ PREFIX = "mmalign-progress "
 TAIL_LINES = 200  # the operator's log tail: a line every <= 10 s, 200 lines of other output between is plenty
 LIMIT_BYTES = 256 * 1024
 EVENTS = ("start", "step", "checkpoint", "eval", "end")
+MAX_NOTICES = 8  # notices one stage sends, and the status keeps
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class ProgressReport:
     epoch: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
+    notices: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """`step/total (pct%)`, the PROGRESS column of `kubectl get aj`."""
@@ -57,6 +61,9 @@ class ProgressReport:
         record = asdict(self)
         record["loss"] = finite(self.loss)
         record["metrics"] = {k: finite(v) for k, v in self.metrics.items()}
+        record["notices"] = list(self.notices)
+        if not self.notices:
+            del record["notices"]  # the usual line stays as short as before
         return PREFIX + json.dumps(record, sort_keys=True)
 
 
@@ -82,6 +89,8 @@ def parse_line(line: str) -> ProgressReport | None:
         } if isinstance(raw_metrics, dict) else {}
         checkpoint = data.get("checkpoint")
         event = data.get("event")
+        raw_notices = data.get("notices")
+        notices = tuple(n for n in raw_notices if isinstance(n, str) and n) if isinstance(raw_notices, list) else ()
         return ProgressReport(
             stage=str(data.get("stage", "")),
             step=int(data.get("step", 0)),
@@ -92,6 +101,7 @@ def parse_line(line: str) -> ProgressReport | None:
             epoch=finite(data.get("epoch")),
             metrics=metrics,
             checkpoint=checkpoint if isinstance(checkpoint, str) and checkpoint else None,
+            notices=notices,
         )
     except (ValueError, TypeError, AttributeError):
         return None

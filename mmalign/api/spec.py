@@ -13,12 +13,12 @@ tests/integration/test_operator_api.py (the real API server) both run.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from mmalign.api import layout
+from mmalign.api import formats, keys, layout
 from mmalign.api.exit_codes import ExitCode
 from mmalign.api.groupversion import API_VERSION_FULL, KIND
 from mmalign.api.layout import StageName
@@ -49,9 +49,24 @@ class ModelSource(Model):
         "built-in tiny random-init model (builtin://tiny-qwen2-vl, builtin://tiny-qwen2.5-vl, "
         "builtin://tiny-llava-onevision, builtin://tiny-text).",
     )
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja chat template that formats prompts and responses, instead of the checkpoint's "
+        "own (its chat_template.jinja / processor or tokenizer config). Only needed for a checkpoint "
+        "without one: the stages refuse to guess a format. The exported models carry it.",
+    )
+
+
+PIXELS_ORDER = "data.minPixels must not exceed data.maxPixels"
 
 
 class DataSource(Model):
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            ("!has(self.minPixels) || !has(self.maxPixels) || self.minPixels <= self.maxPixels", PIXELS_ORDER),
+        )
+    )
+
     uri: str = Field(
         min_length=1,
         description="Preference data: a JSONL file (local path or s3:// URI) in the MM-RLHF `dpo_pairs` "
@@ -76,7 +91,11 @@ class DataSource(Model):
         "(`error`), or gets a grey placeholder image (`placeholder`, counted in metrics).",
     )
     video_frames: int = Field(
-        default=8, ge=1, le=256, description="Frames sampled uniformly from a video frame folder."
+        default=8,
+        ge=1,
+        le=256,
+        description="Frames sampled uniformly from a video frame folder. Qwen2-VL/Qwen2.5-VL get them as "
+        "the model's video input (2 frames per temporal patch); other models as one image per frame.",
     )
     eval_fraction: float = Field(
         default=0.1,
@@ -86,8 +105,33 @@ class DataSource(Model):
         "evaluation (reward-model Acc/Acc+, DPO reward accuracy).",
     )
     max_length: int = Field(
-        default=2048, ge=16, description="Token budget per sequence (prompt + response [+ critique])."
+        default=2048,
+        ge=16,
+        description="Token budget per sequence (prompt + response [+ critique]). A longer row loses "
+        "critique tokens, then prompt text from its start; the response and the image/video tokens are "
+        "never cut. A row that still does not fit stops the job with its file:line.",
     )
+    max_pixels: int | None = Field(
+        default=None,
+        ge=784,
+        description="Largest image (and video frame) area in pixels: larger ones are scaled down, aspect "
+        "kept, before the processor. Qwen2-VL/Qwen2.5-VL: also the image processor's max_pixels "
+        "(tokens per image <= maxPixels / 784); LLaVA-OneVision: bounds the anyres tiles. Default: the "
+        "checkpoint's processor setting (Qwen2-VL allows ~16k tokens per image).",
+    )
+    min_pixels: int | None = Field(
+        default=None,
+        ge=784,
+        description="Qwen2-VL/Qwen2.5-VL: smallest image area in pixels (the image processor's "
+        "min_pixels; smaller images are scaled up). Default: the checkpoint's processor setting.",
+    )
+
+    @model_validator(mode="after")
+    def _pixels_order(self) -> DataSource:
+        # The same rule as the CEL rule above, for offline validation and the trainer.
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(PIXELS_ORDER)
+        return self
 
 
 class StorageSpec(Model):
@@ -97,7 +141,9 @@ class StorageSpec(Model):
         "the final policy. s3://bucket/prefix/ or file:///path/ (local runs, shared filesystems).",
     )
     endpoint: str | None = Field(
-        default=None, description="S3-compatible endpoint URL (e.g. https://s3.example.com). Default: AWS."
+        default=None, pattern=formats.ENDPOINT_PATTERN, max_length=2048,
+        description="S3-compatible endpoint URL, http(s)://host[:port] (e.g. https://s3.example.com). "
+        "Default: AWS.",
     )
     region: str | None = Field(default=None, description="S3 region. Default: the SDK's default.")
     path_style: bool = Field(
@@ -106,7 +152,7 @@ class StorageSpec(Model):
         "bucket.endpoint/key.",
     )
     credentials_secret: str | None = Field(
-        default=None,
+        default=None, pattern=formats.DNS_SUBDOMAIN_PATTERN, max_length=253,
         description="Name of a Secret in the job's namespace with keys AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY. Keys are never written in the AlignmentJob. Omit it to use the "
         "pod's cloud identity.",
@@ -129,15 +175,46 @@ class StorageSpec(Model):
 # ---------------------------------------------------------------------------------------- runtime
 
 
+GPU_RESOURCE = "nvidia.com/gpu"  # the GPU resource the operator requests when the user names none
+
+
+# A requests/limits map: every value a quantity, devices (nvidia.com/gpu, ...) whole numbers. The same
+# rules as formats.quantity_problems (Python), for the API server; `string()` reads int-or-string values.
+_QUANTITY_RULES = _rules(
+    ("self.all(k, isQuantity(string(self[k])))", "every value must be a Kubernetes quantity (8, 500m, 16Gi)"),
+    ("self.all(k, !isQuantity(string(self[k])) || !quantity(string(self[k])).isLessThan(quantity('0')))",
+     "quantities must not be negative"),
+    ("self.all(k, !k.contains('/') || k.startsWith('kubernetes.io/') || !isQuantity(string(self[k]))"
+     " || quantity(string(self[k])).isInteger())",
+     "devices (names with '/', e.g. nvidia.com/gpu) take whole numbers"),
+)
+LIMITS_BELOW_REQUESTS = "resources.limits must not be below resources.requests for the same resource"
+_Quantity = int | Annotated[str, Field(max_length=64)]
+_Quantities = Annotated[dict[str, _Quantity], Field(max_length=16, json_schema_extra=_QUANTITY_RULES)]
+
+
 class Resources(Model):
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            ("!has(self.requests) || !has(self.limits) || self.limits.all(k, !(k in self.requests)"
+             " || !isQuantity(string(self.limits[k])) || !isQuantity(string(self.requests[k]))"
+             " || quantity(string(self.limits[k])).compareTo(quantity(string(self.requests[k]))) >= 0)",
+             LIMITS_BELOW_REQUESTS),
+        )
+    )
+
     nodes: int = Field(default=1, ge=1, le=1024, description="Pods (nodes) per stage; one torchrun each.")
     proc_per_node: int = Field(
-        default=1, ge=1, le=64, description="Processes per pod (torchrun --nproc-per-node); usually GPUs."
+        default=1, ge=1, le=64,
+        description="Processes per pod (torchrun --nproc-per-node), one per GPU: the pod requests this many "
+        "nvidia.com/gpu unless requests or limits name a GPU resource themselves.",
     )
-    requests: dict[str, int | str] = Field(
-        default_factory=dict, description="Container resource requests, e.g. {cpu: '8', nvidia.com/gpu: 8}."
+    requests: _Quantities = Field(
+        default_factory=dict,
+        description="Container resource requests, e.g. {cpu: '8', memory: 900Gi}. GPUs: nvidia.com/gpu "
+        "defaults to procPerNode (requests and limits); write `nvidia.com/gpu: 0` for a CPU job.",
     )
-    limits: dict[str, int | str] = Field(
+    limits: _Quantities = Field(
         default_factory=dict, description="Container resource limits. Default: none beyond requests."
     )
     shm_size: str | None = Field(
@@ -147,6 +224,35 @@ class Resources(Model):
         "DataLoader workers need more than a container runtime's 64 MiB default. Default: no limit of its own "
         "(the pod's memory limit still counts it).",
     )
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _quantities(cls, values: dict[str, int | str]) -> dict[str, int | str]:
+        problems = formats.quantity_problems(values)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
+
+    @model_validator(mode="after")
+    def _limits_not_below_requests(self) -> Resources:
+        for name, limit in self.limits.items():
+            low, high = formats.parse_quantity(self.requests.get(name, 0)), formats.parse_quantity(limit)
+            if low is not None and high is not None and high < low:
+                raise ValueError(f"{LIMITS_BELOW_REQUESTS}: {name} limit {limit} < request {self.requests[name]}")
+        return self
+
+    def gpu_resource(self) -> tuple[str, int]:
+        """(resource name, count per pod): the GPU resource the user named in requests or limits
+        (`nvidia.com/gpu`, `amd.com/gpu`, ...; limits win, as Kubernetes requires them equal), else
+        nvidia.com/gpu x procPerNode. A count of 0 is a CPU job."""
+        for source in (self.limits, self.requests):
+            for name, value in source.items():
+                if name.endswith("/gpu"):  # a whole number: the quantity rules above checked it
+                    return name, int(formats.parse_quantity(value) or 0)
+        return GPU_RESOURCE, self.proc_per_node
+
+    def gpus_per_node(self) -> int:
+        return self.gpu_resource()[1]
 
 
 class DeepSpeedSpec(Model):
@@ -182,12 +288,25 @@ class RunPolicy(Model):
     suspend: bool = Field(
         default=False, description="Suspended: pods are deleted; unsuspend resumes from the checkpoint."
     )
-    retryable_exit_codes: list[int] = Field(
+    retryable_exit_codes: list[Annotated[int, Field(ge=1, le=255)]] = Field(
+        max_length=255,
         default_factory=lambda: [int(ExitCode.STORAGE_ERROR), int(ExitCode.RENDEZVOUS_ERROR),
                                  int(ExitCode.COMMUNICATION_ERROR), int(ExitCode.RENDEZVOUS_TIMEOUT)],
         description="Exit codes in 1-127 that restart the gang. Codes >= 128 (signals) and evictions "
         "always restart it; other codes fail the job at once. Default: [5, 6, 9, 10] (storage "
         "unreachable, rendezvous DNS, NCCL/gloo communication, rendezvous timeout).",
+    )
+    startup_timeout_seconds: int = Field(
+        default=1800, ge=1, le=7 * 24 * 3600,
+        description="How long a started pod waits for the rest of its gang (torchrun's rendezvous) before it "
+        "exits RendezvousTimeout (10, retryable: the gang restarts). Generous by default: a pod of the gang "
+        "may wait for an autoscaled node or for quota. Default 1800.",
+    )
+    max_disruptions: int = Field(
+        default=10, ge=0,
+        description="Gang restarts caused by disruptions (eviction, preemption, node drain or loss: pods "
+        "with the DisruptionTarget condition) allowed per stage. They do not count against backoffLimit; "
+        "this bound keeps a flapping node from restarting the gang forever. Default 10.",
     )
     clean_pods_after_finished: bool = Field(
         default=True,
@@ -206,20 +325,72 @@ class Toleration(Model):
     toleration_seconds: int | None = Field(default=None, description="For NoExecute: how long to stay.")
 
 
+RESERVED_ENV_MESSAGE = ("the operator sets PET_* and " + ", ".join(n for n in keys.RESERVED_ENV if not n.startswith(
+    formats.RESERVED_ENV_PREFIX)) + " itself (the torchrun rendezvous, the job's identity): remove the entry")
+CREDENTIAL_ENV_MESSAGE = ("looks like a credential: anyone who can read the AlignmentJob reads its env. Put S3 "
+                          "keys in the Secret named by storage.credentialsSecret")
+
+
 class EnvVar(Model):
-    name: str = Field(min_length=1, description="Variable name.")
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            ("!self.name.startsWith('" + formats.RESERVED_ENV_PREFIX + "') && !(self.name in ["
+             + ", ".join(f"'{n}'" for n in keys.RESERVED_ENV) + "])", RESERVED_ENV_MESSAGE),
+            (f"!self.name.matches(r'{formats.CREDENTIAL_ENV_PATTERN}')", CREDENTIAL_ENV_MESSAGE),
+        )
+    )
+
+    name: str = Field(
+        min_length=1, max_length=256, pattern=formats.ENV_NAME_PATTERN,
+        description="Variable name: letters, digits and '_', not starting with a digit.",
+    )
     value: str = Field(default="", description="Literal value (use a Secret for anything sensitive).")
+
+    @model_validator(mode="after")
+    def _not_ours_nor_a_secret(self) -> EnvVar:
+        if formats.reserved_env(self.name):
+            raise ValueError(f"{self.name}: {RESERVED_ENV_MESSAGE}")
+        if formats.credential_env(self.name):
+            raise ValueError(f"{self.name} {CREDENTIAL_ENV_MESSAGE}")
+        return self
+
+
+_LabelValue = Annotated[str, Field(max_length=63, pattern=formats.LABEL_VALUE_PATTERN)]
+_KEY_RULES = _rules((f"self.all(k, size(k) <= {formats.LABEL_KEY_MAX} && k.matches(r'{formats.LABEL_KEY_PATTERN}'))",
+                     "keys must be label keys: an optional DNS prefix and '/', then at most 63 letters, digits, "
+                     "'-', '_', '.', alphanumeric at both ends"))
+_Labels = Annotated[dict[str, _LabelValue], Field(max_length=64, json_schema_extra=_KEY_RULES)]
+_Annotations = Annotated[dict[str, str], Field(max_length=64, json_schema_extra=_KEY_RULES)]
+# The name of an object the pods refer to (DNS-1123 subdomain; "" = not set)
+_ObjectName = Annotated[str, Field(max_length=253, pattern=formats.OPTIONAL_DNS_SUBDOMAIN_PATTERN)]
 
 
 class PodTemplate(Model):
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    node_selector: _Labels = Field(default_factory=dict, description="Pod nodeSelector (label keys and values).")
     tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
-    priority_class_name: str = Field(default="", description="Pod priorityClassName.")
-    scheduler_name: str = Field(default="", description="Pod schedulerName (e.g. a gang scheduler).")
-    service_account_name: str = Field(default="", description="Trainer pods' ServiceAccount.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
-    env: list[EnvVar] = Field(default_factory=list, description="Extra environment for the trainer.")
+    priority_class_name: _ObjectName = Field(default="", description="Pod priorityClassName.")
+    scheduler_name: _ObjectName = Field(default="", description="Pod schedulerName (e.g. a gang scheduler).")
+    service_account_name: _ObjectName = Field(default="", description="Trainer pods' ServiceAccount.")
+    labels: _Labels = Field(default_factory=dict, description="Extra pod labels (label keys and values).")
+    annotations: _Annotations = Field(default_factory=dict, description="Extra pod annotations.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=256,
+                              description="Extra environment for the trainer.")
+    termination_grace_period_seconds: int = Field(
+        default=300, ge=1, le=86400,
+        description="Seconds between SIGTERM (suspend, preemption, node drain, pod deletion) and SIGKILL: "
+        "every rank finishes its step, then saves and commits a checkpoint of the step reached. Needs one "
+        "step plus one save (each node writes and uploads its ranks' shards, about 14 bytes per parameter "
+        "over the nodes with AdamW); the trainer warns when it measured more. Default 300: a 7B model "
+        "(~100 GB) from one node at ~1 GB/s. Too short: the previous checkpoint stays the one resumed.",
+    )
+
+    @field_validator("node_selector", "labels", "annotations")
+    @classmethod
+    def _label_keys(cls, values: dict[str, str]) -> dict[str, str]:
+        problems = formats.label_key_problems(list(values))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -238,6 +409,44 @@ class _Optimization(Model):
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
 
 
+LORA_DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FREEZE_VISION_TOWER = (
+    "Keep the vision encoder's weights fixed (no gradients, no optimizer state; under LoRA no adapters in "
+    "it), as MM-RLHF trains (its scripts tune only the projector and the language model). The projector "
+    "(LLaVA-OneVision's multi_modal_projector, Qwen2-VL's visual.merger) stays trainable unless LoRA is on. "
+    "No effect on a text-only model."
+)
+
+
+class Lora(Model):
+    r: int = Field(
+        default=16, ge=1, le=4096, description="LoRA rank r of each adapter (A: r x in, B: out x r)."
+    )
+    alpha: float = Field(
+        default=32.0, gt=0, description="LoRA alpha: an adapter's update is scaled by alpha / r."
+    )
+    dropout: float = Field(
+        default=0.05, ge=0, lt=1, description="Dropout on an adapter's input while training."
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_DEFAULT_TARGETS),
+        min_length=1,
+        description="Linear layers that get adapters, by the last part of their module name (q_proj, ...), "
+        "matched in the language model and the projector (and in the vision tower when freezeVisionTower "
+        "is false). Everything else is frozen, so with adapters disabled the model is the base model. "
+        "Default: the attention and MLP projections of Qwen2/LLaMA-style decoders.",
+    )
+
+
+class DpoLora(Lora):
+    export: Literal["merged", "adapter"] = Field(
+        default="merged",
+        description="The stage's output: the base model with the adapters merged in (`merged`: a plain "
+        "Hugging Face folder), or only the adapters (`adapter`: a PEFT folder, adapter_config.json + "
+        "adapter_model.safetensors, to load over the base model).",
+    )
+
+
 class RewardStage(_Optimization):
     critique: bool = Field(
         default=True,
@@ -252,6 +461,12 @@ class RewardStage(_Optimization):
     )
     eval_every_steps: int | None = Field(
         default=None, ge=1, description="Evaluate Acc/Acc+ on the held-out split every N steps."
+    )
+    freeze_vision_tower: bool = Field(default=True, description=FREEZE_VISION_TOWER)
+    lora: Lora | None = Field(
+        default=None,
+        description="Train LoRA adapters (and the score head, in full) instead of the whole model; the "
+        "exported reward model is merged, so the score stage loads it like any other.",
     )
 
 
@@ -311,6 +526,12 @@ class DpoStage(_Optimization):
     scored_data: str | None = Field(
         default=None,
         description="Scored pairs (with `delta`) to train on when this job has no score stage.",
+    )
+    freeze_vision_tower: bool = Field(default=True, description=FREEZE_VISION_TOWER)
+    lora: DpoLora | None = Field(
+        default=None,
+        description="Train LoRA adapters instead of the whole policy. The reference is then the policy "
+        "with its adapters disabled (`reference: model` keeps no second copy in memory).",
     )
 
 
@@ -384,6 +605,42 @@ class AlignmentJobSpec(Model):
         if stages.dpo and stages.dpo.loss == "beta-dpo" and stages.dpo.dynamic_reward_scaling:
             raise ValueError("stages.dpo: " + BETA_DPO_WITHOUT_DRS)
         return self
+
+    @model_validator(mode="after")
+    def _deepspeed_config_agrees(self) -> AlignmentJobSpec:
+        # Python only (`mmalign validate`, and the operator fails such a job at once with InvalidSpec):
+        # CEL cannot read the free-form deepspeed.config.
+        problems = self.deepspeed_contradictions()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def deepspeed_contradictions(self) -> list[str]:
+        """Values of deepspeed.config that contradict the fields the engine generates them from (the raw
+        config is merged over the generated one, so it would silently win over the spec's own)."""
+        raw = self.deepspeed.config or {}
+        problems = []
+        for section, key, value, field in (("zero_optimization", "stage", self.deepspeed.zero_stage,
+                                            "deepspeed.zeroStage"),
+                                           ("bf16", "enabled", self.deepspeed.bf16, "deepspeed.bf16")):
+            given = raw.get(section)
+            if isinstance(given, dict) and key in given and given[key] != value:
+                problems.append(f"deepspeed.config.{section}.{key}: {given[key]!r} contradicts {field} = {value!r}: "
+                                f"set {field} and remove it from deepspeed.config")
+        for name in ("reward", "dpo"):  # the stages that train; each runs the engine with its own sizes
+            stage = getattr(self.stages, name)
+            if stage is None:
+                continue
+            for key, value, field in (
+                ("train_micro_batch_size_per_gpu", stage.micro_batch_size, "microBatchSize"),
+                ("gradient_accumulation_steps", stage.gradient_accumulation, "gradientAccumulation"),
+                ("train_batch_size", stage.micro_batch_size * stage.gradient_accumulation * self.world_size(),
+                 "microBatchSize x gradientAccumulation x nodes x procPerNode"),
+            ):
+                if key in raw and raw[key] != value:
+                    problems.append(f"deepspeed.config.{key}: {raw[key]!r} contradicts stages.{name}.{field} = "
+                                    f"{value}: remove it from deepspeed.config (the engine derives it from the stage)")
+        return problems
 
     # -- where each stage's artifacts live: the operator reports these, the next stage reads them.
 

@@ -40,10 +40,25 @@ class StageProgress(StatusModel):
     updated: str = Field(default="", description="When the trainer last reported (RFC 3339).")
 
 
+class PendingPod(StatusModel):
+    name: str = Field(description="The pod.")
+    reason: str = Field(default="", description="Why it waits: Unschedulable, ImagePullBackOff, ... (empty: starting).")
+    message: str = Field(default="", description="The scheduler's or the kubelet's message.")
+
+
 class StageStatus(StatusModel):
     phase: StagePhase = Field(default="Pending", description="The stage's phase.")
     attempt: int = Field(default=0, description="Gang attempt (0 = first); each restart adds one.")
     restarts: int = Field(default=0, description="Gang restarts so far (bounded by runPolicy.backoffLimit).")
+    disruptions: int = Field(
+        default=0,
+        description="Gang restarts caused by evictions, preemptions, drains or lost nodes (bounded by "
+        "runPolicy.maxDisruptions, not counted in restarts).",
+    )
+    pending_pods: list[PendingPod] = Field(
+        default_factory=list,
+        description="Pods of the current attempt that do not run yet, and why; empty once the gang runs.",
+    )
     pods_created: bool = Field(
         default=False,
         description="All pods of the current attempt were created; a pod missing afterwards is a failure "
@@ -54,7 +69,13 @@ class StageStatus(StatusModel):
     last_checkpoint: str | None = Field(
         default=None,
         description="URI of the last complete checkpoint the trainer reported, or the `latest` marker a "
-        "restarted attempt resumes from.",
+        "restarted attempt resumes from (never set for score: it has no checkpoints and keeps its finished "
+        "shards).",
+    )
+    notices: list[str] = Field(
+        default_factory=list,
+        description="What the trainer said it did not reuse and why (an earlier output made from other "
+        "inputs or parameters); each became an Event with reason Recomputing. The last 8.",
     )
     artifact: str | None = Field(default=None, description="URI of the stage's output.")
     progress: StageProgress | None = Field(default=None, description="Live progress from rank 0.")

@@ -432,3 +432,80 @@ def test_a_gang_that_cannot_start_says_why(env: Env) -> None:
     status = wait_for("the reason in the status", lambda: (lambda s: s if "missing-secret" in s.get(
         "message", "") else None)(env.status("nosecret")), 30)
     assert status["phase"] == "Pending" and "CreateContainerConfigError" in status["message"]
+
+
+# ------------------------------------------------------------------ issue 14: real cluster failure modes
+
+
+def test_an_evicted_pod_restarts_the_gang_without_using_the_backoff_limit(env: Env) -> None:
+    from kubernetes import client
+
+    # backoffLimit 0: any restart that counted would fail the job
+    env.apply(job_document("evict", stages=("reward",), run_policy={"backoffLimit": 0, "maxDisruptions": 1},
+                           env={"STUB_STEPS": "15", "STUB_STEP_SECONDS": "0.2"}))
+    pods = wait_for("the gang", lambda: env.running("evict", attempt=0))
+    # what `kubectl drain` does: the Eviction subresource (the API server marks the pod DisruptionTarget)
+    eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name=pods[1].metadata.name, namespace=env.namespace))
+    env.core.create_namespaced_pod_eviction(pods[1].metadata.name, env.namespace, eviction)
+    wait_for("attempt 1 running", lambda: env.running("evict", attempt=1), 30)
+    reward = env.status("evict")["stages"]["reward"]
+    assert (reward["restarts"], reward["disruptions"]) == (0, 1)
+    messages = [m for r, m in env.events("evict") if r == "GangRestarting"]
+    assert len(messages) == 1 and "EvictionByEvictionAPI" in messages[0] and "not counted" in messages[0]
+    # the bound: a second disruption (maxDisruptions=1) fails the job, naming the limit
+    second = env.running("evict", attempt=1)[0].metadata.name
+    env.core.create_namespaced_pod_eviction(second, env.namespace, client.V1Eviction(
+        metadata=client.V1ObjectMeta(name=second, namespace=env.namespace)))
+    status = env.phase("evict", "Failed", "Succeeded")
+    failed = env.condition("evict", "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "DisruptionLimitExceeded", failed
+    assert "runPolicy.maxDisruptions=1" in failed["message"]
+
+
+def test_a_pod_the_scheduler_cannot_place_is_named_with_the_schedulers_message(env: Env) -> None:
+    document = job_document("nofit", stages=("reward",))
+    document["spec"]["podTemplate"]["nodeSelector"] = {"mmalign.io/pool": "no-such-pool"}
+    env.apply(document)
+    pending = wait_for("PodsPending: Unschedulable", lambda: (lambda c: c if c.get("reason") == "Unschedulable"
+                                                               else None)(env.condition("nofit", "PodsPending")), 30)
+    assert pending["status"] == "True" and "nofit-reward-0-0" in pending["message"]
+    assert "node(s) didn't match Pod's node affinity/selector" in pending["message"], pending
+    status = env.status("nofit")
+    names = [p["name"] for p in status["stages"]["reward"]["pendingPods"]]
+    assert names == ["nofit-reward-0-0", "nofit-reward-0-1"]
+    assert status["phase"] == "Pending"
+    assert wait_for("the PodsPending event", lambda: [m for r, m in env.events("nofit") if r == "PodsPending"], 10)
+
+
+def test_a_refused_pod_is_reported_within_seconds_then_created_once_the_quota_has_room(env: Env) -> None:
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "pods"}, "spec": {"hard": {"pods": "1"}}}
+    env.apply(quota)
+    wait_for("the quota counted", lambda: (env.core.read_namespaced_resource_quota("pods", env.namespace).status.hard
+                                           or None), 30)
+    env.apply(job_document("quota", stages=("reward",)))
+    started = time.monotonic()
+    condition = wait_for("CreateFailed", lambda: (lambda c: c if c.get("status") == "True" else None)(
+        env.condition("quota", "CreateFailed")), 20)
+    print(f"refused create in the status after {time.monotonic() - started:.1f}s")
+    assert condition["reason"] == "ExceededQuota" and "exceeded quota: pods" in condition["message"], condition
+    assert "HTTP 403" in condition["message"]
+    assert wait_for("the FailedCreate event", lambda: [m for r, m in env.events("quota") if r == "FailedCreate"], 10)
+    assert env.status("quota")["phase"] == "Pending"
+    env.core.delete_namespaced_resource_quota("pods", env.namespace)
+    status = env.phase("quota", "Succeeded", "Failed", timeout=60)
+    assert status["phase"] == "Succeeded", status
+    assert env.condition("quota", "CreateFailed")["status"] == "False"
+
+
+def test_a_permanently_refused_pod_fails_the_job_with_the_servers_message(env: Env) -> None:
+    # Pod annotations are limited to 256 KiB in all: a limit only pod creation checks.
+    document = job_document("toobig", stages=("reward",))
+    document["spec"]["podTemplate"]["annotations"] = {"example.com/blob": "x" * 300_000}
+    # (not `kubectl apply`: its last-applied annotation on the job itself would be too long)
+    env.custom.create_namespaced_custom_object(GROUP, VERSION, env.namespace, PLURAL, document)
+    status = env.phase("toobig", "Failed", "Succeeded", timeout=20)
+    failed = env.condition("toobig", "Failed")
+    assert failed["reason"] == "CreateRejected" and "HTTP 422" in failed["message"], failed
+    assert "Too long" in failed["message"] and "re-create the job" in failed["message"]
+    assert status["stages"]["reward"]["phase"] == "Failed"
+    assert [m for r, m in env.events("toobig") if r == "FailedCreate"]

@@ -49,7 +49,9 @@ def small_colors(folder: Path, queries: int = 16, seed: int = 0) -> Path:
 def write_job(path: Path, *, data_uri: str, storage_uri: str, stages: dict[str, Any], procs: int = 2,
               nodes: int = 1, zero_stage: int = 2, gradient_checkpointing: bool = False,
               checkpoint: dict[str, Any] | None = None, eval_fraction: float = 0.25, seed: int = 0,
-              name: str = "t") -> Path:
+              name: str = "t", gpus: int | None = 0) -> Path:
+    """A job of the tiny Qwen2-VL; `gpus`: nvidia.com/gpu per pod (0: a CPU job, as the tests run; None:
+    not written, so the pods get procPerNode GPUs and the trainer refuses to run it on CPU)."""
     deepspeed: dict[str, Any] = {"zeroStage": zero_stage}
     if gradient_checkpointing:
         deepspeed["gradientCheckpointing"] = True
@@ -61,7 +63,8 @@ def write_job(path: Path, *, data_uri: str, storage_uri: str, stages: dict[str, 
             "model": {"uri": "builtin://tiny-qwen2-vl"},
             "data": {"uri": data_uri, "evalFraction": eval_fraction, "maxLength": 256},
             "storage": {"uri": storage_uri},
-            "resources": {"nodes": nodes, "procPerNode": procs},
+            "resources": {"nodes": nodes, "procPerNode": procs,
+                          **({} if gpus is None else {"requests": {"nvidia.com/gpu": gpus}})},
             "deepspeed": deepspeed,
             "stages": stages,
             "checkpoint": checkpoint or {"everySteps": 1000, "keepLast": 2},
@@ -117,3 +120,45 @@ def check(result: subprocess.CompletedProcess[str], code: int = 0) -> str:
     output = (result.stdout or "") + (result.stderr or "")
     assert result.returncode == code, f"exit {result.returncode} (expected {code}):\n{output[-6000:]}"
     return output
+
+
+def run_until_sigterm(job: Path, env: dict[str, str], stage: str, after_step: int, rank: int | None = None
+                      ) -> tuple[int, str]:
+    """`mmalign run JOB --local`, then SIGTERM once `stage` reported step `after_step`: to that process
+    (the launcher, as the kubelet signals a pod's PID 1; torchrun forwards it to every worker), or with
+    `rank` to that worker only (the ranks of a pod that was not signalled must stop with it).
+    (exit code, output). Nothing is signalled when the run ends before that step."""
+    import signal
+    import time
+
+    import psutil
+
+    process = start("run", str(job), "--local", env=env)
+    lines: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        lines.append(line)
+        report = progress(line, stage)
+        if report and report[0].event == "step" and report[0].step == after_step:
+            if rank is None:
+                process.send_signal(signal.SIGTERM)
+                continue
+            deadline = time.monotonic() + 10
+            while (worker := _worker(psutil.Process(process.pid), rank)) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert worker is not None, f"no worker of rank {rank}"
+            worker.send_signal(signal.SIGTERM)
+    return process.wait(timeout=120), "".join(lines)
+
+
+def _worker(parent: Any, rank: int) -> Any:
+    """The `mmalign train` worker of RANK `rank` among the children of a `mmalign run` (a psutil.Process)."""
+    import psutil
+
+    for child in parent.children(recursive=True):
+        try:
+            if "train" in child.cmdline() and child.environ().get("RANK") == str(rank):
+                return child
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None

@@ -75,6 +75,16 @@ def test_train_exit_codes(tmp_path: Path) -> None:
     assert result.returncode == ExitCode.CONFIG_ERROR
     assert "CONFIG_ERROR (exit 2)" in result.stderr and "learningRateTypo" in result.stderr
 
+    # a GPU-shaped job (procPerNode GPUs by default) on a machine without CUDA -> 2, saying what to write
+    job = jobs.write_job(tmp_path / "gpu.yaml", data_uri="builtin://synthetic-colors", storage_uri="file:///tmp/x/",
+                         procs=1, gpus=None, stages={"reward": {"critique": False}})
+    result = jobs.mmalign("train", "--job", str(job), "--stage", "reward", timeout=120,
+                          env={k: v for k, v in env.items() if k != "MMALIGN_ALLOW_CPU"})
+    assert result.returncode == ExitCode.CONFIG_ERROR, result.stderr[-3000:]
+    assert ("CONFIG_ERROR (exit 2): the job asks for GPUs (1 nvidia.com/gpu per pod (= procPerNode)) but this "
+            "process sees no CUDA device") in result.stderr
+    assert "nvidia.com/gpu: 0" in result.stderr and "MMALIGN_ALLOW_CPU=1" in result.stderr
+
     # storage: an S3 endpoint that refuses connections -> retried, then 5 (retryable)
     job = jobs.write_job(tmp_path / "s3.yaml", data_uri="builtin://synthetic-colors",
                          storage_uri="s3://bucket/run/", stages={"reward": {"critique": False}})

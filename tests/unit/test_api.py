@@ -14,7 +14,7 @@ from mmalign.api.jobfile import load_job
 from mmalign.api.spec import AlignmentJobManifest
 from mmalign.operator import crds
 from mmalign.operator.validate import validate_text
-from tests.bad_specs import BAD_SPECS
+from tests.bad_specs import BAD_SPECS, VALIDATE_ONLY_SPECS
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "manifests/examples").glob("*.yaml"))
@@ -37,7 +37,8 @@ def test_table_has_at_least_twenty_cases() -> None:
     assert len(BAD_SPECS) >= 20
 
 
-@pytest.mark.parametrize("name,text,expected", BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+@pytest.mark.parametrize("name,text,expected", BAD_SPECS + VALIDATE_ONLY_SPECS,
+                         ids=[c[0] for c in BAD_SPECS + VALIDATE_ONLY_SPECS])
 def test_bad_spec_rejected_with_field_path(name: str, text: str, expected: str) -> None:
     problems = validate_text("job.yaml", text)
     assert problems, f"{name}: accepted"

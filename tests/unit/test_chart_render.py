@@ -322,6 +322,26 @@ def test_trainer_image_defaults_to_the_operator_image_and_pod_defaults_are_omitt
     assert "MMALIGN_POD_DEFAULTS" not in env
 
 
+def test_the_operator_can_run_from_its_own_slim_image_while_trainers_keep_the_full_one() -> None:
+    """operator.image points the Deployment at the Dockerfile's `operator` target; the trainer image
+    (MMALIGN_TRAINER_IMAGE) stays `image`, so the operator's node never pulls the multi-GB trainer."""
+    slim = ("--set", "operator.image.repository=localhost/mmalign", "--set", "operator.image.tag=operator-abc",
+            "--set", "operator.image.pullPolicy=Never")
+    main = container(render(*slim))
+    env = {item["name"]: item.get("value") for item in main["env"]}
+    assert (main["image"], main["imagePullPolicy"]) == ("localhost/mmalign:operator-abc", "Never")
+    assert env["MMALIGN_TRAINER_IMAGE"] == "ghcr.io/mmalign/mmalign:0.1.0"
+    # Only a tag: the `image` repository with the operator's tag; the pull policy stays image.pullPolicy.
+    main = container(render("--set", "operator.image.tag=0.1.0-operator"))
+    assert (main["image"], main["imagePullPolicy"]) == ("ghcr.io/mmalign/mmalign:0.1.0-operator", "IfNotPresent")
+    # A repository of its own does not inherit image.digest (that digest names the other image).
+    digest = "sha256:" + "a" * 64
+    main = container(render("--set", f"image.digest={digest}", "--set", "operator.image.repository=r/op"))
+    assert main["image"] == "r/op:0.1.0"
+    bad = helm("template", "x", str(CHART), "--set", "operator.image.pullPolicy=Sometimes", check=False)
+    assert bad.returncode != 0 and "pullPolicy" in bad.stderr
+
+
 def test_pod_defaults_have_the_fields_of_an_alignment_jobs_pod_template() -> None:
     """The operator reads MMALIGN_POD_DEFAULTS with the same model as spec.podTemplate."""
     from mmalign.api.spec import PodTemplate

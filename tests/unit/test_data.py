@@ -131,6 +131,16 @@ def test_ranked_rows_expand_into_all_differently_ranked_pairs(tmp_path: Path) ->
     assert len({p.uid for p in pairs}) == 8
 
 
+def test_a_ranked_row_whose_responses_all_tie_is_counted_not_lost(tmp_path: Path) -> None:
+    tied = {"id": "q", "prompt": "p", "responses": [{"text": "a", "score": 1}, {"text": "b", "score": 1}]}
+    ranked = {"id": "r", "prompt": "p", "responses": [{"text": "a", "rank": 1}, {"text": "b", "rank": 2}]}
+    path = _write_jsonl(tmp_path / "ties.jsonl", [tied, ranked])
+    pairs, stats = data.read_pairs(str(path))  # onBadLine: error — a tie is no malformed line
+    assert [p.line for p in pairs] == [2] and stats.skipped == 1
+    assert stats.skipped_examples == [f"{path}:1: every response of the ranked row has the same score/rank: no "
+                                      "pair (give them different scores or drop the row)"]
+
+
 def test_auto_format_is_fixed_per_file_by_its_first_row(tmp_path: Path) -> None:
     ranked = {"id": "q", "prompt": "p", "responses": [{"text": "a", "score": 2}, {"text": "b", "score": 1}]}
     path = _write_jsonl(tmp_path / "mixed.jsonl", [_row(1), ranked])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,26 +9,7 @@ import torch
 from PIL import Image
 
 from mmalign.api.spec import DataSource
-from mmalign.trainer import builtin, collate, data, logprobs, media, models, s3client, transfer
-from tests.s3_server import S3Server, require_weed
-
-
-@pytest.fixture(scope="module")
-def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    require_weed()
-    server = S3Server(tmp_path_factory.mktemp("s3"))
-    server.start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
-    s3client.configure()
-    yield f"s3://{server.bucket}"
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    s3client.configure()
-    server.stop()
+from mmalign.trainer import builtin, collate, data, logprobs, media, models, transfer
 
 
 def test_pairs_and_images_stream_from_s3(bucket: str, tmp_path: Path) -> None:
@@ -61,19 +40,22 @@ def test_video_frames_from_an_s3_prefix(bucket: str, tmp_path: Path) -> None:
     assert [round(f.getpixel((0, 0))[0], -1) for f in frames] == [20, 70]
 
 
-def test_model_from_an_s3_prefix_downloads_once(bucket: str, tmp_path: Path) -> None:
-    model, processor = models.load_model("builtin://tiny-qwen2-vl")
-    models.save_model(model, processor, tmp_path / "policy")
-    transfer.upload_folder(tmp_path / "policy", f"{bucket}/models/tiny/")
+@pytest.mark.parametrize("name", ["tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-text"])
+def test_model_from_an_s3_prefix_downloads_once(bucket: str, tmp_path: Path, name: str) -> None:
+    """A Hugging Face folder as save_pretrained writes it (the builtin's own folder: config, safetensors,
+    tokenizer/processor files, chat template) in S3 loads through the same path, for every family."""
+    model, processor = models.load_model(f"builtin://{name}")
+    transfer.upload_folder(models.model_dir(f"builtin://{name}"), f"{bucket}/models/{name}/")
     cache = tmp_path / "cache"
-    again, processor2 = models.load_model(f"{bucket}/models/tiny/", cache_dir=cache)
+    again, processor2 = models.load_model(f"{bucket}/models/{name}/", cache_dir=cache)
     assert len(list(cache.iterdir())) == 2  # the model folder and its lock file
-    red = Image.new("RGB", (32, 32), (220, 30, 30))
-    batch = collate.Collator(processor2).pairs([collate.Example("What colour?", "Red.", "Blue.", [red])])
+    assert processor.chat_template and processor2.chat_template == processor.chat_template
+    images = [] if name == "tiny-text" else [Image.new("RGB", (32, 32), (220, 30, 30))]
+    batch = collate.Collator(processor2).pairs([collate.Example("What colour?", "Red.", "Blue.", images)])
     with torch.no_grad():
         torch.testing.assert_close(logprobs.policy_logprobs(again, batch).logps,
-                                   logprobs.policy_logprobs(model, batch).logps)
+                                   logprobs.policy_logprobs(model, batch).logps, rtol=0, atol=0)
     marker = next(p for p in cache.iterdir() if p.is_dir()) / ".complete"
     stamp = marker.stat().st_mtime_ns
-    models.load_model(f"{bucket}/models/tiny/", cache_dir=cache)
+    models.load_model(f"{bucket}/models/{name}/", cache_dir=cache)
     assert marker.stat().st_mtime_ns == stamp  # second load reused the download

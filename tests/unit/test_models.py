@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.trainer import builtin, collate, logprobs, models, tiny
+from mmalign.trainer import builtin, collate, engine, logprobs, models, tiny
 
 ARCHITECTURES = ("tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision", "tiny-text")
+CPU = torch.device("cpu")
 
 
 def _examples(text_only: bool) -> list[collate.Example]:
@@ -131,26 +132,67 @@ def test_response_mask_covers_exactly_the_response(tiny_model: tuple[str, Any, A
         assert torch.equal(batch.mm_token_type_ids.bool(), batch.input_ids == image_token)
 
 
-def test_truncation_keeps_the_prompt_and_a_response_token(tiny_model: tuple[str, Any, Any]) -> None:
-    name, _, processor = tiny_model
-    full = collate.Collator(processor).pairs(_examples(name == "tiny-text"))
-    prompt_tokens = int((full.attention_mask.bool() & ~full.response_mask)[0].sum())
-    cut = collate.Collator(processor, max_length=prompt_tokens + 2).pairs(_examples(name == "tiny-text"))
-    assert int(cut.response_mask[0].sum()) == 2
-    assert int(cut.attention_mask[0].sum()) == prompt_tokens + 2
-    tiny_budget = collate.Collator(processor, max_length=16).pairs(_examples(name == "tiny-text"))
-    assert (tiny_budget.response_mask.sum(1) == 1).all()
-
-
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_tiny_models_are_deterministic_per_seed(name: str) -> None:
     torch.manual_seed(123)  # the global RNG must not matter
-    first = builtin.load_model(f"builtin://{name}")[0].state_dict()
+    first = tiny.build_tiny(name.removeprefix("tiny-"))[0].state_dict()
     torch.manual_seed(456)
-    second = builtin.load_model(f"builtin://{name}", seed=0)[0].state_dict()
-    other = builtin.load_model(f"builtin://{name}?seed=1")[0].state_dict()
+    second = tiny.build_tiny(name.removeprefix("tiny-"), seed=0)[0].state_dict()
+    other = tiny.build_tiny(name.removeprefix("tiny-"), seed=1)[0].state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first if first[k].numel() > 1)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_builtin_models_are_save_pretrained_folders_loaded_like_a_users(name: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """builtin:// is a Hugging Face folder in the cache (config, safetensors, tokenizer/processor files,
+    the chat template), written once, read by the same from_pretrained as a user's folder: the same
+    weights as the in-memory build, and `?seed=` (else the job's seed) picks other weights."""
+    monkeypatch.setenv("MMALIGN_CACHE", str(tmp_path))
+    folder = builtin.model_folder(f"builtin://{name}")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in folder.iterdir()}
+    if name != "tiny-text":
+        assert (folder / "processor_config.json").exists()
+    built, _ = tiny.build_tiny(name.removeprefix("tiny-"))
+    loaded, processor = models.load_model(f"builtin://{name}")
+    assert not loaded.training and next(loaded.parameters()).dtype == torch.float32
+    expected = built.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    assert processor.chat_template == tiny.CHAT_TEMPLATES[name.removeprefix("tiny-")]
+    assert models.model_dir(f"builtin://{name}") == folder  # written once: the second load reuses it
+    assert builtin.model_folder(f"builtin://{name}?seed=1") != builtin.model_folder(f"builtin://{name}", seed=2)
+    assert builtin.model_folder(f"builtin://{name}", seed=1) == builtin.model_folder(f"builtin://{name}?seed=1")
+    bf16, _ = models.load_model(f"builtin://{name}", placement=engine.Placement(torch.bfloat16, None, CPU))
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}  # the job's precision, from the start
+    assert all(torch.equal(v, expected[k].to(torch.bfloat16)) for k, v in bf16.state_dict().items())
+
+
+def test_placements_follow_the_job() -> None:
+    """bf16 jobs load bf16; ZeRO-3 loads into partitions (the engine's own config) where the model will be
+    partitioned; whole models on a GPU load straight onto it."""
+    from types import SimpleNamespace
+
+    def spec(zero_stage: int, bf16: bool) -> Any:
+        return SimpleNamespace(zero_stage=zero_stage, bf16=bf16, offload_optimizer=False, config=None)
+
+    optim = SimpleNamespace(micro_batch_size=2, gradient_accumulation=1, max_grad_norm=1.0)
+    two_gpus = engine.Distributed(0, 2, 0, 2, torch.device("cuda", 0))
+    two_cpus = engine.Distributed(0, 2, 0, 2, CPU)
+    trained = engine.training_placement(optim, spec(3, True), two_gpus)
+    assert trained.dtype == torch.bfloat16 and trained.device is None and trained.zero3 is not None
+    assert trained.zero3 == engine.deepspeed_config(optim, spec(3, True), 2)
+    assert engine.training_placement(optim, spec(2, True), two_gpus) == engine.Placement(
+        torch.bfloat16, None, torch.device("cuda", 0))
+    assert engine.training_placement(optim, spec(2, False), two_cpus) == engine.Placement()
+    assert engine.frozen_placement(spec(3, False), two_cpus, shard=True).zero3 == {
+        "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}}
+    assert engine.frozen_placement(spec(3, True), two_gpus, shard=False) == engine.Placement(
+        torch.bfloat16, None, torch.device("cuda", 0))  # a replica: whole, on its GPU
+    one_rank = engine.Distributed(0, 1, 0, 1, CPU)
+    assert engine.frozen_placement(spec(3, False), one_rank, shard=True) == engine.Placement()  # frozen() keeps it whole
 
 
 def test_reward_model_scores_critiques_saves_and_reloads(tiny_model: tuple[str, Any, Any], tmp_path: Path) -> None:
@@ -199,7 +241,7 @@ def test_a_collator_loads_pairs_once_bound_and_splits_chosen_from_rejected(tmp_p
             rejected=example.rejected, chosen_critique=example.chosen_critique,
             rejected_critique=example.rejected_critique, media=[f"{i}.png"], media_kind="image",
             media_base=str(tmp_path)))
-    collator = collate.Collator(processor, media.MediaLoader(), max_length=64)
+    collator = collate.Collator(processor, media.MediaLoader(), max_length=256)
     for kind in ("pairs", "reward", "generation"):
         from_pairs, from_examples = getattr(collator, kind)(pairs), getattr(collator, kind)(examples)
         assert torch.equal(from_pairs.input_ids, from_examples.input_ids), kind

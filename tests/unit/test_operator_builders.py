@@ -99,7 +99,7 @@ def test_long_names_are_cut_with_a_hash_and_stay_unique() -> None:
     assert service_name("7b-run") == "j-7b-run"  # Service names must start with a letter
 
 
-def test_pod_template_fields_kueue_and_reserved_env() -> None:
+def test_pod_template_fields_kueue_and_startup_timeout() -> None:
     spec = AlignmentJobSpec.model_validate({
         "model": {"uri": "builtin://tiny-text"}, "data": {"uri": "builtin://synthetic-colors"},
         "storage": {"uri": "s3://b/p/", "endpoint": "http://s3:8333", "region": "eu-1"},
@@ -109,9 +109,9 @@ def test_pod_template_fields_kueue_and_reserved_env() -> None:
             "nodeSelector": {"pool": "gpu"}, "priorityClassName": "high", "schedulerName": "volcano",
             "serviceAccountName": "trainer", "labels": {"team": "a"}, "annotations": {"note": "x"},
             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "MASTER_PORT", "value": "1"},
-                    {"name": "MMALIGN_CACHE", "value": "/nvme/cache"}],
+            "env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "MMALIGN_CACHE", "value": "/nvme/cache"}],
         },
+        "runPolicy": {"startupTimeoutSeconds": 900},
     })
     job = JobRef("j", "ns", UID, spec, {KUEUE_QUEUE: "team-a"})
     pod = build_pod(job, "reward", 0, 1, BuildOptions.from_command_line("python stub.py --fast"))
@@ -120,7 +120,9 @@ def test_pod_template_fields_kueue_and_reserved_env() -> None:
     assert container["command"] == ["python", "stub.py", "--fast", "--job", "/etc/mmalign/job.yaml",
                                     "--stage", "reward"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["NCCL_DEBUG"] == "INFO" and env["MASTER_PORT"] == "29500"  # reserved: ours wins
+    assert env["NCCL_DEBUG"] == "INFO" and env["MASTER_PORT"] == "29500"
+    # the gang's start deadline reaches torchrun's rendezvous (mmalign launch reads it)
+    assert env["MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS"] == "900"
     # downloads and shards go to the scratch emptyDir unless the user says otherwise
     assert env["MMALIGN_CACHE"] == "/nvme/cache" and env["MMALIGN_LOCAL_DIR"] == "/var/lib/mmalign/local"
     volumes = {v["name"]: v for v in pod_spec["volumes"]}

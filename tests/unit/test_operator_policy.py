@@ -13,7 +13,9 @@ from mmalign.operator.policy import (
     PodView,
     changed_paths,
     classify,
+    classify_create_error,
     deadline_exceeded,
+    deadline_start,
     gang_state,
     observe_pod,
     spec_change,
@@ -203,3 +205,52 @@ def test_observe_pod_says_why_it_waits() -> None:
     view = observe_pod({"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
         {"state": {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}}]}})
     assert view.waiting == "ImagePullBackOff: no such image"
+
+
+def test_deadline_counts_from_start_else_resume_else_creation() -> None:
+    started, resumed, created = T0 + timedelta(seconds=30), T0 + timedelta(seconds=20), T0
+    assert deadline_start(started, resumed, created) == started
+    assert deadline_start(None, resumed, created) == resumed  # a suspended job's clock restarts
+    assert deadline_start(None, None, created) == created  # never got to create a pod: still counts
+
+
+@pytest.mark.parametrize(("code", "reason", "message", "permanent", "condition_reason"), [
+    (422, "Invalid", 'Pod "x" is invalid: spec.tolerations[0].operator: Invalid value', True, "Invalid"),
+    (400, "BadRequest", "bad request", True, "BadRequest"),
+    (413, "RequestEntityTooLarge", "too large", True, "RequestEntityTooLarge"),
+    (403, "Forbidden", 'pods "x" is forbidden: violates PodSecurity "restricted:latest"', True, "Forbidden"),
+    (403, "Forbidden", 'pods "x" is forbidden: maximum cpu usage per Container is 2, but limit is 8', True,
+     "Forbidden"),
+    (403, "Forbidden", 'pods "x" is forbidden: exceeded quota: q, requested: cpu=4', False, "ExceededQuota"),
+    (403, "Forbidden", 'pods is forbidden: User "system:serviceaccount:op:op" cannot create resource "pods"', False,
+     "Forbidden"),
+    (403, "Forbidden", 'services "j" is forbidden: User "system:serviceaccount:op:op" cannot patch resource '
+     '"services" in API group "" in the namespace "t"', False, "Forbidden"),  # server-side apply
+    (403, "Forbidden", 'unable to create new content in namespace t because it is being terminated', False,
+     "Forbidden"),
+    (409, "Conflict", "conflict", False, "Conflict"),
+    (429, "TooManyRequests", "slow down", False, "TooManyRequests"),
+    (500, "InternalError", "etcd timeout", False, "InternalError"),
+    (None, "", "ConnectionError: refused", False, "ApiError"),
+])
+def test_create_errors_permanent_or_retried(code: int | None, reason: str, message: str, permanent: bool,
+                                            condition_reason: str) -> None:
+    failure = classify_create_error(code, reason, message, "Pod", "j-reward-0-0", "reward")
+    assert (failure.permanent, failure.reason) == (permanent, condition_reason)
+    assert failure.message.startswith("creating Pod j-reward-0-0 failed: ") and message in failure.message
+    assert ("re-create the job" in failure.message) == permanent
+
+
+def test_a_disruption_target_condition_names_who_disrupted_the_pod() -> None:
+    body = {"metadata": {"name": "j-reward-0-1", "labels": {"mmalign.io/stage": "reward"}},
+            "status": {"phase": "Failed", "conditions": [
+                {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                 "message": "Eviction API: evicting"}],
+                "containerStatuses": [{"state": {"terminated": {"exitCode": 143, "reason": "Error"}}}]}}
+    view = observe_pod(body)
+    failure = classify(view, RunPolicy().retryable_exit_codes)
+    assert view.disrupted and failure.disruption and failure.retryable
+    assert failure.reason == "EvictionByEvictionAPI" and "Eviction API: evicting" in failure.message
+    # a pod deleted by a person (no DisruptionTarget) is a failure like any other: it uses backoffLimit
+    deleted = classify(pod(phase="Running", code=None, deleting=True), RunPolicy().retryable_exit_codes)
+    assert deleted.retryable and not deleted.disruption

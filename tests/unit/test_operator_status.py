@@ -14,8 +14,8 @@ from mmalign.api.progress import ProgressReport
 from mmalign.api.spec import AlignmentJobSpec
 from mmalign.api.status import AlignmentJobStatus
 from mmalign.operator.builders import pod_name
-from mmalign.operator.policy import SETTLE_SECONDS, PodView
-from mmalign.operator.status import Observation, Plan, reconcile
+from mmalign.operator.policy import SETTLE_SECONDS, PodView, classify_create_error
+from mmalign.operator.status import Observation, Plan, create_failed, reconcile
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 SPEC = {
@@ -38,10 +38,19 @@ class World:
         self.job_deleted = False
 
     def step(self, seconds: float = 1.0, progress: ProgressReport | None = None,
-             refused: tuple[str, ...] = ()) -> Plan:
+             refused: tuple[str, ...] = (), refuse_create: tuple[int, str, str] | None = None) -> Plan:
+        """One pass; `refuse_create` = (code, reason, message): the API server refuses the gang's pods."""
         self.now += timedelta(seconds=seconds)
-        plan = reconcile(Observation(3, self.spec, tuple(self.pods.values()), self.now, "j", progress, refused),
-                         self.status)
+        observation = Observation(3, self.spec, tuple(self.pods.values()), self.now, "j", progress, refused,
+                                  created=T0)
+        plan = reconcile(observation, self.status)
+        gang = next((a for a in plan.actions if a.kind == "create_gang"), None)
+        if refuse_create is not None and gang is not None:
+            code, reason, message = refuse_create
+            failure = classify_create_error(code, reason, message, "Pod", pod_name("j", gang.stage, gang.attempt, 0),
+                                            gang.stage)
+            plan = create_failed(observation, plan, failure)
+            plan.actions = [a for a in plan.actions if a.kind != "create_gang"]
         for action in plan.actions:
             if action.kind == "create_gang":
                 for node in range(self.spec.resources.nodes):
@@ -135,6 +144,8 @@ def test_retryable_failure_restarts_the_whole_gang_then_backoff_limit_fails() ->
     plan = world.step()
     deleted = [n for a in plan.actions if a.kind == "delete_pods" for n in a.pods]
     assert sorted(deleted) == ["j-reward-0-0", "j-reward-0-1"]  # the whole gang, not the one pod
+    # a dead peer means no agreed checkpoint: the survivors get 30 s, not the 300 s grace of a suspend
+    assert {a.grace_seconds for a in plan.actions if a.kind == "delete_pods"} == {30}
     reward = world.status.stages.reward
     assert (reward.attempt, reward.restarts, reward.phase) == (1, 1, "Restarting")
     assert reward.last_checkpoint == "s3://b/j/reward/checkpoints/latest"
@@ -302,3 +313,88 @@ def test_a_1024_node_gang_is_built_and_reconciled_quickly() -> None:
     reconciled = time.perf_counter() - started
     assert world.status.stages.reward.message == "attempt 0: 1024/1024 pods running"
     assert built < 2.0 and reconciled < 0.5, (built, reconciled)
+
+
+def _disrupt(world: World, node: int, reason: str = "EvictionByEvictionAPI") -> None:
+    pod = next(p for p in world.gang("reward") if p.node_rank == node and p.attempt == world.status.stages.reward.attempt)
+    world.pods[pod.name] = replace(pod, phase="Failed", exit_code=143, finished_at=world.now, disrupted=True,
+                                   reason=reason, message="Eviction API: evicting pod")
+
+
+def test_disruptions_restart_the_gang_without_using_backoff_then_their_own_limit_fails() -> None:
+    world = World(backoffLimit=0, maxDisruptions=2)
+    world.step()
+    for expected in (1, 2):
+        world.set("reward", "Running")
+        world.step()
+        _disrupt(world, node=1)
+        world.step()
+        reward = world.status.stages.reward
+        assert (reward.restarts, reward.disruptions, reward.attempt) == (0, expected, expected)
+        assert world.condition("Restarting")[:2] == ("True", "EvictionByEvictionAPI")
+        assert f"disruption {expected}/2, not counted in runPolicy.backoffLimit" in world.status.message
+        world.step()  # the old gang is gone: the next attempt's pods are created
+    world.set("reward", "Running")
+    world.step()
+    _disrupt(world, node=0, reason="PreemptionByScheduler")
+    world.step()
+    assert world.status.phase == "Failed" and world.condition("Failed")[1] == "DisruptionLimitExceeded"
+    assert "runPolicy.maxDisruptions=2" in world.status.message and "PreemptionByScheduler" in world.status.message
+
+
+def test_pending_pods_are_named_with_the_schedulers_message_until_the_gang_runs() -> None:
+    world = World()
+    world.step()
+    world.set("reward", "Running", node=0)
+    world.step()
+    assert world.condition("PodsPending") is None  # merely starting: no condition
+    assert [p.name for p in world.status.stages.reward.pending_pods] == ["j-reward-0-1"]
+    why = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu. preemption: 0/2 nodes are available"
+    pod = world.pods["j-reward-0-1"]
+    world.pods[pod.name] = replace(pod, waiting=f"Unschedulable: {why}")
+    world.step()
+    world.step()
+    assert world.condition("PodsPending")[:2] == ("True", "Unschedulable")
+    message = next(c.message for c in world.status.conditions if c.type == "PodsPending")
+    assert message == f"stage reward attempt 0: 1/2 pods pending; pod j-reward-0-1: Unschedulable: {why}"
+    pending = world.status.stages.reward.pending_pods[0]
+    assert (pending.name, pending.reason, pending.message) == ("j-reward-0-1", "Unschedulable", why)
+    assert world.events().count("PodsPending") == 1  # said once, not on every pass
+    world.set("reward", "Running")
+    world.step()
+    assert world.condition("PodsPending")[:2] == ("False", "GangComplete")
+    assert world.status.stages.reward.pending_pods == []
+
+
+def test_a_refused_pod_is_reported_at_once_and_a_permanent_refusal_fails_the_job() -> None:
+    world = World()
+    quota = (403, "Forbidden", 'pods "j-reward-0-0" is forbidden: exceeded quota: gpu, requested: cpu=2')
+    plan = world.step(refuse_create=quota)
+    assert world.condition("CreateFailed")[:2] == ("True", "ExceededQuota")
+    assert "exceeded quota" in world.status.message and world.status.phase == "Pending"
+    assert [e.reason for e in plan.events] == ["Created", "StageStarted", "FailedCreate"]
+    assert not world.status.stages.reward.pods_created and world.pods == {}
+    plan = world.step(refuse_create=quota)  # retried; the same message is not sent again
+    assert [e.reason for e in plan.events] == []
+    world.step()  # the quota has room now
+    assert world.status.stages.reward.pods_created and len(world.pods) == 2
+    world.step()
+    assert world.condition("CreateFailed")[:2] == ("False", "Created")
+    world.set("reward", "Succeeded", 0)
+    invalid = (422, "Invalid", 'Pod "j-score-0-0" is invalid: metadata.annotations: Too long: must have at most '
+                               "262144 bytes")
+    world.step(refuse_create=invalid)
+    assert world.status.phase == "Failed" and world.condition("Failed")[1] == "CreateRejected"
+    assert "HTTP 422 Invalid" in world.status.message and "metadata.annotations: Too long" in world.status.message
+    assert world.status.stages.score.phase == "Failed"
+
+
+def test_active_deadline_counts_when_no_pod_was_ever_created() -> None:
+    world = World(activeDeadlineSeconds=10)
+    quota = (403, "Forbidden", "exceeded quota: gpu")
+    world.step(refuse_create=quota)
+    world.step(5, refuse_create=quota)
+    assert world.status.phase == "Pending" and world.pods == {}
+    world.step(5, refuse_create=quota)
+    assert world.status.phase == "Failed" and world.condition("Failed")[1] == "DeadlineExceeded"
+    assert "activeDeadlineSeconds=10" in world.status.message

@@ -7,7 +7,8 @@ given scored data, or the raw data; split by query; policy engine; the reference
 total: step; maybe save` → final checkpoint, held-out implicit-reward accuracy, export.
 
 Reference (`stages.dpo.reference`):
-* `model`: a frozen copy of the base model stays in memory and scores every micro-batch;
+* `model`: a frozen copy of the base model stays in memory and scores every micro-batch; under LoRA
+  (`stages.dpo.lora`) the reference is the policy itself with its adapters disabled (no second copy);
 * `precomputed` (default): a first pass computes log π_ref(y_w), log π_ref(y_l) of every pair (each rank
   a block), stores them in `<storage>/dpo/reference-logps/` (JSONL shards + manifest.json written last,
   keyed by pair uid, tagged with identity.reference_logps: the pairs' content, the base model's identity
@@ -19,7 +20,9 @@ say whether the pairs must carry δ, whether the SFT term and β-DPO's gathered 
 and the collator (collate.Collator: processor, media loader, max length, device). Loss per
 micro-batch: mm-dpo: −log σ(β(δ)·h) with β(δ) = β·(1 + w(1 − e^(−kδ))) (fixed β without
 `dynamicRewardScaling`), + γ·NLL(y_w) when `sftWeight` > 0; beta-dpo: one β per global micro-batch from
-the all-gathered margins. Output: the policy as an HF folder at `spec.artifact_uri("dpo")`, marked
+the all-gathered margins. What is trained (adapters.py): the vision tower is frozen unless
+`freezeVisionTower: false`; under LoRA only the adapters. Output: the policy as an HF folder at
+`spec.artifact_uri("dpo")` (LoRA: merged, or only the adapters with `lora.export: adapter`), marked
 complete by `_complete.json`.
 """
 
@@ -32,6 +35,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -39,7 +43,19 @@ from torch import nn
 
 from mmalign.api import layout
 from mmalign.api.spec import DataSource, DpoStage
-from mmalign.trainer import collate, data, identity, logprobs, losses, media, models, storage, transfer
+from mmalign.trainer import (
+    adapters,
+    collate,
+    data,
+    identity,
+    logprobs,
+    losses,
+    media,
+    models,
+    preflight,
+    storage,
+    transfer,
+)
 from mmalign.trainer.artifacts import (
     export_state,
     finished_before,
@@ -48,8 +64,15 @@ from mmalign.trainer.artifacts import (
     write_metrics,
 )
 from mmalign.trainer.context import Context, say, seed_everything
-from mmalign.trainer.engine import Distributed, Engine, frozen, register_external_parameters
-from mmalign.trainer.loop import resume, train_loop
+from mmalign.trainer.engine import (
+    Distributed,
+    Engine,
+    frozen,
+    frozen_placement,
+    register_external_parameters,
+    training_placement,
+)
+from mmalign.trainer.loop import resume, resumed_batch, train_loop
 from mmalign.trainer.order import plan_training, rank_slice
 
 ReferenceTable = dict[str, tuple[float, float]]  # pair uid -> (log π_ref(y_w), log π_ref(y_l))
@@ -81,8 +104,8 @@ def subset_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
 
 
-def load_pairs(ctx: Context, needs_delta: bool) -> list[data.PreferencePair]:
-    """The pairs to train on; `needs_delta` (the loss's Dynamic Reward Scaling is on): every pair must
+def load_pairs(ctx: Context, needs_delta: bool) -> tuple[list[data.PreferencePair], data.ReadStats]:
+    """The pairs to train on and what reading them skipped; `needs_delta` (the loss's Dynamic Reward Scaling is on): every pair must
     carry its reward margin δ, else a DataError that says how to get scored pairs."""
     spec = ctx.spec
     uri = spec.dpo_data_uri()
@@ -102,7 +125,7 @@ def load_pairs(ctx: Context, needs_delta: bool) -> list[data.PreferencePair]:
         source = DataSource(uri=uri, media_uri=media_uri, on_bad_line=spec.data.on_bad_line,
                             missing_media=spec.data.missing_media, video_frames=spec.data.video_frames,
                             max_length=spec.data.max_length)
-    pairs, _ = data.read_pairs(source)
+    pairs, stats = data.read_pairs(source)
     if needs_delta:
         missing = [p.uid for p in pairs if p.delta is None]
         if missing:
@@ -110,7 +133,7 @@ def load_pairs(ctx: Context, needs_delta: bool) -> list[data.PreferencePair]:
                 f"{uri}: {len(missing)} pairs have no reward margin `delta` (first: {missing[0]}); Dynamic "
                 "Reward Scaling needs scored pairs: run the score stage or point stages.dpo.scoredData at "
                 "a scored-pairs file")
-    return pairs
+    return pairs, stats
 
 
 def _builtin_media(uri: str) -> str:
@@ -126,10 +149,13 @@ def _builtin_media(uri: str) -> str:
 @dataclasses.dataclass
 class Reference:
     """log π_ref(y_w), log π_ref(y_l) of a batch's pairs: looked up in the precomputed `table`
-    (`reference: precomputed`), or a forward pass of the frozen reference `model` (`reference: model`)."""
+    (`reference: precomputed`), or a forward pass of the frozen reference `model` (`reference: model`).
+    Under LoRA `model` is the policy's engine and `lora` its adapters, disabled for this pass (and
+    eval mode: no dropout), which makes it the base model."""
 
     table: ReferenceTable | None = None
     model: nn.Module | None = None
+    lora: adapters.Adapters | None = None
 
     def logps(self, pairs: list[data.PreferencePair], batch: collate.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,), (B,) float32 on the batch's device."""
@@ -137,8 +163,14 @@ class Reference:
             values = torch.tensor([self.table[p.uid] for p in pairs], dtype=torch.float32)  # (B, 2)
             return values[:, 0].to(batch.input_ids.device), values[:, 1].to(batch.input_ids.device)
         assert self.model is not None
-        with torch.no_grad():
-            return batch.split(self.model(batch)[0].float())  # (2B,) -> chosen, rejected
+        training = self.model.training
+        base = self.lora.disabled() if self.lora is not None else nullcontext()
+        try:
+            with torch.no_grad(), base:
+                self.model.eval()
+                return batch.split(self.model(batch)[0].float())  # (2B,) -> chosen, rejected
+        finally:
+            self.model.train(training)
 
 
 def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader: media.MediaLoader,
@@ -154,15 +186,16 @@ def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader:
         shard = storage.join(uri, layout.shard_name(dist.rank, dist.world_size))
         if manifest is not None and dist.is_rank_0:
             diff = identity.changed(manifest.get("fingerprint"), fingerprint)
-            say(f"dpo: reference log-probs at {uri} were computed for other inputs (changed: "
-                f"{', '.join(diff)}); recomputing them")
+            identity.not_reused(ctx, f"reference log-probs at {uri} were computed for other inputs "
+                                f"(changed: {', '.join(diff)}); recomputing them")
             storage.delete_prefix(uri)  # written for other data or another model
         dist.barrier()
         mine = [pairs[i] for i in rank_slice(len(pairs), dist.rank, dist.world_size)]
-        model, processor = models.load_model(spec.model.uri, seed=spec.seed)
+        model, processor = models.load_model(spec.model.uri, seed=spec.seed,
+                                             placement=frozen_placement(spec.deepspeed, dist, shard=False))
         # a replica, not ZeRO-3 shards: the ranks' blocks (and so their forward counts) differ
         reference = frozen(SequenceLogps(model), spec.deepspeed, dist, shard=False)
-        collator = collate.Collator(processor, loader, spec.data.max_length, dist.device)
+        collator = collate.Collator.from_spec(spec, processor, loader, dist.device)
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
             for start in range(0, len(mine), batch_size):
                 part = mine[start:start + batch_size]
@@ -259,29 +292,42 @@ def run(ctx: Context) -> dict[str, Any]:
     assert config is not None
     out_uri = spec.artifact_uri("dpo")
     loss_fn = bind_loss(config)
-    pairs = load_pairs(ctx, loss_fn.needs_delta)
-    made_by = identity.for_stage(ctx, pairs)  # pairs, base model, the stage's parameters (identity.py)
+    pairs, stats = load_pairs(ctx, loss_fn.needs_delta)
+    checked = preflight.check(ctx, pairs, stats)  # every pair's media, before anything loads (preflight.py)
+    made_by = identity.for_stage(ctx, pairs, checked.digest)  # pairs, media, base model, the parameters
     if finished_before(ctx, out_uri, made_by):
         return {}
 
     # ---- build
     seed_everything(spec.seed)
-    train, held_out, order, total = plan_training(ctx, pairs, config, "stages.dpo")
+    config = resumed_batch(ctx, config, made_by, "stages.dpo")  # another world size: the checkpoint's batch
     loader = media.MediaLoader.from_spec(spec.data)
+    processor = models.load_processor(spec.model.uri, seed=spec.seed)  # before planning: rows are counted
+    collator = collate.Collator.from_spec(spec, processor, loader, dist.device)
+    pairs = preflight.fitting(ctx, pairs, collator, stats)  # data.maxLength
+    train, held_out, order, total = plan_training(ctx, pairs, config, "stages.dpo")
     started = time.monotonic()
+    reference = Reference()  # reference: model under LoRA: the policy's engine, set below
     if config.reference == "precomputed":
         reference = Reference(table=precompute_reference(ctx, pairs, loader, config.micro_batch_size, made_by))
-    else:
-        reference_model, _ = models.load_model(spec.model.uri, seed=spec.seed)
+    elif config.lora is None:
+        reference_model, _ = models.load_model(spec.model.uri, seed=spec.seed,
+                                               placement=frozen_placement(spec.deepspeed, dist, shard=True))
         wrapped = SequenceLogps(reference_model)
         register_external_parameters(wrapped, spec.deepspeed)
         # ZeRO-3-sharded like the policy: every rank runs the same forward passes (train loop, evaluate)
         reference = Reference(model=frozen(wrapped, spec.deepspeed, dist, shard=True))
-    policy, processor = models.load_model(spec.model.uri, seed=spec.seed)
-    collator = collate.Collator(processor, loader, spec.data.max_length, dist.device)
+    policy, _ = models.load_model(spec.model.uri, seed=spec.seed,
+                                  placement=training_placement(config, spec.deepspeed, dist))
+    lora = adapters.prepare(policy, freeze_vision_tower=config.freeze_vision_tower, lora=config.lora,
+                            seed=spec.seed, field="stages.dpo")
+    if dist.is_rank_0:
+        say(f"dpo: {adapters.trainable_summary(policy)}")
     wrapper = SequenceLogps(policy)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
+    if reference.table is None and reference.model is None:
+        reference = Reference(model=engine.model, lora=lora)  # the base model = adapters disabled
     checkpointer, state, progress = resume(ctx, engine, train, total, made_by)
     initial = state.get("initial_eval")
     if initial is None:
@@ -298,16 +344,21 @@ def run(ctx: Context) -> dict[str, Any]:
 
     # ---- final eval and export
     final: dict[str, Any] = {"steps": total, "train_pairs": len(train), "eval_pairs": len(held_out),
+                             "skipped_lines": stats.skipped, "missing_media_pairs": checked.pairs_missing,
                              "world_size": dist.world_size, "loss": config.loss,
                              "reference": config.reference, "seconds": round(time.monotonic() - started, 1)}
     final.update(evaluate(ctx, engine, collator, reference, held_out, config.micro_batch_size))
     final.update({f"{k}_initial": v for k, v in (initial or {}).items()})
     final["final_loss"] = progress.loss
-    policy_state = export_state(engine)
+    adapter_only = lora is not None and config.lora is not None and config.lora.export == "adapter"
+    policy_state = export_state(engine, merge=None if adapter_only else lora)
     if dist.is_rank_0:
         folder = ctx.scratch("export")
         remove_tree(folder)
-        models.save_model(policy, processor, folder, state_dict=policy_state)  # the module the engine trains
+        if adapter_only and lora is not None:
+            adapters.save_adapter(lora, folder, policy_state, processor, base_model=spec.model.uri)
+        else:
+            models.save_model(policy, processor, folder, state_dict=policy_state)  # the module the engine trains
         upload_model_folder(folder, out_uri, made_by)
         remove_tree(folder)
         write_metrics(ctx, final)

@@ -13,7 +13,9 @@ Bound once when the stage starts: the loss (`bind_loss(config)` -> losses.Reward
 
 Evaluation (Acc/Acc+ on the held-out queries, RewardBench style) scores each response the way the
 score stage will (scoring.score_pairs): the model GENERATES its critique (greedy), then scores (prompt,
-response, generated critique) — the annotated critiques would leak the label. Output:
+response, generated critique) — the annotated critiques would leak the label. What is trained
+(adapters.py): the vision tower is frozen unless `freezeVisionTower: false`; under LoRA the adapters
+and the score head (in full), the adapters merged into the exported weights. Output:
 `spec.artifact_uri("reward")`, the reward-model folder of models.py (HF folder + score head + info
 file), marked complete by `_complete.json` with the identity of what made it (identity.reward): a
 rerun reuses it only when that identity matches.
@@ -28,7 +30,18 @@ import torch
 from torch import nn
 
 from mmalign.api.spec import RewardStage
-from mmalign.trainer import collate, data, identity, losses, media, metrics, models, scoring
+from mmalign.trainer import (
+    adapters,
+    collate,
+    data,
+    identity,
+    losses,
+    media,
+    metrics,
+    models,
+    preflight,
+    scoring,
+)
 from mmalign.trainer.artifacts import (
     export_state,
     finished_before,
@@ -37,8 +50,8 @@ from mmalign.trainer.artifacts import (
     write_metrics,
 )
 from mmalign.trainer.context import Context, say, seed_everything
-from mmalign.trainer.engine import Engine, register_external_parameters
-from mmalign.trainer.loop import resume, train_loop
+from mmalign.trainer.engine import Engine, register_external_parameters, training_placement
+from mmalign.trainer.loop import resume, resumed_batch, train_loop
 from mmalign.trainer.order import chunks, plan_training, rank_slice
 
 EVAL_MAX_NEW_TOKENS = 32  # critique length while evaluating (the score stage uses its own setting)
@@ -98,21 +111,30 @@ def run(ctx: Context) -> dict[str, Any]:
     assert config is not None
     out_uri = spec.artifact_uri("reward")
     pairs, stats = data.read_pairs(spec.data)
-    made_by = identity.for_stage(ctx, pairs)  # model, data, the stage's parameters (identity.py)
+    checked = preflight.check(ctx, pairs, stats)  # every pair's media, before anything loads (preflight.py)
+    made_by = identity.for_stage(ctx, pairs, checked.digest)  # model, data, media, the stage's parameters
     if finished_before(ctx, out_uri, made_by):
         return {}
 
     # ---- build
     seed_everything(spec.seed)
     loss_fn = bind_loss(config)
+    config = resumed_batch(ctx, config, made_by, "stages.reward")  # another world size: the checkpoint's batch
+    processor = models.load_processor(spec.model.uri, seed=spec.seed)  # before planning: rows are counted
+    collator = collate.Collator.from_spec(spec, processor, media.MediaLoader.from_spec(spec.data), dist.device)
+    pairs = preflight.fitting(ctx, pairs, collator, stats, critique=config.critique)  # data.maxLength
     train, held_out, order, total = plan_training(ctx, pairs, config, "stages.reward")
-    model, processor = models.load_reward_model(spec.model.uri, seed=spec.seed)
+    model, _ = models.load_reward_model(spec.model.uri, seed=spec.seed,
+                                        placement=training_placement(config, spec.deepspeed, dist))
+    # the score head is not part of `model.base`: it stays trainable, in full, under LoRA too
+    lora = adapters.prepare(model.base, freeze_vision_tower=config.freeze_vision_tower, lora=config.lora,
+                            seed=spec.seed, field="stages.reward")
+    if dist.is_rank_0:
+        say(f"reward: {adapters.trainable_summary(model)}")
     wrapper = RewardForward(model)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
     checkpointer, state, progress = resume(ctx, engine, train, total, made_by)
-    collator = collate.Collator(processor, media.MediaLoader.from_spec(spec.data), spec.data.max_length,
-                                dist.device)
     eval_every = config.eval_every_steps
     can_eval = bool(held_out) and spec.deepspeed.zero_stage < 3  # see docs/trainer.md (ZeRO-3 eval)
     started = time.monotonic()
@@ -133,7 +155,8 @@ def run(ctx: Context) -> dict[str, Any]:
 
     # ---- final eval and export
     final: dict[str, Any] = {"steps": total, "train_pairs": len(train), "eval_pairs": len(held_out),
-                             "skipped_lines": stats.skipped, "world_size": dist.world_size,
+                             "skipped_lines": stats.skipped, "missing_media_pairs": checked.pairs_missing,
+                             "world_size": dist.world_size,
                              "seconds": round(time.monotonic() - started, 1)}
     if can_eval:
         final["reward_bench"] = evaluate(ctx, model, collator, held_out, config.critique,
@@ -141,7 +164,7 @@ def run(ctx: Context) -> dict[str, Any]:
         final["eval_acc"] = final["reward_bench"]["overall"]["acc"]
         final["eval_acc_plus"] = final["reward_bench"]["overall"]["acc_plus"]
     final["final_loss"] = progress.loss
-    reward_state = export_state(engine)
+    reward_state = export_state(engine, merge=lora)  # LoRA: merged, a plain folder the score stage loads
     if dist.is_rank_0:
         folder = ctx.scratch("export")
         remove_tree(folder)

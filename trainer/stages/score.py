@@ -35,10 +35,21 @@ from typing import Any
 import torch
 
 from mmalign.api.layout import MANIFEST, shard_name
-from mmalign.trainer import collate, data, identity, media, metrics, models, scoring, storage, transfer
+from mmalign.trainer import (
+    collate,
+    data,
+    identity,
+    media,
+    metrics,
+    models,
+    preflight,
+    scoring,
+    storage,
+    transfer,
+)
 from mmalign.trainer.artifacts import write_metrics
 from mmalign.trainer.context import Context, say
-from mmalign.trainer.engine import frozen
+from mmalign.trainer.engine import frozen, frozen_placement
 from mmalign.trainer.order import chunks
 from mmalign.trainer.progress import Progress
 
@@ -74,7 +85,8 @@ def run(ctx: Context) -> dict[str, Any]:
     assert config is not None
     out_uri = spec.artifact_uri("score")
     pairs, stats = data.read_pairs(spec.data)
-    made_by = identity.for_stage(ctx, pairs)  # reward model, data, the stage's parameters (identity.py)
+    checked = preflight.check(ctx, pairs, stats)  # every pair's media, before anything loads (preflight.py)
+    made_by = identity.for_stage(ctx, pairs, checked.digest)  # reward model, data, media, the parameters
     manifest_uri = storage.join(out_uri, MANIFEST)
     if not identity.changed(identity.recorded(manifest_uri), made_by):  # no manifest: changed
         if dist.is_rank_0:
@@ -83,11 +95,15 @@ def run(ctx: Context) -> dict[str, Any]:
     identity.claim(ctx, out_uri, made_by, "scored pairs")  # shards of another identity are deleted
 
     # ---- build
+    reward_uri = spec.reward_model_uri()
+    loader = media.MediaLoader.from_spec(spec.data)
+    collator = collate.Collator.from_spec(spec, models.load_processor(reward_uri, seed=spec.seed), loader,
+                                          dist.device, model=reward_uri)
+    pairs = preflight.fitting(ctx, pairs, collator, stats)  # data.maxLength, before the shards are cut
     shards = shard_ranges(len(pairs), config.shard_pairs)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     mine = list(range(dist.rank, len(shards), dist.world_size))  # round-robin: ranks finish together
     finished = {item.relative for item in storage.list_prefix(out_uri)}
-    reward_uri = spec.reward_model_uri()
     critique = reward_model_uses_critiques(ctx, reward_uri)
     progress = Progress.for_stage("score", len(pairs), dist.is_rank_0)
     started = time.monotonic()
@@ -97,9 +113,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     # ---- score this rank's shards (those an earlier attempt finished are read back for the metrics)
     rows_metrics: list[tuple[str, str, float, float]] = []
-    loader = media.MediaLoader.from_spec(spec.data)
     model: models.RewardModel | None = None  # loaded for the first shard this rank has to score
-    collator: collate.Collator | None = None
     done = 0
     for index in mine:
         shard_uri = storage.join(out_uri, names[index])
@@ -110,11 +124,12 @@ def run(ctx: Context) -> dict[str, Any]:
                 rows_metrics.append((row["query_id"], row["category"], row["chosen_reward"],
                                      row["rejected_reward"]))
         else:
-            if model is None or collator is None:
-                model, processor = models.load_reward_model(reward_uri, seed=spec.seed, trained=True)
+            if model is None:
+                model, _ = models.load_reward_model(
+                    reward_uri, seed=spec.seed, trained=True,
+                    placement=frozen_placement(spec.deepspeed, dist, shard=False))
                 # a replica per rank, never ZeRO-3 shards: each rank scores its own shards (uneven counts)
                 model = frozen(model, spec.deepspeed, dist, shard=False)
-                collator = collate.Collator(processor, loader, spec.data.max_length, dist.device)
             torch.manual_seed(spec.seed + index)  # sampled critiques depend on the shard, not on the rank
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
                 for batch_pairs in chunks(shard, config.batch_size):
@@ -142,7 +157,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 storage.delete(stale.uri)  # shards of an earlier attempt with another shardPairs
         table = metrics.reward_bench(row for rows in gathered for row in rows)
         summary = {
-            "pairs": len(pairs), "skipped_lines": stats.skipped, "world_size": dist.world_size,
+            "pairs": len(pairs), "skipped_lines": stats.skipped, "missing_media_pairs": checked.pairs_missing,
+            "world_size": dist.world_size,
             "shard_pairs": config.shard_pairs, "resumed_shards": resumed,
             "reward_model": reward_uri, "critique": critique, "reward_bench": table,
             "seconds": round(time.monotonic() - started, 1),

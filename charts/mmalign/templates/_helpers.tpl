@@ -78,6 +78,25 @@ app.kubernetes.io/part-of: mmalign
 {{- end }}
 {{- end }}
 
+{{/* The operator's image: operator.image, each empty field taken from `image`. A repository of its own
+   does not inherit the tag or digest of `image` (they name another image): its tag defaults to appVersion. */}}
+{{- define "mmalign.operatorImage" -}}
+{{- $own := .Values.operator.image | default dict }}
+{{- if not $own.repository }}
+{{- if $own.digest }}
+{{- printf "%s@%s" .Values.image.repository $own.digest }}
+{{- else if $own.tag }}
+{{- printf "%s:%s" .Values.image.repository $own.tag }}
+{{- else }}
+{{- include "mmalign.image" . }}
+{{- end }}
+{{- else if $own.digest }}
+{{- printf "%s@%s" $own.repository $own.digest }}
+{{- else }}
+{{- printf "%s:%s" $own.repository (default .Chart.AppVersion $own.tag) }}
+{{- end }}
+{{- end }}
+
 {{/* The image AlignmentJobs get when their spec.image is empty. */}}
 {{- define "mmalign.trainerImage" -}}
 {{- default (include "mmalign.image" .) .Values.trainer.image }}

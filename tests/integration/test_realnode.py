@@ -1,0 +1,330 @@
+"""The real node (`mmalign dev up --node real`): a real kubelet on containerd + runc runs the project's
+image, and `dev down` leaves nothing behind.
+
+Opt-in while the process node is the default: runs when MMALIGN_NODE=real (as root), e.g.
+
+    MMALIGN_NODE=real .venv/bin/pytest tests/integration/test_realnode.py -q
+
+Missing binaries and images are built first (minutes, once per machine); a failure then fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mmalign import __version__
+from mmalign.devcluster import binaries, cluster, images, realnode
+from mmalign.devcluster.testing import create_namespace, wait_for, wait_pod_phase
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        os.environ.get(cluster.NODE_ENV) != "real",
+        reason="the real node is opt-in: MMALIGN_NODE=real (as root) runs these",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+VALUES = yaml.safe_load((REPO / "charts/mmalign/values.yaml").read_text())["operator"]
+
+
+class RealNode:
+    def __init__(self, dev: cluster.DevCluster, image: str) -> None:
+        self.dev, self.image = dev, image
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
+    binaries.ensure_all()
+    binaries.ensure_real_node()
+    image = images.project_image(REPO, target="operator")
+    archive = images.export_archive(image)
+    started = time.monotonic()
+    dev = cluster.up(tmp_path_factory.mktemp("real"), node="real", timeout=180)
+    print(f"\n[real node] up in {time.monotonic() - started:.1f}s")
+    try:
+        images.import_archive(dev.node_layout, archive)
+        yield RealNode(dev, image)
+    finally:
+        dev.down()
+
+
+def _pod(name: str, image: str, command: list[str], **spec: Any) -> dict[str, Any]:
+    container = {
+        "name": "main",
+        "image": image,
+        "imagePullPolicy": "Never",
+        "command": command,
+        "securityContext": VALUES["securityContext"],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": VALUES["podSecurityContext"],
+            "containers": [container],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+            **spec,
+        },
+    }
+
+
+def _create(real: RealNode, namespace: str, body: dict[str, Any]) -> None:
+    plural = {"Pod": "pods", "Service": "services"}[body["kind"]]
+    real.dev.api().create(f"/api/v1/namespaces/{namespace}/{plural}", body)
+
+
+def _logs(real: RealNode, namespace: str, pod: str) -> str:
+    got = real.dev.kubectl("logs", "-n", namespace, pod)
+    assert got.returncode == 0, got.stderr
+    return got.stdout
+
+
+def test_the_node_is_a_real_kubelet_on_containerd(real: RealNode) -> None:
+    nodes = real.dev.api().get("/api/v1/nodes")["items"]
+    assert [n["metadata"]["name"] for n in nodes] == [realnode.NODE_NAME]
+    info = nodes[0]["status"]["nodeInfo"]
+    assert info["kubeletVersion"] == binaries.KUBERNETES_VERSION
+    assert info["containerRuntimeVersion"] == f"containerd://{binaries.CONTAINERD_VERSION.lstrip('v')}"
+    ready = {c["type"]: c["status"] for c in nodes[0]["status"]["conditions"]}
+    assert ready["Ready"] == "True"
+
+
+def test_the_project_image_runs_as_non_root_under_the_charts_security_context(real: RealNode) -> None:
+    namespace = create_namespace(real.dev, "nonroot")
+    _create(real, namespace, _pod("version", real.image, ["sh", "-c", "id -u; id -g; mmalign --version"]))
+    assert wait_pod_phase(real.dev, namespace, "version", ("Succeeded", "Failed"), 120) == "Succeeded"
+    assert _logs(real, namespace, "version").split() == ["1000", "1000", __version__]
+
+
+def test_the_termination_message_reaches_the_pod_status(real: RealNode) -> None:
+    namespace = create_namespace(real.dev, "termmsg")
+    script = "echo 'exit 3: the reason' > /dev/termination-log; exit 3"
+    _create(real, namespace, _pod("fails", real.image, ["sh", "-c", script]))
+    assert wait_pod_phase(real.dev, namespace, "fails", ("Succeeded", "Failed"), 120) == "Failed"
+    pod = real.dev.api().get(f"/api/v1/namespaces/{namespace}/pods/fails")
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 3
+    assert terminated["message"].strip() == "exit 3: the reason"
+
+
+def test_a_headless_service_resolves_from_a_pod(real: RealNode) -> None:
+    namespace = create_namespace(real.dev, "dns")
+    _create(
+        real,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "peers"},
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": {"app": "server"},
+                "ports": [{"port": 29500}],
+            },
+        },
+    )
+    _create(
+        real, namespace, _pod("server", real.image, ["sleep", "120"], hostname="server", subdomain="peers")
+    )
+    wait_pod_phase(real.dev, namespace, "server", ("Running",), 120)
+    server_ip = real.dev.api().get(f"/api/v1/namespaces/{namespace}/pods/server")["status"]["podIP"]
+    lookup = (
+        "import socket, json; print(json.dumps([socket.gethostbyname('peers'), "
+        f"socket.gethostbyname('server.peers.{namespace}.svc.cluster.local')]))"
+    )
+    _create(real, namespace, _pod("client", real.image, ["python3", "-c", lookup]))
+    assert wait_pod_phase(real.dev, namespace, "client", ("Succeeded", "Failed"), 120) == "Succeeded", _logs(
+        real, namespace, "client"
+    )
+    assert json.loads(_logs(real, namespace, "client")) == [server_ip, server_ip]
+
+
+# ---------------------------------------------------------------- the operator as a real pod, by Helm
+
+CHART = REPO / "charts/mmalign"
+RELEASE, SYSTEM_NS = "mmalign-rn", "mmalign-rn-system"
+INSTANCE = f"app.kubernetes.io/instance={RELEASE}"
+JOB = "tiny-real"
+# Namespaced kinds the chart makes; cluster-wide ones are checked by name after `helm uninstall`.
+RELEASE_KINDS = "deploy,rs,pods,svc,sa,cm,secrets,roles,rolebindings"
+
+
+def _helm(real: RealNode, *args: str) -> str:
+    env = {**os.environ, **real.dev.env}
+    helm = shutil.which("helm", path=env["PATH"])
+    assert helm, f"no helm on the dev cluster's PATH ({env['PATH']}): run `make binaries`"
+    proc = subprocess.run([helm, *args], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _kubectl_json(real: RealNode, *args: str) -> dict[str, Any]:
+    got = real.dev.kubectl("get", *args, "-o", "json")
+    assert got.returncode == 0, got.stderr
+    return dict(json.loads(got.stdout))
+
+
+def _describe(real: RealNode, namespace: str) -> str:
+    parts = []
+    for args in (
+        ["get", "deploy,pods", "-n", SYSTEM_NS, "-o", "wide"],
+        ["get", "aj,pods,svc", "-n", namespace],
+        ["get", "events", "-n", SYSTEM_NS],
+        ["logs", "-n", SYSTEM_NS, "-l", INSTANCE, "--tail=30"],
+    ):
+        got = real.dev.kubectl(*args)
+        parts.append(f"$ kubectl {' '.join(args)}\n{got.stdout}{got.stderr}")
+    return "\n".join(parts)
+
+
+def _job_manifest(namespace: str) -> str:
+    job = yaml.safe_load((REPO / "manifests/examples/tiny-cpu.yaml").read_text())
+    job["metadata"] = {"name": JOB, "namespace": namespace}
+    # Small requests: both pods fit the 2-CPU node beside the operator and CoreDNS, so the only reason
+    # they wait is the image.
+    job["spec"]["resources"]["requests"] = {"cpu": "100m", "memory": "256Mi", "nvidia.com/gpu": 0}
+    return yaml.safe_dump(job)
+
+
+def test_helm_installs_the_operator_as_a_real_pod_that_creates_a_jobs_pods(real: RealNode) -> None:
+    """The chart's Deployment on a real kubelet: the slim operator image (imported, never pulled), its
+    probes on kopf's /healthz, UID 1000, in-cluster config with the chart's ServiceAccount token; then an
+    AlignmentJob gets its stage's pods and headless Service from that pod. The trainer image is not
+    built here, so the pods wait for it, and the job's status says which pods and why."""
+    timings: dict[str, float] = {}
+    last = time.monotonic()
+
+    def step(what: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        timings[what] = round(now - last, 1)
+        last = now
+
+    repository, tag = real.image.rsplit(":", 1)
+    trainer_image = f"localhost/mmalign:runtime-{images.content_key(REPO)}"  # not built: never pulled
+    _helm(
+        real,
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        SYSTEM_NS,
+        "--create-namespace",
+        "--set",
+        f"operator.image.repository={repository}",
+        "--set",
+        f"operator.image.tag={tag}",
+        "--set",
+        "operator.image.pullPolicy=Never",
+        "--set",
+        f"trainer.image={trainer_image}",
+        "--set",
+        "operator.logFormat=plain",
+    )
+    step("helm install")
+    rollout = real.dev.kubectl(
+        "-n", SYSTEM_NS, "rollout", "status", f"deployment/{RELEASE}", "--timeout=150s", timeout=170
+    )
+    assert rollout.returncode == 0, rollout.stderr + _describe(real, "default")
+    step("operator pod Ready")
+
+    (pod,) = _kubectl_json(real, "pods", "-n", SYSTEM_NS, "-l", INSTANCE)["items"]
+    container = pod["spec"]["containers"][0]
+    assert (container["image"], container["imagePullPolicy"]) == (real.image, "Never")
+    assert pod["spec"]["serviceAccountName"] == RELEASE
+    # Ready means the kubelet's httpGet probes of /healthz passed (the chart defines both).
+    assert container["readinessProbe"]["httpGet"]["path"] == container["livenessProbe"]["httpGet"]["path"]
+    status = pod["status"]["containerStatuses"][0]
+    assert status["ready"] and status["restartCount"] == 0, _describe(real, "default")
+    uid = real.dev.kubectl("exec", "-n", SYSTEM_NS, pod["metadata"]["name"], "--", "id", "-u")
+    assert uid.stdout.strip() == "1000", uid.stderr
+    # What the probes ask, from inside the pod: kopf's endpoint on the chart's health port.
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "health")
+    probe = f"import urllib.request as u; r = u.urlopen('http://127.0.0.1:{port}/healthz'); print(r.status)"
+    answer = real.dev.kubectl("exec", "-n", SYSTEM_NS, pod["metadata"]["name"], "--", "python3", "-c", probe)
+    assert answer.stdout.strip() == "200", answer.stderr
+
+    namespace = create_namespace(real.dev, "helmjob")
+    real.dev.kubectl(
+        "-n",
+        namespace,
+        "create",
+        "secret",
+        "generic",
+        "s3-credentials",
+        "--from-literal=AWS_ACCESS_KEY_ID=unused",
+        "--from-literal=AWS_SECRET_ACCESS_KEY=unused",
+        check=True,
+    )
+    applied = real.dev.kubectl("apply", "-f", "-", input=_job_manifest(namespace))
+    assert applied.returncode == 0, applied.stderr
+
+    def pending() -> dict[str, Any] | None:
+        got = real.dev.kubectl("get", "aj", JOB, "-n", namespace, "-o", "json")
+        job_status = json.loads(got.stdout).get("status", {}) if got.returncode == 0 else {}
+        waiting = job_status.get("stages", {}).get("reward", {}).get("pendingPods", [])
+        reasons = {p.get("reason") for p in waiting}
+        return job_status if len(waiting) == 2 and reasons <= {"ErrImagePull", "ImagePullBackOff"} else None
+
+    job_status = wait_for(
+        pending, 150, interval=1, what="the job's status to name its 2 pods waiting for the image"
+    )
+    step("apply -> pendingPods with the image pull reason")
+    pods = _kubectl_json(real, "pods", "-n", namespace, "-l", f"mmalign.io/job={JOB}")["items"]
+    names = sorted(p["metadata"]["name"] for p in pods)
+    assert sorted(p["name"] for p in job_status["stages"]["reward"]["pendingPods"]) == names
+    assert {p["spec"]["containers"][0]["image"] for p in pods} == {trainer_image}
+    service = _kubectl_json(real, "svc", "-n", namespace)["items"]
+    assert [(s["spec"]["clusterIP"], s["spec"].get("publishNotReadyAddresses")) for s in service] == [
+        ("None", True)
+    ]
+    condition = next(c for c in job_status["conditions"] if c["type"] == "PodsPending")
+    assert condition["status"] == "True" and condition["reason"] in ("ErrImagePull", "ImagePullBackOff")
+    assert names[0] in condition["message"], condition
+
+    real.dev.kubectl("delete", "aj", JOB, "-n", namespace, "--wait=true", "--timeout=60s", check=True)
+    _helm(real, "uninstall", RELEASE, "-n", SYSTEM_NS, "--wait", "--timeout=90s")
+    step("helm uninstall")
+
+    # The garbage collector deletes the ReplicaSet's pod after Helm returns; the operator exits on SIGTERM
+    # within the chart's terminationGracePeriodSeconds.
+    def left() -> list[str]:
+        got = real.dev.kubectl("get", RELEASE_KINDS, "-n", SYSTEM_NS, "-l", INSTANCE, "-o", "name")
+        cluster_wide = real.dev.kubectl(
+            "get", "clusterroles,clusterrolebindings", "-l", INSTANCE, "-o", "name"
+        )
+        return (got.stdout + cluster_wide.stdout).split()
+
+    try:
+        wait_for(lambda: not left(), 60, interval=1, what="nothing of the release left")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}: {left()}") from err
+    step("operator pod gone")
+    print(
+        f"\n[real node] operator by helm: {timings}; PodsPending: {condition['reason']}: {condition['message']}"
+    )
+
+
+def test_dev_down_leaves_no_process_mount_cgroup_netns_or_interface(real: RealNode) -> None:
+    namespace = create_namespace(real.dev, "down")
+    _create(real, namespace, _pod("running", real.image, ["sleep", "300"]))
+    wait_pod_phase(real.dev, namespace, "running", ("Running",), 120)
+    real.dev.down()
+    assert realnode.leftovers(real.dev.node_layout) == []
+    assert [name for name, alive in real.dev.alive().items() if alive] == []
+    assert not real.dev.state_dir.exists()
