@@ -192,7 +192,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def rendezvous_timeout() -> int | None:
     """MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS, or None (unset: torch's default, 600 s)."""
-    seconds = os.environ.get("MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS", "").strip()
+    seconds = os.environ.get(keys.ENV_RENDEZVOUS_TIMEOUT, "").strip()
     return int(float(seconds)) if seconds else None
 
 
