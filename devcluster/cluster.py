@@ -200,12 +200,7 @@ def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cp
     started = time.monotonic()
     cluster = DevCluster(state_dir, free_ports(components.PORT_NAMES), {}, nodes)
     layout = cluster.layout
-    layout.logs.mkdir(parents=True)
-    pki.create(layout.pki)
-    cluster.save()
-    (state_dir / "s3.json").write_text(json.dumps(components.s3_identities()))
-    (state_dir / "kubeconfig").write_text(yaml.safe_dump(components.kubeconfig(
-        cluster.apiserver, layout.pki / "ca.crt", layout.pki / "admin.crt", layout.pki / "admin.key")))
+    _write_state(cluster)
     (state_dir / "node.json").write_text(json.dumps({
         "apiserver": cluster.apiserver, "pki": str(layout.pki), "nodes": nodes, "gpus_per_node": gpus_per_node,
         "cpu": cpu, "memory": memory, "fast": fast, "node_prefix": "process-node",
@@ -233,6 +228,17 @@ def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cp
     return cluster
 
 
+def _write_state(cluster: DevCluster) -> None:
+    """The state folder both kinds of node start from: logs, PKI, state.json, S3 identities, kubeconfig."""
+    layout = cluster.layout
+    layout.logs.mkdir(parents=True)
+    pki.create(layout.pki)
+    cluster.save()
+    (cluster.state_dir / "s3.json").write_text(json.dumps(components.s3_identities()))
+    (cluster.state_dir / "kubeconfig").write_text(yaml.safe_dump(components.kubeconfig(
+        cluster.apiserver, layout.pki / "ca.crt", layout.pki / "admin.crt", layout.pki / "admin.key")))
+
+
 def _up_real(state_dir: Path | None, timeout: float, say: Callable[[str], None]) -> DevCluster:
     """The control plane and S3 as in `up`, plus the real node, all in the namespace realnode.NETNS."""
     from mmalign.devcluster import images
@@ -252,12 +258,7 @@ def _up_real(state_dir: Path | None, timeout: float, say: Callable[[str], None])
     started = time.monotonic()
     cluster = DevCluster(state_dir, free_ports(components.PORT_NAMES), {}, 1, "real")
     layout, node_layout = cluster.layout, cluster.node_layout
-    layout.logs.mkdir(parents=True)
-    pki.create(layout.pki)
-    cluster.save()
-    (state_dir / "s3.json").write_text(json.dumps(components.s3_identities()))
-    (state_dir / "kubeconfig").write_text(yaml.safe_dump(components.kubeconfig(
-        cluster.apiserver, layout.pki / "ca.crt", layout.pki / "admin.crt", layout.pki / "admin.key")))
+    _write_state(cluster)
     try:
         realnode.create_netns()
         realnode.write_configs(node_layout, cluster.apiserver)

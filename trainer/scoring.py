@@ -17,9 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-from mmalign.trainer.collate import Collator, Example
+from mmalign.trainer.collate import Collator
 from mmalign.trainer.data import PreferencePair
 from mmalign.trainer.models import RewardModel
+from mmalign.trainer.template import Example
 
 
 @dataclasses.dataclass

@@ -320,12 +320,12 @@ def _time_forward_backward(architecture: str, repeats: int = 10) -> float:
     """Milliseconds per forward+backward of 2 sequences (chosen+rejected of one pair, one image)."""
     from PIL import Image
 
-    from mmalign.trainer import collate
+    from mmalign.trainer import collate, template
 
     model, processor = build_tiny(architecture)
     image = Image.new("RGB", (48, 40), (200, 30, 30))
-    pair = collate.Example(prompt="What colour is the image?", chosen="The image is red.",
-                           rejected="The image is blue.", images=[image] if architecture != "text" else [])
+    pair = template.Example(prompt="What colour is the image?", chosen="The image is red.",
+                            rejected="The image is blue.", images=[image] if architecture != "text" else [])
     batch = collate.Collator(processor).pairs([pair])
     model.train()
     timings = []

@@ -58,6 +58,18 @@ def _in_tower(name: str, arch: str) -> bool:
     return name.startswith(TOWER[arch]) and not name.startswith(PROJECTOR[arch])
 
 
+def _assert_same_logps(loaded: Any, policy: Any, processor: Any) -> None:
+    """The reloaded export gives the trained policy's sequence log-probs on the same pairs."""
+    batch = collate.Collator(processor).pairs(_examples())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            logprobs.policy_logprobs(loaded, batch).logps,
+            logprobs.policy_logprobs(policy, batch).logps,
+            rtol=1e-5,
+            atol=1e-4,
+        )
+
+
 @pytest.mark.parametrize("name", [*VISION, "tiny-text"])
 def test_a_frozen_vision_tower_gets_no_gradient_the_projector_and_language_model_do(name: str) -> None:
     model, processor = models.load_model(f"builtin://{name}")
@@ -159,14 +171,7 @@ def test_merged_export_loads_with_transformers_and_computes_what_the_adapted_mod
     loaded = transformers.AutoModelForImageTextToText.from_pretrained(
         tmp_path / "merged", dtype=torch.float32
     )
-    batch = collate.Collator(processor).pairs(_examples())
-    with torch.no_grad():
-        torch.testing.assert_close(
-            logprobs.policy_logprobs(loaded, batch).logps,
-            logprobs.policy_logprobs(policy, batch).logps,
-            rtol=1e-5,
-            atol=1e-4,
-        )
+    _assert_same_logps(loaded, policy, processor)
     reference = lora.peft_model.merge_and_unload().state_dict()  # peft's own merge agrees
     assert set(reference) == set(state)
     assert all(torch.allclose(reference[k], state[k], atol=1e-6) for k in state)
@@ -186,14 +191,7 @@ def test_adapter_export_is_a_peft_folder_transformers_loads_over_the_base(tmp_pa
     }
     loaded = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "base", dtype=torch.float32)
     loaded.load_adapter(str(tmp_path / "adapter"))
-    batch = collate.Collator(processor).pairs(_examples())
-    with torch.no_grad():
-        torch.testing.assert_close(
-            logprobs.policy_logprobs(loaded, batch).logps,
-            logprobs.policy_logprobs(policy, batch).logps,
-            rtol=1e-5,
-            atol=1e-4,
-        )
+    _assert_same_logps(loaded, policy, processor)
 
 
 def test_adapters_start_the_same_for_a_seed_whatever_the_global_rng() -> None:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from mmalign.trainer import collate, models, tiny
+from mmalign.trainer.template import CRITIQUE_REQUEST, ChatTemplateError
 
 LLAMA3 = (  # Llama-3-Instruct's layout: headers, `| trim`, <|eot_id|> ends every turn
     "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
@@ -110,7 +111,7 @@ def check_rows(collator: collate.Collator, items: list[collate.Example], end: st
         critique = tokenizer.decode(reward.input_ids[row][reward.critique_mask[row]])  # type: ignore[index]
         assert critique.strip() == f"{getattr(example, f'{side}_critique')}{end}".strip()
         assert tokenizer.decode(reward.input_ids[row][reward.response_mask[row]]) == response
-        asked = template.render([*turn, template._text("user", collate.CRITIQUE_REQUEST)], True)
+        asked = template.render([*turn, template._text("user", CRITIQUE_REQUEST)], True)
         if not (example.images or example.video):
             assert tokenizer.decode(real_tokens(generation, row)) == asked  # ends in the generation prompt
         assert not (reward.response_mask & reward.critique_mask).any()  # type: ignore[operator]
@@ -174,7 +175,7 @@ def test_a_model_without_a_chat_template_is_refused_unless_the_spec_gives_one(tm
     tokenizer = llama_tokenizer("llama3")
     tokenizer.chat_template = None
     with pytest.raises(
-        collate.ChatTemplateError,
+        ChatTemplateError,
         match=r"s3://models/my-llama: .*no chat template.*"
         r"spec\.model\.chatTemplate",
     ):
@@ -202,15 +203,15 @@ def test_templates_that_rewrite_earlier_turns_are_refused() -> None:
         "{% for m in messages %}{{ m['role'] }}{% if loop.last %}!{% endif %}: {{ m['content'] }}\n"
         "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    with pytest.raises(collate.ChatTemplateError, match="differently"):
+    with pytest.raises(ChatTemplateError, match="differently"):
         collate.Collator(tokenizer, chat_template=rewriting)
     # writes more than whitespace before the answer that its generation prompt does not
     no_generation_prompt = (
         "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}{{ eos_token }}{% endfor %}"
     )
-    with pytest.raises(collate.ChatTemplateError, match="generation prompt"):
+    with pytest.raises(ChatTemplateError, match="generation prompt"):
         collate.Collator(tokenizer, chat_template=no_generation_prompt)
-    with pytest.raises(collate.ChatTemplateError, match="failed to render"):
+    with pytest.raises(ChatTemplateError, match="failed to render"):
         collate.Collator(tokenizer, chat_template="{{ raise_exception('roles must alternate') }}")
 
 
