@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# --kwok: kwok and kube-scheduler, for the fast mode's tests (tests/integration/test_kwok.py).
 binaries: $(STAMP)
-	$(BIN)/python -m mmalign.devcluster.binaries
+	$(BIN)/python -m mmalign.devcluster.binaries --kwok
 
 crds: $(STAMP)
 	$(BIN)/mmalign crds

@@ -4,12 +4,15 @@ same precision, same optimizer (AdamW, same lr, grad-norm clip 1.0), one process
     python bench/dpo_vs_trl.py --model tiny --pairs 2 --tokens 64 --out bench/results/tiny.json     # CPU
     python bench/dpo_vs_trl.py --model 0.5b --pairs 8 --tokens 1024 --device cuda --out dpo.json   # GPU
 
-Variants (`--variants`, all four by default):
+Variants (`--variants`, all six by default):
   trl:ref-model        DPOTrainer with a frozen reference model (its default; one reference forward/step)
   trl:precomputed      DPOTrainer(precompute_ref_log_probs=True); TRL 1.16 refuses it for image data, the
                        refusal is recorded in the JSON instead of a timing
   mmalign:ref-model    stages/dpo.py with `reference: model` (a frozen copy scores every batch)
   mmalign:precomputed  stages/dpo.py's default: reference log-probs computed once before training
+  mmalign:*:unshared   the same without prefix sharing (stages.dpo.prefixSharing: false): chosen and
+                       rejected rows each run the whole prompt; without the suffix, one prompt pass per
+                       pair (trainer/prefix.py, the stage's default)
 The mmalign step is the stage's micro_batch_loss + train_step without DeepSpeed (TRL runs without it
 too): SequenceLogps (vision once per pair, chunked LM head) -> losses.DpoLoss("mm-dpo", β) -> backward ->
 clip -> AdamW. Collation is outside the timed step on both sides (the Trainer prefetches batches before
@@ -45,10 +48,11 @@ from typing import Any
 
 import torch
 
-from mmalign.trainer import collate, losses, models, tiny
+from mmalign.trainer import collate, losses, models, prefix, tiny
 from mmalign.trainer.stages.dpo import SequenceLogps
 
-VARIANTS = ("trl:ref-model", "trl:precomputed", "mmalign:ref-model", "mmalign:precomputed")
+VARIANTS = ("trl:ref-model", "trl:precomputed", "mmalign:ref-model", "mmalign:precomputed",
+            "mmalign:ref-model:unshared", "mmalign:precomputed:unshared")
 # Words the tiny BPE knows whole (tiny._CORPUS), so a row's length in tokens is easy to steer.
 WORDS = ("image", "colour", "answer", "question", "response", "correct", "reasoning", "person", "circle",
          "square", "building", "accurate", "helpful", "detailed", "standing", "picture", "video")
@@ -179,10 +183,12 @@ def _load(cfg: BenchConfig) -> tuple[Any, Any]:  # (PreTrainedModel, processor)
 # ------------------------------------------------------------------------------------ mmalign side
 
 
-def mmalign_steps(cfg: BenchConfig, reference: str, steps: int) -> tuple[list[float], list[float]]:
-    """(seconds per step, loss per step) of mmalign's DPO step; reference: "precomputed" | "model"."""
+def mmalign_steps(cfg: BenchConfig, reference: str, steps: int,
+                  prefix_sharing: bool = True) -> tuple[list[float], list[float]]:
+    """(seconds per step, loss per step) of mmalign's DPO step; reference: "precomputed" | "model";
+    `prefix_sharing`: stages.dpo.prefixSharing (policy, reference model and pre-pass alike)."""
     model, processor = _load(cfg)
-    policy = SequenceLogps(model)
+    policy = SequenceLogps(model, prefix_sharing)
     collator = collate.Collator(processor, max_length=4 * cfg.tokens, device=cfg.device)
     batch = collator.pairs(make_examples(cfg, processor))
     loss_fn = losses.DpoLoss("mm-dpo", beta=cfg.beta)  # fixed β: the same loss TRL's "sigmoid" is
@@ -194,7 +200,7 @@ def mmalign_steps(cfg: BenchConfig, reference: str, steps: int) -> tuple[list[fl
             table = policy(batch)[0].float()  # (2B,)
         reference_chosen, reference_rejected = batch.split(table)
     else:
-        frozen = SequenceLogps(_load(cfg)[0].requires_grad_(False))
+        frozen = SequenceLogps(_load(cfg)[0].requires_grad_(False), prefix_sharing)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=cfg.device == "cuda")
     times, losses_seen = [], []
@@ -277,12 +283,15 @@ def trl_steps(cfg: BenchConfig, reference: str, steps: int) -> tuple[list[float]
 
 
 def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
-    side, reference = variant.split(":")
+    side, reference, *options = variant.split(":")
     reference = "model" if reference == "ref-model" else "precomputed"
-    run = trl_steps if side == "trl" else mmalign_steps
     memory: dict[str, float] = {}
     with peak_memory(cfg, memory):
-        times, losses_seen = run(cfg, reference, cfg.warmup + cfg.steps)
+        if side == "trl":
+            times, losses_seen = trl_steps(cfg, reference, cfg.warmup + cfg.steps)
+        else:
+            times, losses_seen = mmalign_steps(cfg, reference, cfg.warmup + cfg.steps,
+                                               prefix_sharing="unshared" not in options)
     return {"times": times[cfg.warmup:], "losses": losses_seen, **memory}
 
 
@@ -308,7 +317,7 @@ def run_bench(cfg: BenchConfig, variants: list[str]) -> dict[str, Any]:
             row["times"] += seen["times"]
             row["peaks_gib"].append(seen["peak_gib"])
             row.setdefault("first_losses", seen["losses"][:2])
-            print(f"round {round_index} {variant:20s} s/step {[round(t, 3) for t in seen['times']]} "
+            print(f"round {round_index} {variant:28s} s/step {[round(t, 3) for t in seen['times']]} "
                   f"peak {seen['peak_gib']:.2f} GiB", flush=True)
     for row in results.values():
         if row.get("times"):
@@ -316,7 +325,11 @@ def run_bench(cfg: BenchConfig, variants: list[str]) -> dict[str, Any]:
             row["peak_gib"] = min(row["peaks_gib"])
             row["s_per_step"] = statistics.median(row["times"])
             row["pairs_per_s"] = cfg.pairs / row["s_per_step"]
-    for row in results.values():
+    for variant, row in results.items():
+        unshared = results.get(f"{variant}:unshared", {})
+        if "s_per_step" in row and "s_per_step" in unshared:  # what prefix sharing alone buys
+            row["speedup_vs_unshared"] = unshared["s_per_step"] / row["s_per_step"]
+            row["memory_vs_unshared"] = row["peak_gib"] / max(unshared["peak_gib"], 1e-9)
         for baseline in ("trl:ref-model", "trl:precomputed"):
             if "s_per_step" in row and "s_per_step" in results.get(baseline, {}):
                 row[f"speedup_vs_{baseline}"] = results[baseline]["s_per_step"] / row["s_per_step"]
@@ -332,8 +345,10 @@ def batch_shape(cfg: BenchConfig) -> dict[str, int]:
     for text data)."""
     processor = tiny.build_processor("qwen2-vl" if cfg.data == "image" else "text", size=cfg.model)
     batch = collate.Collator(processor, max_length=4 * cfg.tokens).pairs(make_examples(cfg, processor))
+    shared = prefix.share(batch)
     return {"rows": batch.rows, "tokens_per_row": int(batch.input_ids.shape[1]),
-            "response_tokens": int(batch.response_mask.sum()), "real_tokens": int(batch.attention_mask.sum())}
+            "response_tokens": int(batch.response_mask.sum()), "real_tokens": int(batch.attention_mask.sum()),
+            "prefix_shared_tokens": int((shared.segment != prefix.PAD).sum())}
 
 
 def _environment(cfg: BenchConfig) -> dict[str, Any]:

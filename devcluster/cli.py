@@ -2,6 +2,7 @@
 
     mmalign dev binaries                      # build/install the pinned binaries into the cache (once)
     mmalign dev up [--nodes 2] [--gpus-per-node 0] [--fast]
+    mmalign dev up --kwok-nodes 256           # kwok nodes (scale tests): pods go Running, nothing runs
     mmalign dev up --node real                # containerd + a real kubelet instead (MMALIGN_NODE=real)
     eval "$(mmalign dev env)"                 # KUBECONFIG, PATH, AWS_* for this shell
     kubectl get nodes
@@ -36,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--cpu", default="8", help="cpu capacity per node (default 8)")
     up.add_argument("--memory", default="32Gi", help="memory capacity per node (default 32Gi)")
     up.add_argument("--fast", action="store_true",
-                    help="kwok-style: pods go Running/Succeeded without running anything")
+                    help="kwok nodes instead of process nodes (as many as --nodes): pods go Running without "
+                         "running anything (docs/devcluster.md, fast mode)")
+    up.add_argument("--kwok-nodes", type=int, default=0, metavar="N",
+                    help="N kwok nodes instead of process nodes (implies --fast)")
     up.add_argument("--node", choices=("process", "real"), default=None,
                     help="process (default) or real: containerd, kubelet, kube-scheduler, kube-proxy and "
                          "CoreDNS in a network namespace (as root; default: $MMALIGN_NODE, else process)")
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--previous", action="store_true")
     binaries_cmd = sub.add_parser("binaries", help="build/install the pinned binaries into the cache")
     binaries_cmd.add_argument("--real-node", action="store_true", help="also the real node's binaries")
+    binaries_cmd.add_argument("--kwok", action="store_true", help="also kwok and kube-scheduler (--fast)")
     return parser
 
 
@@ -59,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "binaries":
         from mmalign.devcluster import binaries
 
-        return binaries.main(["--real-node"] if args.real_node else [])
+        return binaries.main((["--real-node"] if args.real_node else []) + (["--kwok"] if args.kwok else []))
     from mmalign.devcluster import cluster
 
     if args.command == "up":
         start = time.monotonic()
+        kwok_nodes = args.kwok_nodes or (args.nodes if args.fast else 0)
         try:
-            got = cluster.up(args.state_dir, nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu=args.cpu,
-                             memory=args.memory, fast=args.fast, timeout=args.timeout, node=args.node,
+            got = cluster.up(args.state_dir, nodes=0 if kwok_nodes else args.nodes, gpus_per_node=args.gpus_per_node,
+                             cpu=args.cpu, memory=args.memory, kwok_nodes=kwok_nodes, timeout=args.timeout,
+                             node=args.node,
                              progress=lambda msg: print(f"[dev up] {msg}", file=sys.stderr, flush=True))
         except (RuntimeError, FileNotFoundError, TimeoutError) as err:
             print(f"mmalign dev up: {err}", file=sys.stderr)

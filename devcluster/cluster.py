@@ -29,11 +29,11 @@ from typing import Any
 import requests
 import yaml
 
-from mmalign.devcluster import binaries, components, dns, pki, realnode
+from mmalign.devcluster import binaries, components, dns, kwok, pki, realnode
 from mmalign.devcluster.kubeapi import ApiError, KubeApi
 
 # Components, node first: `down` stops it before the others (it stops the pods).
-STOP_ORDER = ("node", "controller-manager", "apiserver", "seaweedfs", "etcd")
+STOP_ORDER = ("node", "kwok", "kube-scheduler", "controller-manager", "apiserver", "seaweedfs", "etcd")
 # The one switch between the process node (default) and the real node: `mmalign dev up --node real`
 # sets it for the command; tests and `make` read it from the environment.
 NODE_ENV = "MMALIGN_NODE"
@@ -96,6 +96,7 @@ class DevCluster:
     processes: dict[str, dict[str, Any]]  # name -> {"pid", "start"}
     nodes: int
     node: str = "process"  # "real": containerd + kubelet in the network namespace (devcluster/realnode.py)
+    kwok_nodes: int = 0  # fake nodes managed by kwok (devcluster/kwok.py), instead of process nodes
 
     @property
     def host(self) -> str:
@@ -150,7 +151,8 @@ class DevCluster:
         down(self.state_dir)
 
     def save(self) -> None:
-        state = {"ports": self.ports, "processes": self.processes, "nodes": self.nodes, "node": self.node}
+        state = {"ports": self.ports, "processes": self.processes, "nodes": self.nodes, "node": self.node,
+                 "kwok_nodes": self.kwok_nodes}
         (self.state_dir / "state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -160,7 +162,8 @@ def load(state_dir: Path | None = None) -> DevCluster:
     if not path.exists():
         raise FileNotFoundError(f"no dev cluster in {state_dir} (start one with `mmalign dev up`)")
     state = json.loads(path.read_text())
-    return DevCluster(state_dir, state["ports"], state["processes"], state["nodes"], state.get("node", "process"))
+    return DevCluster(state_dir, state["ports"], state["processes"], state["nodes"], state.get("node", "process"),
+                      state.get("kwok_nodes", 0))
 
 
 def _spawn(cluster: DevCluster, name: str, argv: list[str], env: dict[str, Any] | None = None) -> None:
@@ -175,16 +178,21 @@ def _spawn(cluster: DevCluster, name: str, argv: list[str], env: dict[str, Any] 
 
 
 def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cpu: str = "8",
-       memory: str = "32Gi", fast: bool = False, timeout: float = 120, progress: Callable[[str], None] | None = None,
-       node: str | None = None) -> DevCluster:
+       memory: str = "32Gi", kwok_nodes: int = 0, timeout: float = 120,
+       progress: Callable[[str], None] | None = None, node: str | None = None) -> DevCluster:
     """Start a cluster in `state_dir` (emptied first) and wait until it is healthy.
 
     `node` (default: $MMALIGN_NODE, else "process") picks the node: "real" starts containerd, a kubelet,
-    kube-scheduler, kube-proxy and CoreDNS in a network namespace (devcluster/realnode.py)."""
+    kube-scheduler, kube-proxy and CoreDNS in a network namespace (devcluster/realnode.py).
+    `kwok_nodes` > 0 (with `nodes=0`): that many kwok nodes instead, the real kube-scheduler binding pods to
+    them (devcluster/kwok.py); pods go Running without running anything."""
     say = progress or (lambda _msg: None)
     node = node or os.environ.get(NODE_ENV) or "process"
     if node not in ("process", "real"):
         raise RuntimeError(f"{NODE_ENV}/--node must be 'process' or 'real', not {node!r}")
+    if kwok_nodes and (node == "real" or nodes):
+        raise RuntimeError("kwok nodes replace the process nodes: pass --nodes 0 with --kwok-nodes N (or --fast); "
+                           "kwok nodes beside the real node are not supported yet")
     if node == "real":
         return _up_real(state_dir, timeout, say)
     state_dir = (state_dir or default_state_dir()).absolute()
@@ -193,17 +201,20 @@ def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cp
         if any(existing.alive().values()):
             raise RuntimeError(f"a dev cluster is already running in {state_dir}: `mmalign dev down` first")
     shutil.rmtree(state_dir, ignore_errors=True)
-    missing = [b for b in ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "weed")
-               if not (binaries.bin_dir() / b).exists()]
+    needed = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "weed",
+              *(("kwok", "kube-scheduler") if kwok_nodes else ()))
+    missing = [b for b in needed if not (binaries.bin_dir() / b).exists()]
     if missing:
-        raise FileNotFoundError(f"missing {missing} in {binaries.bin_dir()}: run `python -m mmalign.devcluster.binaries`")
+        flag = " --kwok" if {"kwok", "kube-scheduler"} & set(missing) else ""
+        raise FileNotFoundError(f"missing {missing} in {binaries.bin_dir()}: run "
+                                f"`python -m mmalign.devcluster.binaries{flag}`")
     started = time.monotonic()
-    cluster = DevCluster(state_dir, free_ports(components.PORT_NAMES), {}, nodes)
+    cluster = DevCluster(state_dir, free_ports(components.PORT_NAMES), {}, nodes, kwok_nodes=kwok_nodes)
     layout = cluster.layout
     _write_state(cluster)
     (state_dir / "node.json").write_text(json.dumps({
         "apiserver": cluster.apiserver, "pki": str(layout.pki), "nodes": nodes, "gpus_per_node": gpus_per_node,
-        "cpu": cpu, "memory": memory, "fast": fast, "node_prefix": "process-node",
+        "cpu": cpu, "memory": memory, "node_prefix": "process-node",
         "kubelet_port": cluster.ports["kubelet"],
         # A /16 of 127/8 per cluster, picked from the API port, so two clusters rarely share addresses.
         "pod_network": f"127.{10 + cluster.ports['apiserver'] % 240}.0.0/16",
@@ -216,8 +227,16 @@ def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cp
         _spawn(cluster, "etcd", components.etcd(layout, ports))
         _spawn(cluster, "seaweedfs", components.seaweedfs(layout, ports))
         _spawn(cluster, "apiserver", components.apiserver(layout, ports))
+        # As for the real node: the controller manager gives up when the API server is not healthy within
+        # ~10 s, which a loaded two-core machine exceeds; it starts after /readyz.
+        api = cluster.api()
+        _wait("kube-apiserver /readyz", lambda: api.session.get(cluster.apiserver + "/readyz", timeout=2).ok,
+              started + timeout, cluster)
         _spawn(cluster, "controller-manager", components.controller_manager(layout))
-        _spawn(cluster, "node", [sys.executable, "-m", "mmalign.devcluster.nodeagent", str(state_dir)])
+        if nodes:
+            _spawn(cluster, "node", [sys.executable, "-m", "mmalign.devcluster.nodeagent", str(state_dir)])
+        if kwok_nodes:
+            _start_kwok(cluster, cpu, memory, gpus_per_node, started + timeout)
         say(f"started processes in {time.monotonic() - started:.1f}s; waiting for health")
         _wait_healthy(cluster, started + timeout, say)
     except BaseException:
@@ -226,6 +245,20 @@ def up(state_dir: Path | None = None, nodes: int = 2, gpus_per_node: int = 0, cp
         raise
     say(f"dev cluster up in {time.monotonic() - started:.1f}s")
     return cluster
+
+
+def _start_kwok(cluster: DevCluster, cpu: str, memory: str, gpus: int, deadline: float) -> None:
+    """kube-scheduler and the kwok controller, then the Node objects kwok manages (devcluster/kwok.py)."""
+    layout = cluster.layout
+    config = cluster.state_dir / "kwok.yaml"
+    config.write_text(kwok.config_text(binaries.kwok_stages_dir()))
+    scheduler_config = cluster.state_dir / "kube-scheduler.yaml"
+    scheduler_config.write_text(kwok.scheduler_config_text(layout.kubeconfig))
+    api = cluster.api()
+    _spawn(cluster, "kube-scheduler", kwok.scheduler_command(
+        binaries.bin_dir() / "kube-scheduler", layout.kubeconfig, scheduler_config))
+    _spawn(cluster, "kwok", kwok.command(binaries.bin_dir() / "kwok", layout.kubeconfig, config))
+    kwok.create_nodes(api, cluster.kwok_nodes, cpu, memory, gpus)
 
 
 def _write_state(cluster: DevCluster) -> None:
@@ -314,10 +347,11 @@ def _wait_healthy(cluster: DevCluster, deadline: float, say: Callable[[str], Non
         items = api.get("/api/v1/nodes")["items"]
         ready = [n for n in items if not (n.get("spec", {}).get("taints"))
                  and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))]
-        return len(ready) >= cluster.nodes
+        return len(ready) >= cluster.nodes + cluster.kwok_nodes
 
-    _wait(f"{cluster.nodes} Ready {cluster.node} nodes", nodes_ready, deadline, cluster)
-    say(f"{cluster.node} nodes ready")
+    kinds = f"{cluster.kwok_nodes} kwok" if cluster.kwok_nodes else f"{cluster.nodes} {cluster.node}"
+    _wait(f"{kinds} nodes Ready", nodes_ready, deadline, cluster)
+    say(f"{kinds} nodes ready")
     _wait("the default ServiceAccount (controller manager)",
           lambda: bool(api.get("/api/v1/namespaces/default/serviceaccounts/default")), deadline, cluster)
 
@@ -348,7 +382,7 @@ def down(state_dir: Path | None = None, keep: bool = False, grace: float = 10) -
     # A real node: the kubelet first (it would restart containers), then every container, then the rest.
     node_stopped_pods = cluster.node == "real"
     first = ["kubelet"] if cluster.node == "real" else ["node"]
-    for group in (first, [n for n in (*STOP_ORDER, *realnode.NODE_COMPONENTS) if n not in first]):
+    for group in (first, [n for n in dict.fromkeys((*STOP_ORDER, *realnode.NODE_COMPONENTS)) if n not in first]):
         procs = [cluster.processes[n] for n in group if n in cluster.processes]
         was_alive = [_start_time(p["pid"]) == p["start"] for p in procs]
         for proc in procs:

@@ -14,6 +14,8 @@
    and the final policy. Any failure exits non-zero naming the stage and the pod logs to read.
 
 The functions here are also what tests/e2e uses, so the demo and the end-to-end test walk one path.
+With MMALIGN_KUBECONFIG and MMALIGN_IMAGE set (devcluster/usercluster.py), both run on that cluster
+instead: step 1 is skipped and nothing is started or stopped.
 """
 
 from __future__ import annotations
@@ -30,22 +32,44 @@ from typing import Any
 import yaml
 
 from mmalign.devcluster import cluster as devcluster
+from mmalign.devcluster import usercluster
 from mmalign.trainer.s3client import StorageError
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "manifests/examples/tiny-cpu-s3.yaml"
-BUCKET = "mmalign"
-DATA_PREFIX = f"s3://{BUCKET}/demo/data/synthetic-colors/"
-MODEL_PREFIX = f"s3://{BUCKET}/demo/models/tiny-qwen2-vl/"
+# The example's bucket; MMALIGN_S3_BUCKET replaces it (on AWS, bucket names are global: `mmalign` is taken).
+EXAMPLE_BUCKET = "mmalign"
+ENV_BUCKET = "MMALIGN_S3_BUCKET"
 OPERATOR_NAMESPACE = "mmalign-system"
 TERMINAL = ("Succeeded", "Failed")
+# The dev cluster, or one the user brought (MMALIGN_KUBECONFIG): the same attributes, env and s3_* first.
+Cluster = devcluster.DevCluster | usercluster.UserCluster
+
+
+def bucket() -> str:
+    return os.environ.get(ENV_BUCKET) or EXAMPLE_BUCKET
+
+
+def data_prefix() -> str:
+    return f"s3://{bucket()}/demo/data/synthetic-colors/"
+
+
+def model_prefix() -> str:
+    return f"s3://{bucket()}/demo/models/tiny-qwen2-vl/"
+
+
+def example_job() -> dict[str, Any]:
+    """tiny-cpu-s3.yaml with its s3:// URIs in bucket()."""
+    text = EXAMPLE.read_text().replace(f"s3://{EXAMPLE_BUCKET}/", f"s3://{bucket()}/")
+    job: dict[str, Any] = yaml.safe_load(text)
+    return job
 
 
 def say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def run(cluster: devcluster.DevCluster, *argv: str, input: str | None = None) -> str:
+def run(cluster: Cluster, *argv: str, input: str | None = None) -> str:
     """A command with the cluster's environment (kubectl/helm on PATH, KUBECONFIG); raises on failure."""
     env = {**os.environ, **cluster.env}  # keep HOME: kubectl/helm put their caches under it
     result = subprocess.run(argv, env=env, input=input, capture_output=True, text=True)
@@ -54,33 +78,40 @@ def run(cluster: devcluster.DevCluster, *argv: str, input: str | None = None) ->
     return result.stdout
 
 
-def install_chart(cluster: devcluster.DevCluster) -> None:
+def install_chart(cluster: Cluster) -> None:
     say("helm upgrade --install mmalign charts/mmalign (the operator runs as a pod, under its own SA)")
+    # On the user's cluster the image is theirs; the dev cluster's node runs the chart's default name.
+    images = cluster.helm_values() if isinstance(cluster, usercluster.UserCluster) else []
     # --take-ownership: the AlignmentJob CRD is a chart template, and on a reused dev cluster it may
     # exist already, kept by an earlier release (tests/integration's) or applied with kubectl.
+    # --timeout 300s: a cluster of the user's may pull the image first.
     run(cluster, "helm", "upgrade", "--install", "mmalign", str(REPO / "charts/mmalign"),
-        "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--take-ownership",
-        "--wait", "--timeout", "180s")
+        "--namespace", OPERATOR_NAMESPACE, "--create-namespace", "--take-ownership", *images,
+        "--wait", "--timeout", "300s")
 
 
-def s3_env(cluster: devcluster.DevCluster) -> dict[str, str]:
-    """The S3 settings the trainer pods get from the Secret (the dev cluster's SeaweedFS)."""
+def s3_env(cluster: Cluster) -> dict[str, str]:
+    """The S3 settings the trainer pods get from the Secret (the dev cluster's SeaweedFS, or the user's S3:
+    no AWS_ENDPOINT_URL on AWS itself)."""
     keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
-    return {key: cluster.env[key] for key in keys}
+    return {key: cluster.env[key] for key in keys if key in cluster.env}
 
 
-def prepare_storage(cluster: devcluster.DevCluster, namespace: str) -> None:
+def prepare_storage(cluster: Cluster, namespace: str) -> None:
     """Bucket, credentials Secret, and the dataset + tiny model uploaded to S3."""
     import boto3
 
     env = s3_env(cluster)
     os.environ.update(env)  # storage.* reads the same variables the trainer pods get from the Secret
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_DEFAULT_REGION"],
+    s3 = boto3.client("s3", endpoint_url=env.get("AWS_ENDPOINT_URL"), region_name=env["AWS_DEFAULT_REGION"],
                       aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
-    if BUCKET not in existing:
-        s3.create_bucket(Bucket=BUCKET)
+    if bucket() not in existing:
+        # Outside us-east-1, AWS wants the region named again.
+        where = {} if env["AWS_DEFAULT_REGION"] == "us-east-1" else {
+            "CreateBucketConfiguration": {"LocationConstraint": env["AWS_DEFAULT_REGION"]}}
+        s3.create_bucket(Bucket=bucket(), **where)
     secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
               "metadata": {"name": "s3-credentials", "namespace": namespace}, "stringData": env}
     run(cluster, "kubectl", "apply", "-f", "-", input=json.dumps(secret))
@@ -90,20 +121,20 @@ def prepare_storage(cluster: devcluster.DevCluster, namespace: str) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = builtin.export_dataset("synthetic-colors", Path(tmp) / "data")
-        transfer.upload_folder(str(data.parent), DATA_PREFIX)
+        transfer.upload_folder(str(data.parent), data_prefix())
         model, processor = models.load_model("builtin://tiny-qwen2-vl")
         models.save_model(model, processor, Path(tmp) / "model")
-        transfer.upload_folder(str(Path(tmp) / "model"), MODEL_PREFIX)
-    say(f"uploaded the dataset to {DATA_PREFIX} and a tiny random-init Qwen2-VL to {MODEL_PREFIX}")
+        transfer.upload_folder(str(Path(tmp) / "model"), model_prefix())
+    say(f"uploaded the dataset to {data_prefix()} and a tiny random-init Qwen2-VL to {model_prefix()}")
 
 
-def job_status(cluster: devcluster.DevCluster, name: str, namespace: str) -> dict[str, Any]:
+def job_status(cluster: Cluster, name: str, namespace: str) -> dict[str, Any]:
     out = run(cluster, "kubectl", "get", "alignmentjob", name, "-n", namespace, "-o", "json")
     status: dict[str, Any] = json.loads(out).get("status", {})
     return status
 
 
-def watch(cluster: devcluster.DevCluster, name: str, namespace: str, timeout: float = 1200) -> dict[str, Any]:
+def watch(cluster: Cluster, name: str, namespace: str, timeout: float = 1200) -> dict[str, Any]:
     """Print a row whenever STAGE/PHASE/PROGRESS change (like `kubectl get aj -w`); return the final status."""
     say(f"{'NAME':<12} {'STAGE':<8} {'PHASE':<11} PROGRESS")
     last: tuple[str, str, str] | None = None
@@ -140,33 +171,53 @@ def report(status: dict[str, Any], name: str, namespace: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    started = time.monotonic()
+def find_cluster() -> Cluster:
+    """The user's cluster (MMALIGN_KUBECONFIG), else the running dev cluster, else a new one."""
+    user = usercluster.from_env()
+    if user is not None:
+        user.check_tools()
+        say(f"on {user.describe()}: no dev cluster started")
+        return user
     try:
         cluster = devcluster.load()
         say(f"reusing the dev cluster in {cluster.state_dir}")
     except Exception:  # noqa: BLE001 - none running: start one
         say("starting the dev cluster (mmalign dev up --nodes 3)")
         cluster = devcluster.up(nodes=3)
+    return cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    try:
+        cluster = find_cluster()
+    except ValueError as exc:  # a bring-your-own-cluster variable is wrong
+        say(f"FAILED: {exc}")
+        return 2
     namespace = "default"
     try:
         install_chart(cluster)
         prepare_storage(cluster, namespace)
-        job = yaml.safe_load(EXAMPLE.read_text())
+        job = example_job()
         name = job["metadata"]["name"]
         run(cluster, "kubectl", "delete", "alignmentjob", name, "-n", namespace, "--ignore-not-found", "--wait")
-        run(cluster, "kubectl", "apply", "-n", namespace, "-f", str(EXAMPLE))
-        say(f"applied {EXAMPLE.relative_to(REPO)}")
+        run(cluster, "kubectl", "apply", "-n", namespace, "-f", "-", input=json.dumps(job))
+        say(f"applied {EXAMPLE.relative_to(REPO)} (s3://{bucket()}/)")
         status = watch(cluster, name, namespace)
         code = report(status, name, namespace)
     except (RuntimeError, TimeoutError, StorageError) as exc:
         say(f"FAILED: {exc}")
+        if isinstance(cluster, usercluster.UserCluster):
+            say(f"the operator's logs: kubectl logs -n {OPERATOR_NAMESPACE} deploy/mmalign")
+            return 1
         dead = [name for name, alive in cluster.alive().items() if not alive]
         if dead:
             say(f"dev cluster components no longer running: {', '.join(dead)} (logs: {cluster.layout.logs})")
         say("cluster logs: mmalign dev logs POD; stop everything with `make demo-down`")
         return 1
-    say(f"done in {time.monotonic() - started:.0f} s; `make demo-down` stops the cluster")
+    done = "`helm uninstall mmalign -n mmalign-system` removes the operator" \
+        if isinstance(cluster, usercluster.UserCluster) else "`make demo-down` stops the cluster"
+    say(f"done in {time.monotonic() - started:.0f} s; {done}")
     return code
 
 

@@ -6,19 +6,24 @@ own image from its Dockerfile, each built once into ~/.cache/mmalign/images and 
   (`localhost/mmalign-base:bookworm`): the local stand-in for the production CUDA base.
 - the project's image: `buildah bud` of the Dockerfile with BASE_IMAGE set to that base; the CA files in
   /usr/local/share/ca-certificates reach every downloading step (this machine's egress re-signs TLS).
+  The trainer target (`runtime`) installs the torch stack from ~/.cache/mmalign/wheels/<pins key>
+  (`pip download`ed once, bind-mounted with `--volume`), never from the network again.
 
-Archives are docker-archive tars (they carry the image name, which `ctr images import` keeps).
+Archives are docker-archive tars (they carry the image name, which `ctr images import` keeps); the
+trainer image is streamed into containerd instead (ensure_imported), never written as a file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from mmalign.devcluster import binaries, realnode
@@ -184,6 +189,105 @@ def export_archive(image: str) -> Path:
     return out
 
 
+def requirements(repo: Path) -> list[str]:
+    """Every pinned requirement of the trainer image: the build tools the Dockerfile installs first (its
+    SETUPTOOLS_VERSION/WHEEL_VERSION ARGs, read from it), then pyproject.toml's lines as its `pins` stage
+    extracts them. The wheel cache holds them all, so an install from it needs no index."""
+    args = dict(
+        re.findall(r"^ARG (SETUPTOOLS_VERSION|WHEEL_VERSION)=(\S+)", (repo / "Dockerfile").read_text(), re.M)
+    )
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    tools = [f"setuptools=={args['SETUPTOOLS_VERSION']}", f"wheel=={args['WHEEL_VERSION']}"]
+    return [*tools, *project["dependencies"], *extras["operator"], *extras["trainer"]]
+
+
+def wheels_dir(repo: Path) -> Path:
+    """The host's wheel cache for these pins (~/.cache/mmalign/wheels/<key>), downloaded once with
+    `pip download` (PyPI's torch is the CUDA build: 2.9 GiB with its nvidia-* wheels) and bind-mounted into
+    the image build, which installs from it with --no-index: a rebuild never downloads again."""
+    reqs = requirements(repo)
+    key = hashlib.sha256(("\n".join(reqs) + f"\ncp{sys.version_info[0]}{sys.version_info[1]}").encode())
+    out = binaries.cache_dir() / "wheels" / key.hexdigest()[:16]
+    if (out / "COMPLETE").exists():
+        return out
+    start = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    listing = out / "requirements.txt"
+    listing.write_text("\n".join(reqs) + "\n")
+    # deepspeed is an sdist: its metadata comes from its setup.py, which imports torch (the venv's).
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-build-isolation",
+        "-d",
+        str(out),
+        "-r",
+        str(listing),
+        env={**os.environ, "DS_BUILD_OPS": "0"},
+    )
+    (out / "COMPLETE").write_text("")
+    size = sum(p.stat().st_size for p in out.iterdir()) / 2**30
+    _log(
+        f"wheels for the trainer image downloaded in {time.monotonic() - start:.1f}s ({size:.2f} GiB) -> {out}"
+    )
+    return out
+
+
+def image_size(image: str) -> str:
+    """An image's size in buildah's storage, as buildah prints it ("6.51 GB": its layers, uncompressed)."""
+    return _run(
+        "buildah", *BUILDAH_FLAGS, "images", "--format", "{{.Size}}", image, env=_buildah_env()
+    ).strip()
+
+
+def has_image(layout: realnode.NodeLayout, image: str) -> bool:
+    """Whether the node's containerd holds `image` (its content survives `dev down`, see NodeLayout)."""
+    names = _run(layout.bin("ctr"), f"--address={layout.socket}", "-n", "k8s.io", "images", "ls", "-q")
+    return image in names.split()
+
+
+def ensure_imported(layout: realnode.NodeLayout, image: str) -> dict[str, float]:
+    """`image` in the node's containerd, streamed from buildah's storage unless containerd has it already.
+
+    No archive on disk: `buildah push` writes a docker-archive into a FIFO that `ctr images import`
+    reads (the trainer image is GBs: a file would cost that much disk again, on top of buildah's copy and
+    containerd's content + snapshot). Returns seconds taken, for the tests' report."""
+    if has_image(layout, image):
+        return {}
+    start = time.monotonic()
+    images_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=images_dir()) as tmp:
+        fifo = Path(tmp) / "image.tar"
+        os.mkfifo(fifo)
+        ctr = [layout.bin("ctr"), f"--address={layout.socket}", "-n", "k8s.io", "images", "import", str(fifo)]
+        importer = subprocess.Popen(
+            ["nice", "-n", "10", *ctr], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        push = ["buildah", *BUILDAH_FLAGS, "push", "--quiet", image, f"docker-archive:{fifo}:{image}"]
+        pushed = subprocess.run(
+            ["nice", "-n", "10", *push], capture_output=True, text=True, env=_buildah_env()
+        )
+        if pushed.returncode != 0:
+            # The importer may still wait for a writer to open the FIFO: open and close it (EOF).
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: no reader left
+                pass
+        out, err = importer.communicate()
+    if pushed.returncode != 0 or importer.returncode != 0:
+        raise RuntimeError(
+            f"streaming {image} into containerd failed: buildah push ({pushed.returncode}): "
+            f"{pushed.stderr[-2000:]}; ctr images import ({importer.returncode}): {(out + err)[-2000:]}"
+        )
+    timings = {"export+import": round(time.monotonic() - start, 1)}
+    _log(f"{image} streamed into containerd: {timings}")
+    return timings
+
+
 def content_key(repo: Path) -> str:
     """What the project image depends on: the Dockerfile, the pins and every packaged source file."""
     digest = hashlib.sha256()
@@ -209,6 +313,12 @@ def project_image(repo: Path, target: str = "runtime") -> str:
     ):
         return tag
     base = base_image()
+    # The trainer stack from the host's wheel cache, never from the network again (see wheels_dir).
+    wheels = (
+        [f"--volume={wheels_dir(repo)}:/wheels:ro", "--build-arg=WHEELS=/wheels"]
+        if target == "runtime"
+        else []
+    )
     start = time.monotonic()
     _run(
         "buildah",
@@ -223,6 +333,7 @@ def project_image(repo: Path, target: str = "runtime") -> str:
         # pip trusts its own certifi bundle, not the system store: point it at the base's store, which
         # holds this machine's CA files (see base_image).
         "--build-arg=PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
+        *wheels,
         f"--target={target}",
         "-t",
         tag,

@@ -24,7 +24,7 @@ from typing import Any
 
 from mmalign.devcluster import dns, kubeletserver, nodes, scheduling
 from mmalign.devcluster.kubeapi import ApiError, KubeApi, pod_path
-from mmalign.devcluster.podrunner import FAST_ANNOTATION, NodeContext, PodRun
+from mmalign.devcluster.podrunner import NodeContext, PodRun
 
 log = logging.getLogger("process-node")
 TERMINAL = ("Succeeded", "Failed")
@@ -281,9 +281,7 @@ class NodeAgent:
         node = pod["spec"]["nodeName"]
         wanted = int(scheduling.pod_requests(pod).get("nvidia.com/gpu", 0))
         gpus, self.free_gpus[node] = self.free_gpus[node][:wanted], self.free_gpus[node][wanted:]
-        notes = pod["metadata"].get("annotations") or {}
-        fast = self.config.get("fast", False) or notes.get(FAST_ANNOTATION) == "true"
-        run = PodRun(pod, self.contexts[node], self.addresses.allocate(), gpus, fast)
+        run = PodRun(pod, self.contexts[node], self.addresses.allocate(), gpus)
         self.runs[run.uid] = run
         return run
 

@@ -27,9 +27,6 @@ import yaml
 from mmalign.devcluster import dns, podspec
 from mmalign.devcluster.kubeapi import ApiError, KubeApi
 
-FAST_ANNOTATION = "devcluster.mmalign.io/fast"
-FAST_SECONDS_ANNOTATION = "devcluster.mmalign.io/fast-seconds"
-FAST_EXIT_ANNOTATION = "devcluster.mmalign.io/fast-exit-code"
 # "true": wildcard binds stay wildcard (the host's port space) instead of the pod's own address.
 HOST_PORTS_ANNOTATION = "devcluster.mmalign.io/host-ports"
 MAX_BACKOFF_SECONDS = 20.0  # the kubelet caps at 300 s; tests want crash loops to move faster
@@ -130,9 +127,9 @@ def pod_phase(restart_policy: str, init: list[ContainerRun], main: list[Containe
 
 
 class PodRun:
-    def __init__(self, pod: dict[str, Any], ctx: NodeContext, ip: str, gpus: list[int], fast: bool):
+    def __init__(self, pod: dict[str, Any], ctx: NodeContext, ip: str, gpus: list[int]):
         meta = pod["metadata"]
-        self.pod, self.ctx, self.ip, self.gpus, self.fast = pod, ctx, ip, gpus, fast
+        self.pod, self.ctx, self.ip, self.gpus = pod, ctx, ip, gpus
         self.uid, self.namespace, self.name = meta["uid"], meta["namespace"], meta["name"]
         self.root = ctx.pods_dir / f"{self.namespace}_{self.name}_{self.uid}"
         self.policy = pod["spec"].get("restartPolicy", "Always")
@@ -145,7 +142,6 @@ class PodRun:
         self.config_error = ""
         self.retry_prepare_at = 0.0
         self.kill_deadline: float | None = None
-        self.started_at = time.monotonic()
 
     # ------------------------------------------------------------ preparation (API reads, files)
 
@@ -156,11 +152,10 @@ class PodRun:
         try:
             for sub in ("volumes", "work", "home", "tmp", "logs"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-            if not self.fast:
-                secrets, configmaps = self._referenced_data()
-                self._write_volumes(secrets, configmaps)
-                self.secrets, self.configmaps = secrets, configmaps
-                self._write_kubeconfig()
+            secrets, configmaps = self._referenced_data()
+            self._write_volumes(secrets, configmaps)
+            self.secrets, self.configmaps = secrets, configmaps
+            self._write_kubeconfig()
             self.prepared, self.config_error = True, ""
         except (podspec.ContainerConfigError, ApiError) as err:
             self.config_error = str(err)
@@ -353,9 +348,6 @@ class PodRun:
             self.prepare()
             if not self.prepared:
                 return
-        if self.fast:
-            self._step_fast()
-            return
         now = time.monotonic()
         for run in self.init:
             self._poll(run)
@@ -374,23 +366,6 @@ class PodRun:
             self._kill_group(signal.SIGKILL)  # leftovers of a finished container die with it
             self.pgid = None  # and the number is never signalled again: the kernel may reuse it
             (self.root / "pgid").unlink(missing_ok=True)
-
-    def _step_fast(self) -> None:
-        """kwok-style: Running at once, then (unless restartPolicy is Always) done after fast-seconds."""
-        notes = self.pod["metadata"].get("annotations") or {}
-        for run in self.main + self.init:
-            if "waiting" in run.state:
-                run.state = {"running": {"startedAt": now_iso()}}
-        elapsed = time.monotonic() - self.started_at
-        if self.policy != "Always" and elapsed >= float(notes.get(FAST_SECONDS_ANNOTATION, "0")):
-            code = int(notes.get(FAST_EXIT_ANNOTATION, "0"))
-            for run in self.init:
-                run.state = {"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": now_iso()}}
-            for run in self.main:
-                if "running" in run.state:
-                    run.state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                                "startedAt": run.state["running"]["startedAt"],
-                                                "finishedAt": now_iso()}}
 
     # ------------------------------------------------------------ deletion
 

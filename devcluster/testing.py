@@ -8,7 +8,8 @@
 - `namespace` (function): a fresh namespace per test, with its default ServiceAccount ready; deleted after.
 - `dev_env` (function): os.environ patched with `dev_cluster.env`, for code that reads KUBECONFIG/AWS_*.
 
-Knobs: MMALIGN_TEST_NODES (default 2), MMALIGN_TEST_GPUS_PER_NODE (default 0).
+Knobs: MMALIGN_TEST_NODES (default 2), MMALIGN_TEST_GPUS_PER_NODE (default 0). tests/e2e's conftest
+replaces `dev_cluster` and `namespace` with the user's cluster when MMALIGN_KUBECONFIG is set.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def wait_pod_phase(dev: cluster.DevCluster, namespace: str, name: str, phases: t
 
 @pytest.fixture(scope="session")
 def dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.DevCluster]:
+    yield from started_dev_cluster(tmp_path_factory)
+
+
+def started_dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.DevCluster]:
+    """The body of `dev_cluster`, for a conftest whose own `dev_cluster` may use another cluster
+    (tests/e2e: the user's, with MMALIGN_KUBECONFIG)."""
     binaries.ensure_all()
     # Short path: SeaweedFS puts unix sockets in the state folder (108-byte limit on socket paths).
     state_dir = tmp_path_factory.mktemp("dev")

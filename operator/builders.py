@@ -20,19 +20,21 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmalign.api import jobfile, keys
+from mmalign.api import jobfile, keys, podtemplate
 from mmalign.api.groupversion import API_VERSION_FULL, KIND
 from mmalign.api.layout import StageName
 from mmalign.api.spec import AlignmentJobSpec, Resources
 
 FIELD_MANAGER = "mmalign-operator"
 MAX_NAME = 63  # DNS-1123 label: pod hostnames, Service names and label values are all limited to 63
-MASTER_PORT = 29500
-JOB_FILE_DIR = "/etc/mmalign"
+# The names of the operator's own parts of the pod live in mmalign.api.podtemplate: the spec's validation
+# refuses an overlay that changes them.
+MASTER_PORT = podtemplate.MASTER_PORT
+JOB_FILE_DIR = podtemplate.JOB_FILE_DIR
 JOB_FILE_KEY = "job.yaml"
 JOB_FILE = f"{JOB_FILE_DIR}/{JOB_FILE_KEY}"
-SCRATCH_DIR = "/var/lib/mmalign"  # emptyDir: downloads and checkpoint shards of this pod
-CONTAINER = "trainer"
+SCRATCH_DIR = podtemplate.SCRATCH_DIR  # emptyDir: downloads and checkpoint shards of this pod
+CONTAINER = podtemplate.TRAINER
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
 
@@ -104,7 +106,8 @@ def with_operator_defaults(
 ) -> dict[str, Any]:
     """A job's raw spec with the operator's defaults filled in (the chart's `trainer.image` and
     `trainer.podDefaults`, given as MMALIGN_TRAINER_IMAGE / MMALIGN_POD_DEFAULTS). The job's own
-    values win: maps merge key by key, env merges by name, tolerations add up, scalars are kept.
+    values win: maps merge key by key, env merges by name, tolerations add up, scalars are kept;
+    metadata and spec (the pod template fragment) merge strategically (podtemplate.strategic_merge).
     """
     merged = dict(spec)
     if trainer_image and not merged.get("image"):
@@ -115,7 +118,10 @@ def with_operator_defaults(
     template: dict[str, Any] = {}
     for key in set(pod_defaults) | set(own):
         default, value = pod_defaults.get(key), own.get(key)
-        if isinstance(default, dict) and isinstance(value, dict):
+        if key in ("metadata", "spec") and isinstance(default, dict) and isinstance(value, dict):
+            template[key] = podtemplate.strategic_merge(
+                default, value, podtemplate.pod_template_schema()["properties"][key])
+        elif isinstance(default, dict) and isinstance(value, dict):
             template[key] = {**default, **value}
         elif key == "env" and default and value:
             names = {item.get("name") for item in value}
@@ -184,8 +190,8 @@ def _env(job: JobRef, stage: StageName, attempt: int, node: int) -> list[dict[st
     spec = job.spec
     master = master_address(job, stage, attempt)
     ours: dict[str, str] = {
-        keys.ENV_NNODES: str(spec.resources.nodes),
-        keys.ENV_NPROC_PER_NODE: str(spec.resources.proc_per_node),
+        keys.ENV_NNODES: str(spec.stage_resources(stage).nodes),
+        keys.ENV_NPROC_PER_NODE: str(spec.stage_resources(stage).proc_per_node),
         keys.ENV_NODE_RANK: str(node),
         keys.ENV_MASTER_ADDR: master,
         keys.ENV_MASTER_PORT: str(MASTER_PORT),
@@ -206,10 +212,8 @@ def _env(job: JobRef, stage: StageName, attempt: int, node: int) -> list[dict[st
         ours["AWS_ENDPOINT_URL"] = spec.storage.endpoint
     if spec.storage.region:
         ours["AWS_DEFAULT_REGION"] = spec.storage.region
-    merged = dict(ours)
-    for variable in spec.pod_template.env:  # the spec refuses entries naming keys.RESERVED_ENV
-        merged[variable.name] = variable.value
-    return [{"name": name, "value": value} for name, value in merged.items()]
+    # podTemplate.env and the overlays' env come with the pod template fragment (build_pod)
+    return [{"name": name, "value": value} for name, value in ours.items()]
 
 
 def _quantities(values: dict[str, int | str]) -> dict[str, str]:
@@ -223,18 +227,21 @@ def stage_labels(job: JobRef, stage: str, attempt: int) -> dict[str, str]:
 def build_pod(
     job: JobRef, stage: StageName, attempt: int, node: int, options: BuildOptions = BuildOptions()
 ) -> dict[str, Any]:
+    """One pod of the gang: the operator's own pod, then the stage's pod template fragment merged over it
+    (spec.podTemplate's fields, metadata and spec, then stages.<stage>.podTemplate's; the spec's
+    validation refused any overlay that changes what the operator owns: podtemplate.protected_problems)."""
     spec = job.spec
-    template = spec.pod_template
+    resources = spec.stage_resources(stage)
     name = pod_name(job.name, stage, attempt, node)
     group = object_name(job.name, stage, attempt)
-    labels = {**template.labels, **stage_labels(job, stage, attempt), keys.LABEL_NODE_RANK: str(node)}
-    annotations = dict(template.annotations)
+    labels = {**stage_labels(job, stage, attempt), keys.LABEL_NODE_RANK: str(node)}
+    annotations: dict[str, str] = {}
     queue = job.labels.get(keys.KUEUE_QUEUE)
     if queue:
         # Kueue's pod-group integration admits the gang as one workload (all pods or none).
         labels[keys.KUEUE_QUEUE] = queue
         labels[keys.KUEUE_POD_GROUP] = group
-        annotations[keys.KUEUE_POD_GROUP_COUNT] = str(spec.resources.nodes)
+        annotations[keys.KUEUE_POD_GROUP_COUNT] = str(resources.nodes)
     metadata = _metadata(job, name, labels)
     if annotations:
         metadata["annotations"] = annotations
@@ -245,9 +252,9 @@ def build_pod(
         "env": _env(job, stage, attempt, node),
         "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
         "volumeMounts": [
-            {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "scratch", "mountPath": SCRATCH_DIR},
+            {"name": podtemplate.VOLUME_JOB, "mountPath": JOB_FILE_DIR, "readOnly": True},
+            {"name": podtemplate.VOLUME_SHM, "mountPath": podtemplate.SHM_DIR},
+            {"name": podtemplate.VOLUME_SCRATCH, "mountPath": SCRATCH_DIR},
         ],
         # A failing trainer writes one line `mmalign: <KIND> (exit N): <reason>` to /dev/termination-log;
         # when it could not (a crash, a signal, `mmalign launch` giving up on DNS), the kubelet uses the
@@ -256,41 +263,33 @@ def build_pod(
     }
     if spec.storage.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": spec.storage.credentials_secret}}]
-    resources = container_resources(spec.resources)
-    if resources:
-        container["resources"] = resources
+    requirements = container_resources(resources)
+    if requirements:
+        container["resources"] = requirements
+    fragment = spec.stage_pod_fragment(stage)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "hostname": name,  # pod names are cut to 63, so they are valid hostnames
         "subdomain": service_name(job.name),
         # SIGTERM -> SIGKILL: time for every rank to finish its step and commit a checkpoint of it
-        "terminationGracePeriodSeconds": template.termination_grace_period_seconds,
+        "terminationGracePeriodSeconds": spec.pod_template.termination_grace_period_seconds,
         "containers": [container],
         "volumes": [
-            {"name": "job", "configMap": {"name": config_map_name(job.name)}},
+            {"name": podtemplate.VOLUME_JOB, "configMap": {"name": config_map_name(job.name)}},
             # Container runtimes give /dev/shm 64 MiB; NCCL's shared-memory transport and DataLoader
             # workers need more ("Bus error" / NCCL shm errors otherwise): an in-memory emptyDir.
-            {"name": "dshm", "emptyDir": {"medium": "Memory", **({"sizeLimit": spec.resources.shm_size}
-                                                               if spec.resources.shm_size else {})}},
-            {"name": "scratch", "emptyDir": {}},
+            {"name": podtemplate.VOLUME_SHM, "emptyDir": {"medium": "Memory", **({"sizeLimit": resources.shm_size}
+                                                                            if resources.shm_size else {})}},
+            # An overlay's volume named `scratch` (a hostPath NVMe, a PVC) replaces this one.
+            {"name": podtemplate.VOLUME_SCRATCH, "emptyDir": {}},
         ],
     }
-    if template.service_account_name:
-        pod_spec["serviceAccountName"] = template.service_account_name
-    else:
+    if not fragment["spec"].get("serviceAccountName"):
         # The trainer talks to S3, never to the API server (progress goes through its log).
         pod_spec["automountServiceAccountToken"] = False
-    if template.node_selector:
-        pod_spec["nodeSelector"] = dict(template.node_selector)
-    if template.tolerations:
-        pod_spec["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in template.tolerations
-        ]
-    if template.priority_class_name:
-        pod_spec["priorityClassName"] = template.priority_class_name
-    if template.scheduler_name:
-        pod_spec["schedulerName"] = template.scheduler_name
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    merged: dict[str, Any] = podtemplate.strategic_merge(pod, fragment, podtemplate.pod_template_schema())
+    return merged
 
 
 def container_resources(resources: Resources) -> dict[str, dict[str, str]]:
@@ -312,7 +311,7 @@ def build_gang(
     job: JobRef, stage: StageName, attempt: int, options: BuildOptions = BuildOptions()
 ) -> list[dict[str, Any]]:
     """All pods of one stage attempt, node 0 first."""
-    return [build_pod(job, stage, attempt, node, options) for node in range(job.spec.resources.nodes)]
+    return [build_pod(job, stage, attempt, node, options) for node in range(job.spec.stage_resources(stage).nodes)]
 
 
 def build_attempt(

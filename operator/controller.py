@@ -35,6 +35,7 @@ from mmalign.operator.builders import (
     config_map_name,
     pod_name,
     service_name,
+    stage_labels,
     with_operator_defaults,
 )
 from mmalign.operator.kube import Kube, error_details, error_summary
@@ -59,6 +60,26 @@ from mmalign.operator.status import (
 )
 
 ACTIVE_PHASES: tuple[JobPhase, ...] = ("Pending", "Running", "Restarting")
+
+
+def whole_gangs(job: JobRef, names: Iterable[str], pods: Iterable[PodView]) -> tuple[list[str], list[str]]:
+    """Split pods to delete into label selectors of whole gangs (one DELETE of a collection each) and
+    single pod names. A gang (stage, attempt) is deleted by selector when every unfinished pod of it the
+    index shows is among `names`: a gang restart of 256 pods is one request instead of 256, and a pod the index has
+    not seen yet goes with its gang."""
+    wanted = set(names)
+    gangs: dict[tuple[str, int], list[str]] = {}
+    for pod in pods:
+        if not pod.deleting and not pod.finished:
+            gangs.setdefault((pod.stage, pod.attempt), []).append(pod.name)
+    selectors, covered = [], set()
+    for (stage, attempt), members in sorted(gangs.items()):
+        # Its finished pods go too: the plan keeps none of a gang it tears down (the failed pod of a
+        # restarted gang is an earlier attempt's pod at the next pass, deleted as such).
+        if len(members) > 1 and wanted.issuperset(members):
+            selectors.append(",".join(f"{k}={v}" for k, v in stage_labels(job, stage, attempt).items()))
+            covered.update(members)
+    return selectors, sorted(wanted - covered)
 
 
 @dataclass(frozen=True)
@@ -168,7 +189,7 @@ class JobController:
         )
         previous = self.status
         plan = reconcile(observation, previous)
-        refused_create = await self._act(plan, job)
+        refused_create = await self._act(plan, job, mine)
         if refused_create is not None:
             # The status says so now (not after minutes of silent retries); the gang is planned again.
             self.logger.warning(refused_create.message)
@@ -237,7 +258,7 @@ class JobController:
         if not isinstance(entry, StageStatus) or not entry.pods_created or self.status.phase not in ACTIVE_PHASES:
             return pods
         have = {p.name for p in pods}
-        expected = [pod_name(self.name, stage, entry.attempt, n) for n in range(spec.resources.nodes)]
+        expected = [pod_name(self.name, stage, entry.attempt, n) for n in range(spec.stage_resources(stage).nodes)]
         missing = [n for n in expected if n not in have]
         found = await asyncio.gather(*(self.kube.get_pod(self.namespace, n) for n in missing))
         return pods + [observe_pod(p) for p in found if p is not None]
@@ -270,10 +291,13 @@ class JobController:
 
     # ------------------------------------------------------------------------------ act
 
-    async def _act(self, plan: Plan, job: JobRef) -> CreateFailure | None:
+    async def _act(self, plan: Plan, job: JobRef, pods: list[PodView]) -> CreateFailure | None:
         """Run the plan's actions; an API error creating a child is returned (the status reports it)."""
         for delete in (a for a in plan.actions if a.kind == "delete_pods"):
-            await self.kube.delete_pods(self.namespace, delete.pods, grace_seconds=delete.grace_seconds)
+            selectors, single = whole_gangs(job, delete.pods, pods)
+            await self.kube.gather([
+                *(self.kube.delete_pod_collection(self.namespace, s, delete.grace_seconds) for s in selectors),
+                self.kube.delete_pods(self.namespace, single, grace_seconds=delete.grace_seconds)])
         for action in plan.actions:
             if action.kind == "create_gang":
                 assert action.stage, action  # reconcile always names the stage of a gang

@@ -167,9 +167,11 @@ def classify(pod: PodView, retryable_exit_codes: Iterable[int]) -> Failure:
         detail += f" ({pod.reason})"
     if pod.message:
         detail += f": {conditions.shorten(pod.message)}"  # head and tail kept
+    if pod.reason == conditions.OOM_KILLED:
+        # Whatever the code: the kernel killed a process of the container for its memory limit, and which
+        # one it picked (a worker, torchrun's agent) decides the code (137, or a parent's own exit).
+        return Failure(True, conditions.OOM_KILLED, f"{detail}: {oom_advice(pod.memory_limit)}", pod.name, code)
     if code >= 128:
-        if pod.reason == conditions.OOM_KILLED:
-            return Failure(True, conditions.OOM_KILLED, f"{detail}: {oom_advice(pod.memory_limit)}", pod.name, code)
         return Failure(True, conditions.signal_reason(code - 128), detail, pod.name, code)
     reason = conditions.exit_reason(code)
     if code in set(retryable_exit_codes):
@@ -300,7 +302,9 @@ def classify_create_error(code: int | None, api_reason: str, message: str, kind:
 ALWAYS_SAFE = ("runPolicy",)
 # Safe while no gang runs (before the first pod, or suspended): the next gang is built from them.
 # This is how Kueue injects node selectors/tolerations into a suspended job before admitting it.
-SAFE_WITHOUT_PODS = ("podTemplate", "resources.requests", "resources.limits", "image")
+SAFE_WITHOUT_PODS = ("podTemplate", "resources.requests", "resources.limits", "image",
+                     *(f"stages.{stage}.{part}" for stage in ("reward", "score", "dpo")
+                       for part in ("podTemplate", "resources.requests", "resources.limits")))
 
 
 def changed_paths(old: Any, new: Any, prefix: str = "") -> list[str]:

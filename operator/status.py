@@ -233,12 +233,12 @@ class _Reconciler:
                 plan.soon(SOON)
                 return False
             plan.actions.append(Action("create_gang", stage=name, attempt=entry.attempt))
-            nodes = spec.resources.nodes
+            nodes = spec.stage_resources(name).nodes
             if entry.start_time is None:
                 entry.start_time = self.stamp
                 status.progress = ""
                 self.event("Normal", conditions.EVENT_STAGE_STARTED,
-                           f"stage {name}: {nodes} pods x {spec.resources.proc_per_node} processes")
+                           f"stage {name}: {nodes} pods x {spec.stage_resources(name).proc_per_node} processes")
             if entry.phase != "Restarting":
                 entry.phase = "Pending"
             entry.pods_created = True
@@ -253,9 +253,9 @@ class _Reconciler:
         seen = {p.node_rank for p in current}
         views = current + [
             PodView(pod_name(self.obs.job_name, name, entry.attempt, node), name, entry.attempt, node, MISSING)
-            for node in range(spec.resources.nodes) if node not in seen
+            for node in range(spec.stage_resources(name).nodes) if node not in seen
         ]
-        gang = gang_state(views, spec.resources.nodes, spec.run_policy, self.now)
+        gang = gang_state(views, spec.stage_resources(name).nodes, spec.run_policy, self.now)
         self.progress(name, entry)
         self.clear(conditions.CREATE_FAILED, conditions.CHILDREN_CREATED, f"stage {name}: attempt {entry.attempt} created")
         self.pending(name, entry, current if gang.state in ("Pending", "Running", "Settling") else [])
@@ -288,7 +288,7 @@ class _Reconciler:
             return True
         if gang.state in ("Running", "Settling"):
             entry.phase = "Running"
-            entry.message = f"attempt {entry.attempt}: {gang.running}/{spec.resources.nodes} pods running"
+            entry.message = f"attempt {entry.attempt}: {gang.running}/{spec.stage_resources(name).nodes} pods running"
             if status.phase != "Running":
                 self.event("Normal", conditions.EVENT_RUNNING, f"stage {name}: {entry.message}")
             status.phase = "Running"
@@ -320,7 +320,7 @@ class _Reconciler:
         shown = "; ".join(f"pod {p.name}: {p.reason}{': ' + p.message if p.message else ''}" for p in stuck[:3])
         more = len(stuck) - 3
         message = conditions.shorten(
-            f"stage {name} attempt {entry.attempt}: {len(entry.pending_pods)}/{self.spec.resources.nodes} pods "
+            f"stage {name} attempt {entry.attempt}: {len(entry.pending_pods)}/{self.spec.stage_resources(name).nodes} pods "
             f"pending; {shown}" + (f"; and {more} more" if more > 0 else ""))
         before = next((c for c in self.status.conditions if c.type == conditions.PODS_PENDING), None)
         was = (before.status, before.reason) if before else None
@@ -369,7 +369,7 @@ class _Reconciler:
         marker, resuming = layout.resume_point(spec.storage.uri, name)  # score: its finished shards
         if marker and not entry.last_checkpoint:
             entry.last_checkpoint = marker
-        entry.message = (f"{why}; restarting all {spec.resources.nodes} pods as attempt {entry.attempt} "
+        entry.message = (f"{why}; restarting all {spec.stage_resources(name).nodes} pods as attempt {entry.attempt} "
                          f"({counted}), {resuming}")
         status.phase = "Restarting"
         status.message = f"stage {name}: {entry.message}"

@@ -77,6 +77,37 @@ def _message(error: Any) -> str:  # pydantic's ErrorDetails
     return msg
 
 
+_RELATIVE = re.compile(r"^([A-Za-z][\w.\[\]/-]*): (.+)$")  # `containers[0].env[1]: why`
+
+
+def _located(node: yaml.Node, loc: tuple[Any, ...], message: str) -> list[tuple[tuple[Any, ...], str]]:
+    """A check over a whole subtree (a pod template fragment, the spec's cross-field checks) reports
+    `sub.path[0].field: why; ...` relative to its location: one problem per part, at its own path and line."""
+    out = []
+    for part in message.split("; "):
+        match = _RELATIVE.match(part)
+        keys = tuple(int(k) if k.isdigit() else k for k in re.findall(r"[^.\[\]]+", match[1])) if match else ()
+        if match and _has_path(node, loc + keys[:1]):
+            out.append((loc + keys, match[2]))
+        else:
+            out.append((loc, part))
+    return out
+
+
+def _has_path(node: yaml.Node, loc: tuple[Any, ...]) -> bool:
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next((v for k, v in node.value if k.value == key), None)
+            if found is None:
+                return False
+            node = found
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            return False
+    return True
+
+
 def validate_document(file: str, node: yaml.Node, data: Any) -> list[Problem]:
     """All problems of one YAML document."""
     problems: list[Problem] = []
@@ -84,9 +115,9 @@ def validate_document(file: str, node: yaml.Node, data: Any) -> list[Problem]:
         AlignmentJobManifest.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            loc = tuple(error["loc"])
-            line = _node_at(node, loc).start_mark.line + 1
-            problems.append(Problem(file, line, _path(loc), _message(error)))
+            for loc, message in _located(node, tuple(error["loc"]), _message(error)):
+                line = _node_at(node, loc).start_mark.line + 1
+                problems.append(Problem(file, line, _path(loc), message))
     name = data.get("metadata", {}).get("name") if isinstance(data, dict) else None
     if isinstance(name, str) and name and not NAME_RE.match(name) or isinstance(name, str) and len(name) > 63:
         line = _node_at(node, ("metadata", "name")).start_mark.line + 1

@@ -122,6 +122,30 @@ BAD_SPECS: list[tuple[str, str, str]] = [
     ("startup timeout 0", _with("spec.runPolicy", {"startupTimeoutSeconds": 0}),
      "spec.runPolicy.startupTimeoutSeconds"),
     ("negative maxDisruptions", _with("spec.runPolicy", {"maxDisruptions": -1}), "spec.runPolicy.maxDisruptions"),
+    # evaluation as part of a job (issue 17)
+    ("empty evalData", _with("spec.stages.reward.evalData", ""), "spec.stages.reward.evalData"),
+    ("evalMaxPairs 0", _with("spec.stages.reward.evalMaxPairs", 0), "spec.stages.reward.evalMaxPairs"),
+    ("win rate maxNewTokens 0", _with("spec.stages.dpo.winRate", {"maxNewTokens": 0}),
+     "spec.stages.dpo.winRate.maxNewTokens"),
+    ("win rate misspelt field", _with("spec.stages.dpo.winRate", {"prompts": 8}), "spec.stages.dpo.winRate.prompts"),
+    # the pod template overlay (issue 18): the real PodSpec schema, and the operator's parts refused by CEL
+    ("pod spec unknown field", _with("spec.podTemplate", {"spec": {"afinity": {}}}), "spec.podTemplate.spec.afinity"),
+    ("pod spec wrong type", _with("spec.podTemplate", {"spec": {"securityContext": {"runAsUser": "root"}}}),
+     "spec.podTemplate.spec.securityContext.runAsUser"),
+    ("secretKeyRef without key", _with("spec.podTemplate", {"spec": {"containers": [{"name": "trainer", "env": [
+        {"name": "HF_HOME", "valueFrom": {"secretKeyRef": {"name": "hf"}}}]}]}}),
+     "spec.podTemplate.spec.containers[0].env[0].valueFrom.secretKeyRef.key"),
+    ("duplicate env name", _with("spec.podTemplate", {"spec": {"containers": [{"name": "trainer", "env": [
+        {"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}]}}), "spec.podTemplate.spec.containers[0].env[1]"),
+    ("trainer command overlaid", _with("spec.podTemplate", {"spec": {"containers": [
+        {"name": "trainer", "command": ["bash"]}]}}), "spec.podTemplate.spec.containers[0]"),
+    ("sidecar without image", _with("spec.stages.dpo.podTemplate", {"spec": {"containers": [{"name": "proxy"}]}}),
+     "spec.stages.dpo.podTemplate.spec.containers[0]"),
+    ("restartPolicy overlaid", _with("spec.podTemplate", {"spec": {"restartPolicy": "Always"}}),
+     "spec.podTemplate.spec"),
+    ("the dshm volume overlaid", _with("spec.podTemplate", {"spec": {"volumes": [{"name": "dshm", "emptyDir": {}}]}}),
+     "spec.podTemplate.spec.volumes[0]"),
+    ("stage nodes 0", _with("spec.stages.reward.resources", {"nodes": 0}), "spec.stages.reward.resources.nodes"),
 ]
 
 # Rejected by `mmalign validate` (and by the operator at once, InvalidSpec) but not by the API server:
@@ -135,4 +159,13 @@ VALIDATE_ONLY_SPECS: list[tuple[str, str, str]] = [
         "config": {"train_micro_batch_size_per_gpu": 4}}), "deepspeed.config.train_micro_batch_size_per_gpu"),
     ("deepspeed.config contradicts the batch size", _with("spec.deepspeed", {"config": {"train_batch_size": 64}}),
      "deepspeed.config.train_batch_size"),
+    # the pod template overlay: CEL rules over the unbounded upstream env/volumeMounts/ports lists would exceed
+    # the API server's cost budget, and a resource overlay conflicts with spec.resources, which CEL cannot see
+    ("torchrun env overlaid", _with("spec.podTemplate", {"spec": {"containers": [{"name": "trainer", "env": [
+        {"name": "PET_NODE_RANK", "value": "3"}]}]}}), "spec.podTemplate.spec.containers[0].env[0]: PET_NODE_RANK"),
+    ("/dev/shm mount overlaid", _with("spec.podTemplate", {"spec": {"containers": [{"name": "trainer", "volumeMounts": [
+        {"name": "big", "mountPath": "/dev/shm"}]}]}}), "spec.podTemplate.spec.containers[0].volumeMounts[0]"),
+    ("GPUs overlaid beside resources", _with("spec.podTemplate", {"spec": {"containers": [{"name": "trainer",
+        "resources": {"limits": {"nvidia.com/gpu": 2}}}]}}),
+     "spec.podTemplate.spec.containers[0].resources.limits.nvidia.com/gpu: the operator sets it"),
 ]

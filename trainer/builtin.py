@@ -17,6 +17,11 @@ others, so the preference cannot be learned from the text alone: it depends on t
 folder (`$MMALIGN_CACHE`, default ~/.cache/mmalign) and read like any JSONL file.
 
     python -m mmalign.trainer.builtin export synthetic-colors ./colors   # JSONL + images, e.g. for S3
+
+Datasets `builtin://synthetic-shapes` and `builtin://synthetic-shapes-ranked` (synthetic.py): the
+controlled task of docs/paper.md — one coloured shape per image, responses with 0-3 wrong details
+(graded difficulty), critiques naming each wrong detail, 10% flipped pairs (`?noise=`), `?queries=`
+for the size, the ranked multi-response layout for the second name.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from mmalign.api import keys
+from mmalign.trainer import synthetic
 
 MODELS = {  # name -> (architecture, size preset in tiny.SIZES)
     "tiny-qwen2-vl": ("qwen2-vl", "tiny"),
@@ -44,12 +50,18 @@ MODELS = {  # name -> (architecture, size preset in tiny.SIZES)
     "random-llava-onevision-0.5b": ("llava-onevision", "0.5b"),
     "random-text-0.5b": ("text", "0.5b"),
 }
-DATASETS = ("synthetic-colors",)
+DATASETS = ("synthetic-colors", "synthetic-shapes", "synthetic-shapes-ranked")
 _DATASET_VERSION = "v2"  # bump when the generator changes: the cache folder name includes it
 
 COLOURS = {
-    "red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 220, 40),
-    "purple": (130, 40, 170), "orange": (245, 140, 20), "white": (245, 245, 245), "black": (15, 15, 15),
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 220, 40),
+    "purple": (130, 40, 170),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
 }
 QUERIES_PER_COLOUR = 12
 PAIRS_PER_QUERY = 3
@@ -137,15 +149,17 @@ def _texts(category: str, colour: str, other: str, rng: random.Random) -> tuple[
     if category == "short":
         return "What colour is the image?", f"The image is {colour}.", f"The image is {other}."
     if category == "long":
-        return ("Describe the image.", f"The whole image is filled with a {colour} colour.",
-                f"The whole image is filled with a {other} colour.")
+        return (
+            "Describe the image.",
+            f"The whole image is filled with a {colour} colour.",
+            f"The whole image is filled with a {other} colour.",
+        )
     options = [colour, other, *rng.sample([n for n in COLOURS if n not in (colour, other)], 2)]
     rng.shuffle(options)
     letters = "ABCD"
     choices = "\n".join(f"{letter}: {name}" for letter, name in zip(letters, options, strict=True))
     prompt = f"Which colour is the image?\nChoices:\n{choices}"
-    return (prompt, f"Answer: {letters[options.index(colour)]}",
-            f"Answer: {letters[options.index(other)]}")
+    return (prompt, f"Answer: {letters[options.index(colour)]}", f"Answer: {letters[options.index(other)]}")
 
 
 def _image(colour: tuple[int, int, int], key: str) -> Any:
@@ -159,13 +173,19 @@ def _image(colour: tuple[int, int, int], key: str) -> Any:
     return image
 
 
-def export_dataset(name: str, folder: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write `pairs.jsonl` and the images into `folder`; returns the JSONL path."""
+def export_dataset(
+    name: str, folder: str | os.PathLike[str], seed: int = 0, options: dict[str, str] | None = None
+) -> Path:
+    """Write `pairs.jsonl` and the images into `folder`; returns the JSONL path. `options`: the URI's
+    `queries` and `noise` for the synthetic-shapes sets (ValueError naming a bad one)."""
     if name.startswith("builtin://"):
-        name = parse(name)[0]
+        name, options = parse(name)
+        seed = int(options.get("seed", seed))
     if name not in DATASETS:
         raise ValueError(f"unknown built-in dataset {name!r}; known: {', '.join(DATASETS)}")
     root = Path(folder)
+    if name in synthetic.NAMES:
+        return synthetic.export(name, root, seed, **_shape_options(name, options or {}))
     root.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
     with open(root / "pairs.jsonl", "w", encoding="utf-8") as f:
@@ -176,6 +196,22 @@ def export_dataset(name: str, folder: str | os.PathLike[str], seed: int = 0) -> 
                 _image(colour, f"{seed}-{path}").save(root / path)
                 written.add(path)
     return root / "pairs.jsonl"
+
+
+def _shape_options(name: str, options: dict[str, str]) -> dict[str, Any]:
+    unknown = sorted(set(options) - {"seed", "queries", "noise"})
+    if unknown:
+        raise ValueError(f"builtin://{name}: unknown option {unknown[0]!r}; known: seed, queries, noise")
+    try:
+        out: dict[str, Any] = {
+            "count": int(options.get("queries", synthetic.DEFAULT_QUERIES)),
+            "noise": float(options.get("noise", synthetic.DEFAULT_NOISE)),
+        }
+    except ValueError as error:
+        raise ValueError(f"builtin://{name}: queries must be an integer, noise a number ({error})") from None
+    if out["count"] < 1:
+        raise ValueError(f"builtin://{name}: queries must be >= 1, got {out['count']}")
+    return out
 
 
 def cache_dir() -> Path:
@@ -191,11 +227,17 @@ def dataset_file(uri: str) -> str:
     if name not in DATASETS:
         raise ValueError(f"{uri} is a model, not a dataset")
     seed = int(options.get("seed", 0))
-    target = cache_dir() / "builtin" / f"{name}-{_DATASET_VERSION}-seed{seed}"
+    folder = f"{name}-{_DATASET_VERSION}-seed{seed}"
+    if name in synthetic.NAMES:
+        shape = _shape_options(name, options)
+        folder = f"{name}-{synthetic.VERSION}-seed{seed}-q{shape['count']}" + (
+            "" if name.endswith("-ranked") else f"-n{shape['noise']:g}"
+        )
+    target = cache_dir() / "builtin" / folder
     if not (target / "pairs.jsonl").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        export_dataset(name, scratch, seed)
+        export_dataset(name, scratch, seed, options)
         try:
             os.rename(scratch, target)
         except OSError:  # another process finished first

@@ -8,6 +8,7 @@ template is read from the processor once) and turns preference pairs (or ready `
     batch = collator.reward(pairs, critique=True)          # RM: + annotated critique tokens
     batch = collator.reward(pairs, critiques=generated)    # RM: + the given (chosen, rejected) critiques
     batch = collator.generation(pairs)                     # left-padded critique-generation prompts
+    batch = collator.prompts(pairs)                        # left-padded prompts alone, 1 row per pair
     chosen, rejected = batch.split(logps)                  # (2B, ...) per-row values -> (B, ...) halves
 
 Row order is always [chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]: `Batch.split` is the
@@ -17,7 +18,9 @@ Images are processed ONCE per pair. `Batch.vision` holds the processor's pixel t
 only; `logprobs.forward_hidden` runs the vision encoder on them once and hands the resulting features
 to the language model for both rows of every pair (`mm_encoder_outputs`, transformers >= 5): one
 vision pass per pair and model instead of TRL's two (so 2 instead of 4 per pair with a reference model,
-1 with precomputed reference log-probs). Per architecture:
+1 with precomputed reference log-probs). The language model then runs each row whole, or, with prefix
+sharing (prefix.py, the DPO stage's default), once per pair: `prefix.share(batch)` packs a pair's two
+rows after one copy of their shared prompt. Per architecture:
   * Qwen2-VL / Qwen2.5-VL: features are per-image token rows; the language model also gets
     `image_grid_thw` repeated per row (for its 3-D RoPE positions) and `mm_token_type_ids`.
   * LLaVA-OneVision: features are the packed anyres tiles + newline tokens per image; repeated per row.
@@ -79,6 +82,7 @@ class Batch:
     vision: dict[str, torch.Tensor]  # processor pixel inputs for the P pairs (not duplicated)
     repeats: int  # rows k*P + i use pair i's images, k < repeats
     kind: str  # "qwen" | "llava" | "text"
+    pad_token_id: int = 0  # what fills padded positions (prefix.share pads its packed rows with it)
 
     @property
     def rows(self) -> int:
@@ -201,6 +205,7 @@ def _pad(
         vision=vision,
         repeats=repeats,
         kind=kind,
+        pad_token_id=pad_id,
     )
 
 
@@ -324,6 +329,16 @@ class Collator:
             ),
             left=True,
         )
+
+    def prompts(self, items: Sequence[Example | PreferencePair]) -> Batch:
+        """Left-padded response-generation prompts: each pair's prompt alone (ending in the template's
+        generation prompt), ONE row per pair (repeats 1: `split` does not apply). The win-rate
+        evaluation (evaluation.py) feeds `batch.model_inputs()` to the policy's and the reference's
+        `generate`; new tokens start at column `batch.input_ids.shape[1]`."""
+        rows, vision = self._encode(self.examples(items), lambda example, side, index, prompt: list(prompt))
+        rows = rows[: len(rows) // 2]  # _encode makes a chosen and a rejected row; both are the prompt here
+        batch = _pad(rows, self.template.pad_token_id, self.template.kind, 1, vision, left=True)
+        return batch if self.device is None else batch.to(self.device)
 
     def keep_fitting(
         self,

@@ -163,17 +163,18 @@ class CpuRefused(Exception):
     exit_code = ExitCode.CONFIG_ERROR
 
 
-def cpu_refusal(spec: Any, cuda: bool, allow_cpu: bool) -> str | None:
+def cpu_refusal(spec: Any, cuda: bool, allow_cpu: bool, stage: str | None = None) -> str | None:
     """Why this job must not run here, or None. A job is GPU-shaped when its pods get GPUs
     (`Resources.gpus_per_node()`: nvidia.com/gpu defaults to procPerNode) or it asks for bf16: on a
     process without CUDA it would silently train on CPU with gloo, orders of magnitude slower."""
     if cuda or allow_cpu:
         return None
-    gpus = spec.resources.gpus_per_node()
+    resources = spec.stage_resources(stage) if stage else spec.resources  # stages.<stage>.resources
+    gpus = resources.gpus_per_node()
     wants = []
     if gpus > 0:
-        name = spec.resources.gpu_resource()[0]
-        wants.append(f"{gpus} {name} per pod" + ("" if _gpus_written(spec.resources) else " (= procPerNode)"))
+        name = resources.gpu_resource()[0]
+        wants.append(f"{gpus} {name} per pod" + ("" if _gpus_written(resources) else " (= procPerNode)"))
     if spec.deepspeed.bf16:
         wants.append("deepspeed.bf16")
     if not wants:
@@ -188,9 +189,9 @@ def _gpus_written(resources: Any) -> bool:
     return any(name.endswith("/gpu") for name in (*resources.requests, *resources.limits))
 
 
-def check_device(spec: Any) -> None:
-    """Refuse a GPU-shaped job on a machine without CUDA (CpuRefused) unless MMALIGN_ALLOW_CPU=1."""
-    reason = cpu_refusal(spec, torch.cuda.is_available(), os.environ.get(keys.ENV_ALLOW_CPU, "") == "1")
+def check_device(spec: Any, stage: str | None = None) -> None:
+    """Refuse a GPU-shaped stage on a machine without CUDA (CpuRefused) unless MMALIGN_ALLOW_CPU=1."""
+    reason = cpu_refusal(spec, torch.cuda.is_available(), os.environ.get(keys.ENV_ALLOW_CPU, "") == "1", stage)
     if reason:
         raise CpuRefused(reason)
 

@@ -30,9 +30,11 @@ from mmalign.trainer.context import Context, say
 
 Identity = dict[str, Any]
 
-# Spec fields of a training stage that do not shape its output (when checkpoints are due, how often to
-# evaluate): changing them reuses the output.
-NOT_SHAPING = frozenset({"checkpoint", "evalEverySteps"})
+# Spec fields of a training stage that do not shape its output (when checkpoints are due, how often and
+# on what to evaluate; where its pods run and their size, like spec.podTemplate/spec.resources): changing
+# them reuses the output (a finished stage is not evaluated again).
+NOT_SHAPING = frozenset({"checkpoint", "evalEverySteps", "evalData", "evalMaxPairs", "winRate",
+                         "podTemplate", "resources"})
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 

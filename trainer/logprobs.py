@@ -2,6 +2,11 @@
 
     hidden = logprobs.forward_hidden(model, batch)                    # (R, T, H), vision once per pair
     out = logprobs.sequence_logprobs(model, hidden, batch)            # out.logps (R,), out.tokens (R,)
+    out = logprobs.policy_logprobs(model, batch, prefix_sharing=True) # the same, one prompt pass per pair
+
+With `prefix_sharing` (prefix.py, the DPO stage's default: stages.dpo.prefixSharing) a pair's chosen
+and rejected rows are packed into ONE sequence after their shared prompt (block attention mask, each
+token at its plain row's position); the results are the plain path's to float tolerance.
 
 The naive way (TRL, the MM-RLHF reference loop) computes `model(...).logits.float()`: R·T·V floats
 (2 rows x 2048 tokens x 152k vocab = 2.5 GB in float32 per pair) and keeps them for backward. Here the
@@ -26,6 +31,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mmalign.trainer.collate import Batch
+from mmalign.trainer.prefix import Layout, share
 
 
 def _backbone(model: Any) -> Any:
@@ -33,8 +39,9 @@ def _backbone(model: Any) -> Any:
     return model.model
 
 
-def encode_vision(model: Any, batch: Batch) -> dict[str, Any] | None:
-    """Run the vision encoder ONCE per pair; repeat its features for every row of the pair."""
+def encode_vision(model: Any, batch: Batch, repeats: int | None = None) -> dict[str, Any] | None:
+    """Run the vision encoder ONCE per pair; repeat its features for every row of the pair (`repeats`
+    times, default batch.repeats; 1 for a prefix-shared batch, whose image tokens appear once)."""
     if not batch.vision:
         return None
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -59,12 +66,55 @@ def encode_vision(model: Any, batch: Batch) -> dict[str, Any] | None:
         )
     # One (tokens, H) tensor per image/video, pair order; HF types pooler_output as a Tensor, the VLMs'
     # get_*_features return a per-item tuple here.
-    return {kind: BaseModelOutputWithPooling(pooler_output=tuple(list(out.pooler_output) * batch.repeats))  # type: ignore[arg-type]
+    times = batch.repeats if repeats is None else repeats
+    return {kind: BaseModelOutputWithPooling(pooler_output=tuple(list(out.pooler_output) * times))  # type: ignore[arg-type]
             for kind, out in outputs.items()}
 
 
-def forward_hidden(model: Any, batch: Batch) -> torch.Tensor:
-    """(R, T, H) last hidden states of every row; the vision tower runs once per pair."""
+def row_positions(model: Any, batch: Batch) -> torch.Tensor:
+    """Each real token's position in its plain row: (R, T) 1-D positions (real tokens counted, so
+    left and right padding give the same), or Qwen2-VL / Qwen2.5-VL's (3, R, T) mRoPE positions from
+    the model's own `get_rope_index` (what its forward computes when given no positions)."""
+    grids = {key: torch.cat([batch.vision[key]] * batch.repeats)
+             for key in ("image_grid_thw", "video_grid_thw") if key in batch.vision}
+    if batch.kind == "qwen" and grids and batch.mm_token_type_ids is not None:
+        positions: torch.Tensor = _backbone(model).get_rope_index(
+            batch.input_ids, mm_token_type_ids=batch.mm_token_type_ids, attention_mask=batch.attention_mask,
+            **grids)[0]
+        return positions
+    real = batch.attention_mask.long()
+    return (real.cumsum(dim=1) - 1).clamp(min=0)  # (R, T)
+
+
+def _attention_mask(model: Any, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """The packed batch's (B, 1, S, S) mask as the model's attention kernel takes it: boolean for
+    SDPA, additive for eager. transformers hands a 4-D mask to the kernel as it is."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    implementation = getattr(config, "_attn_implementation", None) or "sdpa"
+    allowed = layout.allowed()
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    raise ValueError(
+        f"prefix sharing needs an attention implementation that takes a 4-D mask (sdpa or eager), the "
+        f"model uses {implementation!r}; set stages.dpo.prefixSharing: false"
+    )
+
+
+def vision_token_ids(model: Any) -> frozenset[int]:
+    """The model's image/video placeholder token ids (prefix.share keeps them in the shared prompt)."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    found = (getattr(model.config, name, None) for name in names)
+    return frozenset(int(value) for value in found if value is not None)
+
+
+def forward_hidden(model: Any, batch: Batch, layout: Layout | None = None) -> torch.Tensor:
+    """(R, T, H) last hidden states of every row; the vision tower runs once per pair. With a
+    prefix-sharing `layout`: (B, S, H), one packed row per pair (prefix.py)."""
+    if layout is not None:
+        return _forward_shared(model, batch, layout)
     kwargs: dict[str, Any] = batch.text_inputs()
     features = encode_vision(model, batch)
     if features is not None:
@@ -75,6 +125,19 @@ def forward_hidden(model: Any, batch: Batch) -> torch.Tensor:
                     kwargs[key] = torch.cat([batch.vision[key]] * batch.repeats)
     kwargs["use_cache"] = False
     return _backbone(model)(**kwargs).last_hidden_state
+
+
+def _forward_shared(model: Any, batch: Batch, layout: Layout) -> torch.Tensor:
+    """(B, S, H): one forward of the packed pairs; positions gathered from the plain rows'."""
+    backbone = _backbone(model)
+    positions = layout.gather(row_positions(model, batch))  # (B, S) or (3, B, S)
+    mask = _attention_mask(model, layout, backbone.get_input_embeddings().weight.dtype)  # (B, 1, S, S)
+    kwargs: dict[str, Any] = {"input_ids": layout.input_ids, "position_ids": positions, "attention_mask": mask,
+                              "use_cache": False}
+    features = encode_vision(model, batch, repeats=1)
+    if features is not None:
+        kwargs["mm_encoder_outputs"] = features  # Qwen: the positions given, so no grids or token types needed
+    return backbone(**kwargs).last_hidden_state
 
 
 @dataclasses.dataclass
@@ -93,16 +156,20 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
 
 
 def token_logprobs(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int = 1024, layout: Layout | None = None) -> torch.Tensor:
     """(R, T) log p(input_ids[:, t] | < t) at positions where `mask` is set, 0 elsewhere.
 
     Position t's token is predicted from hidden[:, t-1]; position 0 is never scored. Only the N masked
-    positions reach the LM head, in chunks of `chunk_size` positions (across rows)."""
+    positions reach the LM head, in chunks of `chunk_size` positions (across rows). With a `layout`,
+    `hidden` is the packed (B, S, H) and row r's column t-1 is read where the layout put it."""
     head = model.get_output_embeddings()
     target_mask = mask.clone()
     target_mask[:, 0] = False
     rows, cols = target_mask.nonzero(as_tuple=True)  # (N,), (N,) only the scored positions
-    states = hidden[rows, cols - 1]  # (N, H)
+    if layout is None:
+        states = hidden[rows, cols - 1]  # (N, H)
+    else:
+        states = hidden[layout.pair_of_row(rows), layout.slot[rows, cols - 1]]  # (N, H)
     targets = input_ids[rows, cols]  # (N,)
     pieces = []
     for start in range(0, targets.shape[0], chunk_size):
@@ -119,10 +186,11 @@ def token_logprobs(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, ma
 
 
 def sequence_logprobs(model: Any, hidden: torch.Tensor, batch: Batch, mask: torch.Tensor | None = None,
-                      chunk_size: int = 1024) -> SequenceLogprobs:
-    """Summed log-probs of each row's response tokens (or of `mask`'s tokens, e.g. the critique)."""
+                      chunk_size: int = 1024, layout: Layout | None = None) -> SequenceLogprobs:
+    """Summed log-probs of each row's response tokens (or of `mask`'s tokens, e.g. the critique);
+    `layout`: `hidden` is forward_hidden's packed output for it."""
     mask = batch.response_mask if mask is None else mask
-    per_token = token_logprobs(model, hidden, batch.input_ids, mask, chunk_size)  # (R, T)
+    per_token = token_logprobs(model, hidden, batch.input_ids, mask, chunk_size, layout)  # (R, T)
     return SequenceLogprobs(logps=per_token.sum(dim=1), tokens=mask[:, 1:].sum(dim=1))
 
 
@@ -133,6 +201,9 @@ def naive_sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask:
     return (picked * mask[:, 1:]).sum(dim=1)
 
 
-def policy_logprobs(model: Any, batch: Batch, chunk_size: int = 1024) -> SequenceLogprobs:
-    """forward_hidden + sequence_logprobs: what the DPO stage calls for policy and reference."""
-    return sequence_logprobs(model, forward_hidden(model, batch), batch, chunk_size=chunk_size)
+def policy_logprobs(model: Any, batch: Batch, chunk_size: int = 1024, prefix_sharing: bool = False) -> SequenceLogprobs:
+    """forward_hidden + sequence_logprobs: what the DPO stage calls for policy and reference.
+    `prefix_sharing`: one prompt pass per (chosen, rejected) pair (prefix.py)."""
+    layout = share(batch, vision_token_ids(model)) if prefix_sharing else None
+    return sequence_logprobs(model, forward_hidden(model, batch, layout), batch, chunk_size=chunk_size,
+                             layout=layout)

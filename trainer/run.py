@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             return int(ExitCode.CONFIG_ERROR)
         stages = [s for s in stages if s in wanted]
     storage_uri = storage_override(args.storage) if args.storage else None
-    processes = spec.world_size()
     timings = {}
     for stage in stages:
+        processes, resources = spec.world_size(stage), spec.stage_resources(stage)  # stages.<s>.resources
         print(f"[mmalign run] stage {stage}: {processes} process(es) "
-              f"({spec.resources.nodes} node(s) x {spec.resources.proc_per_node})", file=sys.stderr, flush=True)
+              f"({resources.nodes} node(s) x {resources.proc_per_node})", file=sys.stderr, flush=True)
         started = time.monotonic()
         code = run_torchrun([
             "--standalone", f"--nproc-per-node={processes}", "--max-restarts=0",

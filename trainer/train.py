@@ -88,7 +88,7 @@ def run_stage(argv: list[str] | None = None) -> int:
         from mmalign.trainer import engine, storage
         from mmalign.trainer.context import Context
 
-        engine.check_device(manifest.spec)  # a GPU-shaped job never trains on CPU unnoticed
+        engine.check_device(manifest.spec, args.stage)  # a GPU-shaped stage never trains on CPU unnoticed
         storage.configure_from_spec(manifest.spec.storage)
         dist = engine.init_distributed()
         stage = importlib.import_module(STAGE_MODULES[args.stage])

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from mmalign.api import formats, keys, layout
+from mmalign.api import formats, keys, layout, podtemplate
 from mmalign.api.exit_codes import ExitCode
 from mmalign.api.groupversion import API_VERSION_FULL, KIND
 from mmalign.api.layout import StageName
@@ -255,6 +255,30 @@ class Resources(Model):
         return self.gpu_resource()[1]
 
 
+class ResourcesOverride(Model):
+    """A stage's `resources`: each field given replaces spec.resources' for that stage's pods."""
+
+    nodes: int | None = Field(default=None, ge=1, le=1024, description="Pods (nodes) of this stage.")
+    proc_per_node: int | None = Field(default=None, ge=1, le=64, description="Processes per pod of this stage.")
+    requests: _Quantities | None = Field(
+        default=None, description="Requests merged over spec.resources.requests by resource name."
+    )
+    limits: _Quantities | None = Field(
+        default=None, description="Limits merged over spec.resources.limits by resource name."
+    )
+    shm_size: str | None = Field(
+        default=None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$", description="This stage's /dev/shm size."
+    )
+
+    def over(self, base: Resources) -> Resources:
+        """The stage's effective resources (validated: limits below requests are refused here too)."""
+        given = self.model_dump(exclude_none=True)
+        for key in ("requests", "limits"):
+            if key in given:
+                given[key] = {**getattr(base, key), **given[key]}
+        return Resources.model_validate({**base.model_dump(), **given})
+
+
 class DeepSpeedSpec(Model):
     zero_stage: Literal[0, 1, 2, 3] = Field(default=2, description="ZeRO stage (0 = plain data parallel).")
     bf16: bool = Field(default=False, description="bf16 mixed precision (GPU).")
@@ -365,7 +389,47 @@ _Annotations = Annotated[dict[str, str], Field(max_length=64, json_schema_extra=
 _ObjectName = Annotated[str, Field(max_length=253, pattern=formats.OPTIONAL_DNS_SUBDOMAIN_PATTERN)]
 
 
-class PodTemplate(Model):
+def _pod_spec_fragment(value: dict[str, Any]) -> dict[str, Any]:
+    # The API server checks the same schema (the CRD embeds it); this is for `mmalign validate`, the chart's
+    # podDefaults and an older CRD. Paths are relative to the fragment: pydantic's location names it.
+    problems = podtemplate.schema_problems(value, podtemplate.pod_spec_schema(), "")
+    problems += podtemplate.protected_problems(value)
+    if problems:
+        raise ValueError("; ".join(problem.lstrip(".") for problem in problems))
+    return value
+
+
+# A core/v1 PodSpec fragment: crds.py puts the real Kubernetes schema (mmalign/api/podspec.schema.json) here.
+_PodSpecFragment = Annotated[dict[str, Any], AfterValidator(_pod_spec_fragment),
+                             Field(json_schema_extra={podtemplate.SCHEMA_MARKER: True})]
+
+
+class PodMetadata(Model):
+    labels: _Labels = Field(default_factory=dict, description="Pod labels (label keys and values).")
+    annotations: _Annotations = Field(default_factory=dict, description="Pod annotations.")
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _label_keys(cls, values: dict[str, str]) -> dict[str, str]:
+        problems = formats.label_key_problems(list(values)) + podtemplate.owned_label_problems(values)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
+
+
+POD_SPEC_OVERLAY = (
+    "A core/v1 PodSpec fragment (`kubectl explain pod.spec`), strategically merged into every trainer pod after "
+    "the fields above: affinity, topologySpreadConstraints, imagePullSecrets, securityContext, volumes, "
+    "initContainers, sidecar containers, and `containers: [{name: trainer, ...}]` for the trainer container "
+    "itself (env with valueFrom, envFrom, volumeMounts, securityContext, extra resources). Containers, env, "
+    "volumes and imagePullSecrets merge by name, volumeMounts by mountPath, a volume of the same name "
+    "replaces the operator's (only `scratch` may be replaced), tolerations and envFrom are appended, other "
+    "lists replaced. Refused: what the operator owns (the trainer's image, command, args, the PET_*/MASTER_* "
+    "env, the job/dshm volumes and their mounts, restartPolicy, hostname, subdomain; docs/api.md)."
+)
+
+
+class _PodOverlay(Model):
     node_selector: _Labels = Field(default_factory=dict, description="Pod nodeSelector (label keys and values).")
     tolerations: list[Toleration] = Field(default_factory=list, description="Pod tolerations.")
     priority_class_name: _ObjectName = Field(default="", description="Pod priorityClassName.")
@@ -374,7 +438,44 @@ class PodTemplate(Model):
     labels: _Labels = Field(default_factory=dict, description="Extra pod labels (label keys and values).")
     annotations: _Annotations = Field(default_factory=dict, description="Extra pod annotations.")
     env: list[EnvVar] = Field(default_factory=list, max_length=256,
-                              description="Extra environment for the trainer.")
+                              description="Extra literal environment for the trainer (from a Secret or "
+                              "ConfigMap: spec.containers[name=trainer].env with valueFrom, or envFrom).")
+    metadata: PodMetadata = Field(default_factory=PodMetadata,
+                                  description="Pod labels and annotations, merged over the fields above.")
+    spec: _PodSpecFragment = Field(default_factory=dict, description=POD_SPEC_OVERLAY)
+
+    @field_validator("node_selector", "labels", "annotations")
+    @classmethod
+    def _label_keys(cls, values: dict[str, str]) -> dict[str, str]:
+        problems = formats.label_key_problems(list(values))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
+
+    def fragment(self) -> dict[str, Any]:
+        """This overlay as one pod template fragment {metadata, spec}: the fields above first, then
+        metadata and spec merged over them (podtemplate.strategic_merge)."""
+        spec: dict[str, Any] = {}
+        if self.node_selector:
+            spec["nodeSelector"] = dict(self.node_selector)
+        if self.tolerations:
+            spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True, mode="json")
+                                   for t in self.tolerations]
+        for key in ("priority_class_name", "scheduler_name", "service_account_name"):
+            if getattr(self, key):
+                spec[to_camel(key)] = getattr(self, key)
+        if self.env:
+            spec["containers"] = [{"name": podtemplate.TRAINER,
+                                   "env": [{"name": v.name, "value": v.value} for v in self.env]}]
+        metadata = {key: dict(value) for key, value in (("labels", self.labels), ("annotations", self.annotations))
+                    if value}
+        shorthand = {"metadata": metadata, "spec": spec}
+        given = {"metadata": self.metadata.model_dump(exclude_defaults=True), "spec": self.spec}
+        merged: dict[str, Any] = podtemplate.strategic_merge(shorthand, given, podtemplate.pod_template_schema())
+        return merged
+
+
+class PodTemplate(_PodOverlay):
     termination_grace_period_seconds: int = Field(
         default=300, ge=1, le=86400,
         description="Seconds between SIGTERM (suspend, preemption, node drain, pod deletion) and SIGKILL: "
@@ -384,13 +485,26 @@ class PodTemplate(Model):
         "(~100 GB) from one node at ~1 GB/s. Too short: the previous checkpoint stays the one resumed.",
     )
 
-    @field_validator("node_selector", "labels", "annotations")
-    @classmethod
-    def _label_keys(cls, values: dict[str, str]) -> dict[str, str]:
-        problems = formats.label_key_problems(list(values))
-        if problems:
-            raise ValueError("; ".join(problems))
-        return values
+
+class StagePodTemplate(_PodOverlay):
+    """A stage's podTemplate: the same fields as spec.podTemplate (but terminationGracePeriodSeconds, which
+    is the job's), merged over it for this stage's pods."""
+
+
+class StagePlacement(Model):
+    """What every stage may set for its own pods (a reward stage and a DPO stage may want other nodes)."""
+
+    pod_template: StagePodTemplate | None = Field(
+        default=None,
+        description="This stage's pod overlay, merged over spec.podTemplate: its fields (maps by key, env by "
+        "name, tolerations appended, the others replaced when set), then its metadata and spec (strategic "
+        "merge, as in spec.podTemplate.spec).",
+    )
+    resources: ResourcesOverride | None = Field(
+        default=None,
+        description="This stage's pods and their size, over spec.resources: the fields given replace "
+        "spec.resources' (requests and limits merge by resource name).",
+    )
 
 
 # ---------------------------------------------------------------------------------------- stages
@@ -447,7 +561,7 @@ class DpoLora(Lora):
     )
 
 
-class RewardStage(_Optimization):
+class RewardStage(_Optimization, StagePlacement):
     critique: bool = Field(
         default=True,
         description="Critique-based reward model (MM-RLHF): learn to write a critique, then score "
@@ -462,6 +576,22 @@ class RewardStage(_Optimization):
     eval_every_steps: int | None = Field(
         default=None, ge=1, description="Evaluate Acc/Acc+ on the held-out split every N steps."
     )
+    eval_data: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A separate evaluation set, scored after training: a JSONL file (local path or s3:// "
+        "URI) in a layout data.uri takes, e.g. MM-RLHF-RewardBench's (a pair's category: its `category` "
+        "field, else the first folder of its media path: mcq, long, short, safety, video). Media resolve "
+        "against the file's folder; data.missingMedia, onBadLine, videoFrames, maxLength and the pixel "
+        "bounds apply. Acc and Acc+ overall and per category go to the stage's metrics.json "
+        "(`eval_data`), the overall ones to its status metrics (eval_data_acc, eval_data_acc_plus). "
+        "Skipped under deepspeed.zeroStage 3, like the held-out evaluation.",
+    )
+    eval_max_pairs: int = Field(
+        default=1024, ge=1, le=1_000_000,
+        description="At most this many pairs of evalData are scored: whole queries in file order (Acc+ "
+        "needs every pair of a query), at least one query. Each pair costs two generated critiques.",
+    )
     freeze_vision_tower: bool = Field(default=True, description=FREEZE_VISION_TOWER)
     lora: Lora | None = Field(
         default=None,
@@ -470,13 +600,17 @@ class RewardStage(_Optimization):
     )
 
 
-class ScoreStage(Model):
+class ScoreStage(StagePlacement):
     reward_model: ModelSource | None = Field(
         default=None,
         description="Reward model to score with. Default: the one this job's reward stage trains.",
     )
     max_new_tokens: int = Field(default=1024, ge=1, description="Critique length limit.")
-    batch_size: int = Field(default=16, ge=1, description="Responses per generation batch per process.")
+    batch_size: int = Field(
+        default=16, ge=1,
+        description="Pairs (2 responses each) per generation batch per process; a shard is sorted by length "
+        "into such batches.",
+    )
     temperature: float = Field(default=0.0, ge=0, description="0 = greedy decoding (the default).")
     shard_pairs: int = Field(
         default=256, ge=1,
@@ -498,7 +632,30 @@ class DynamicRewardScaling(Model):
     k: float = Field(default=0.5, gt=0, description="DRS rate k in β(δ) = β·(1 + w·(1 − e^(−kδ))).")
 
 
-class DpoStage(_Optimization):
+class WinRate(Model):
+    enabled: bool = Field(
+        default=True,
+        description="Run the evaluation when a reward model is available (false: never; its cost is "
+        "then zero).",
+    )
+    max_prompts: int = Field(
+        default=16, ge=1, le=100_000,
+        description="Held-out prompts (one per held-out query, in the held-out order) both models answer.",
+    )
+    max_new_tokens: int = Field(
+        default=32, ge=1, le=8192,
+        description="Length limit of each generated response, and of each critique the reward model "
+        "writes of it (greedy decoding).",
+    )
+    reward_model: ModelSource | None = Field(
+        default=None,
+        description="The judge: a reward-model folder the reward stage wrote. Default: the score stage's "
+        "reward model (stages.score.rewardModel, else this job's reward stage); a job with neither skips "
+        "the evaluation and says so.",
+    )
+
+
+class DpoStage(_Optimization, StagePlacement):
     model_config = ConfigDict(
         json_schema_extra=_rules(
             ("!has(self.loss) || self.loss != 'beta-dpo' || !has(self.dynamicRewardScaling)",
@@ -523,6 +680,14 @@ class DpoStage(_Optimization):
         "once in a first pass and stored beside the data (`precomputed`: no reference model in "
         "memory while training).",
     )
+    prefix_sharing: bool = Field(
+        default=True,
+        description="One prompt pass per pair: the chosen and the rejected response follow one copy of "
+        "their shared prompt (image tokens included) in one sequence, with a block attention mask, for "
+        "the policy, a reference model and the reference pre-pass. Same log-probs as separate rows, "
+        "less compute; `false` runs each row whole (needed for attention kernels without arbitrary "
+        "masks, e.g. flash-attention-2).",
+    )
     scored_data: str | None = Field(
         default=None,
         description="Scored pairs (with `delta`) to train on when this job has no score stage.",
@@ -532,6 +697,13 @@ class DpoStage(_Optimization):
         default=None,
         description="Train LoRA adapters instead of the whole policy. The reference is then the policy "
         "with its adapters disabled (`reference: model` keeps no second copy in memory).",
+    )
+    win_rate: WinRate = Field(
+        default_factory=WinRate,
+        description="After training: the policy and the reference (base) model answer held-out prompts "
+        "(greedy), the reward model judges both answers; the win rate of the policy (ties count half) "
+        "goes to metrics.json and the stage's status metrics (win_rate). Bounded by maxPrompts and "
+        "maxNewTokens; skipped under deepspeed.zeroStage 3.",
     )
 
 
@@ -615,6 +787,34 @@ class AlignmentJobSpec(Model):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _stage_pods(self) -> AlignmentJobSpec:
+        # Python only: the stage's effective resources need spec.resources, which CEL on the stage cannot see.
+        problems = []
+        for stage in self.stages.enabled():
+            try:
+                resources = self.stage_resources(stage)
+            except ValueError as error:
+                problems.append(f"stages.{stage}.resources: {error}")
+                continue
+            problems += self._owned_resources(stage, resources)
+        if problems:
+            raise ValueError("; ".join(dict.fromkeys(problems)))  # spec.podTemplate's: once, not per stage
+        return self
+
+    def _owned_resources(self, stage: StageName, resources: Resources) -> list[str]:
+        """A trainer-container resource in an overlay that spec.resources (or the stage's) already sets."""
+        gpu = resources.gpu_resource()[0]
+        problems = []
+        for path, layer in self.stage_pod_templates(stage):
+            index, given = podtemplate.trainer_resources(layer.spec)
+            for kind in ("requests", "limits"):
+                owned = set(getattr(resources, kind)) | {gpu}
+                for name in sorted(set(given.get(kind) or {}) & owned):
+                    problems.append(f"{path}.spec.containers[{index}].resources.{kind}.{name}: the operator sets it "
+                                    f"from resources.{kind} (spec.resources, stages.{stage}.resources): set it there")
+        return problems
+
     def deepspeed_contradictions(self) -> list[str]:
         """Values of deepspeed.config that contradict the fields the engine generates them from (the raw
         config is merged over the generated one, so it would silently win over the spec's own)."""
@@ -634,7 +834,7 @@ class AlignmentJobSpec(Model):
             for key, value, field in (
                 ("train_micro_batch_size_per_gpu", stage.micro_batch_size, "microBatchSize"),
                 ("gradient_accumulation_steps", stage.gradient_accumulation, "gradientAccumulation"),
-                ("train_batch_size", stage.micro_batch_size * stage.gradient_accumulation * self.world_size(),
+                ("train_batch_size", stage.micro_batch_size * stage.gradient_accumulation * self.world_size(name),
                  "microBatchSize x gradientAccumulation x nodes x procPerNode"),
             ):
                 if key in raw and raw[key] != value:
@@ -666,8 +866,29 @@ class AlignmentJobSpec(Model):
             return self.stages.dpo.scored_data
         return self.data.uri
 
-    def world_size(self) -> int:
-        return self.resources.nodes * self.resources.proc_per_node
+    def world_size(self, stage: str | None = None) -> int:
+        """Processes of a stage (spec.resources when no stage is named or it overrides none)."""
+        resources = self.stage_resources(stage) if stage else self.resources
+        return resources.nodes * resources.proc_per_node
+
+    # -- per-stage pods: stages.<s>.resources and stages.<s>.podTemplate over the job's.
+
+    def stage_resources(self, stage: str) -> Resources:
+        override = getattr(self.stages, stage).resources if getattr(self.stages, stage, None) else None
+        return override.over(self.resources) if override else self.resources
+
+    def stage_pod_templates(self, stage: str) -> list[tuple[str, _PodOverlay]]:
+        """(field path, overlay) layers of a stage's pods, applied in order: the job's, then the stage's."""
+        layers: list[tuple[str, _PodOverlay]] = [("podTemplate", self.pod_template)]
+        own = getattr(self.stages, stage).pod_template if getattr(self.stages, stage, None) else None
+        return layers + ([(f"stages.{stage}.podTemplate", own)] if own else [])
+
+    def stage_pod_fragment(self, stage: str) -> dict[str, Any]:
+        """The stage's pod template fragment {metadata, spec}: every layer merged in order."""
+        merged: dict[str, Any] = {"metadata": {}, "spec": {}}
+        for _, layer in self.stage_pod_templates(stage):
+            merged = podtemplate.strategic_merge(merged, layer.fragment(), podtemplate.pod_template_schema())
+        return merged
 
 
 class AlignmentJobManifest(Model):

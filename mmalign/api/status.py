@@ -79,7 +79,12 @@ class StageStatus(StatusModel):
     )
     artifact: str | None = Field(default=None, description="URI of the stage's output.")
     progress: StageProgress | None = Field(default=None, description="Live progress from rank 0.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Latest metrics (loss, acc, ...).")
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Latest metrics (loss, acc, ...); once the stage ends its final numbers: reward "
+        "eval_acc, eval_data_acc, eval_data_acc_plus; dpo eval_reward_accuracy, win_rate (the policy's win "
+        "rate over the reference, judged by the reward model). Per-category tables: <storage>/<stage>/metrics.json.",
+    )
     message: str = Field(default="", description="Why the stage is in this phase.")
 
 

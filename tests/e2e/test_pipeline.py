@@ -13,7 +13,6 @@ from typing import Any
 
 import boto3
 import pytest
-import yaml
 
 from mmalign.devcluster import demo
 from mmalign.devcluster.testing import wait_for
@@ -65,7 +64,7 @@ def chart(dev_cluster: Any) -> Any:
 
 def test_tiny_pipeline_end_to_end(dev_cluster: Any, namespace: str, chart: None) -> None:
     demo.prepare_storage(dev_cluster, namespace)
-    job = yaml.safe_load(demo.EXAMPLE.read_text())
+    job = demo.example_job()
     name = job["metadata"]["name"]
     job["spec"]["runPolicy"].update(ttlSecondsAfterFinished=TTL_SECONDS, cleanPodsAfterFinished=False)
     demo.run(dev_cluster, "kubectl", "apply", "-n", namespace, "-f", "-", input=json.dumps(job))
@@ -105,11 +104,12 @@ def test_tiny_pipeline_end_to_end(dev_cluster: Any, namespace: str, chart: None)
         assert all("s3-credentials" in json.dumps(p["spec"]["containers"][0].get("envFrom", [])) for p in pods)
 
     # Per-stage metrics in status.
+    bucket = demo.bucket()
     stages = status["stages"]
     for stage in STAGES:
         entry = stages[stage]
         assert entry["phase"] == "Succeeded" and entry["metrics"], (stage, entry)
-        assert entry["artifact"].startswith("s3://mmalign/tiny-cpu-s3/")
+        assert entry["artifact"].startswith(f"s3://{bucket}/tiny-cpu-s3/")
     assert {"eval_acc", "eval_acc_plus"} <= stages["reward"]["metrics"].keys(), stages["reward"]["metrics"]
     assert {"acc", "acc_plus"} <= stages["score"]["metrics"].keys(), stages["score"]["metrics"]
     assert "eval_reward_accuracy" in stages["dpo"]["metrics"], stages["dpo"]["metrics"]
@@ -118,10 +118,10 @@ def test_tiny_pipeline_end_to_end(dev_cluster: Any, namespace: str, chart: None)
     s3 = boto3.client("s3", endpoint_url=dev_cluster.s3_endpoint, **dev_cluster.s3_credentials)
 
     def keys(prefix: str) -> list[str]:
-        return [o["Key"] for o in s3.list_objects_v2(Bucket="mmalign", Prefix=prefix).get("Contents", [])]
+        return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
 
     for stage in ("reward", "dpo"):
-        latest = json.loads(s3.get_object(Bucket="mmalign",
+        latest = json.loads(s3.get_object(Bucket=bucket,
                                           Key=f"tiny-cpu-s3/{stage}/checkpoints/latest")["Body"].read())
         assert latest["step"] > 0 and latest["files"], latest
         assert latest["world_size"] == 2, latest  # both ranks wrote their shards: really distributed
@@ -129,8 +129,8 @@ def test_tiny_pipeline_end_to_end(dev_cluster: Any, namespace: str, chart: None)
         assert any(k.endswith("config.json") for k in keys(f"tiny-cpu-s3/{stage}/model/")), stage
     scored_keys = [k for k in keys("tiny-cpu-s3/score/scored/") if k.endswith(".jsonl")]
     rows = [json.loads(line) for key in scored_keys
-            for line in s3.get_object(Bucket="mmalign", Key=key)["Body"].read().decode().splitlines() if line]
-    manifest = json.loads(s3.get_object(Bucket="mmalign", Key="tiny-cpu-s3/score/scored/manifest.json")["Body"]
+            for line in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines() if line]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="tiny-cpu-s3/score/scored/manifest.json")["Body"]
                           .read())
     assert len(rows) == manifest["pairs"] > 0
     assert manifest["world_size"] == 2 and len(manifest["shards"]) == 2, manifest

@@ -193,21 +193,6 @@ def test_gloo_all_reduce_between_two_pods_over_pod_dns(dev_cluster: Any, namespa
         assert "sum 3.0" in logs(dev_cluster, namespace, f"w{rank}")
 
 
-def test_fast_mode_runs_many_pods_without_processes(dev_cluster: Any, namespace: str) -> None:
-    api, count = dev_cluster.api(), 100
-    started = time.monotonic()
-    for i in range(count):
-        body = pod(f"fast-{i}", "raise SystemExit(1)", metadata={"annotations": {"devcluster.mmalign.io/fast": "true"}})
-        api.create(f"/api/v1/namespaces/{namespace}/pods", body)
-
-    def done() -> bool:
-        items = api.get(f"/api/v1/namespaces/{namespace}/pods")["items"]
-        return len(items) == count and all(p["status"].get("phase") == "Succeeded" for p in items)
-
-    wait_for(done, 120, interval=0.5, what=f"{count} fast pods to succeed")
-    print(f"{count} fast pods Succeeded in {time.monotonic() - started:.1f}s")
-
-
 def test_s3_multipart_list_and_conditional_put(dev_cluster: Any) -> None:
     boto3 = pytest.importorskip("boto3", reason="boto3 comes with the trainer extra")
     from botocore.exceptions import ClientError

@@ -14,16 +14,19 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import yaml
 
 from mmalign import __version__
-from mmalign.devcluster import binaries, cluster, images, realnode
+from mmalign.api import keys
+from mmalign.devcluster import binaries, cluster, demo, images, realnode
 from mmalign.devcluster.testing import create_namespace, wait_for, wait_pod_phase
 
 pytestmark = [
@@ -204,8 +207,8 @@ def _job_manifest(namespace: str) -> str:
 def test_helm_installs_the_operator_as_a_real_pod_that_creates_a_jobs_pods(real: RealNode) -> None:
     """The chart's Deployment on a real kubelet: the slim operator image (imported, never pulled), its
     probes on kopf's /healthz, UID 1000, in-cluster config with the chart's ServiceAccount token; then an
-    AlignmentJob gets its stage's pods and headless Service from that pod. The trainer image is not
-    built here, so the pods wait for it, and the job's status says which pods and why."""
+    AlignmentJob gets its stage's pods and headless Service from that pod. Its trainer image does not
+    exist, so the pods wait for it, and the job's status says which pods and why."""
     timings: dict[str, float] = {}
     last = time.monotonic()
 
@@ -216,7 +219,8 @@ def test_helm_installs_the_operator_as_a_real_pod_that_creates_a_jobs_pods(real:
         last = now
 
     repository, tag = real.image.rsplit(":", 1)
-    trainer_image = f"localhost/mmalign:runtime-{images.content_key(REPO)}"  # not built: never pulled
+    # A name no build makes (containerd keeps the real trainer image across `dev down`): never pulled.
+    trainer_image = f"localhost/mmalign:absent-{images.content_key(REPO)}"
     _helm(
         real,
         "install",
@@ -318,6 +322,181 @@ def test_helm_installs_the_operator_as_a_real_pod_that_creates_a_jobs_pods(real:
     print(
         f"\n[real node] operator by helm: {timings}; PodsPending: {condition['reason']}: {condition['message']}"
     )
+
+
+# ---------------------------------------------------------------- the trainer image: real stages
+
+
+@pytest.fixture(scope="module")
+def trainer(real: RealNode) -> str:
+    """The Dockerfile's runtime target (PyPI's CUDA torch stack, installed from the host's wheel cache)
+    in the node's containerd; its GB-sized archive is deleted after the import."""
+    started = time.monotonic()
+    # MMALIGN_TEST_TRAINER_IMAGE: an image already built (e.g. from an earlier content key), to run the
+    # stage tests without rebuilding after every source edit.
+    image = os.environ.get("MMALIGN_TEST_TRAINER_IMAGE") or images.project_image(REPO, target="runtime")
+    built = time.monotonic() - started
+    timings = images.ensure_imported(real.dev.node_layout, image)
+    size = images.image_size(image)
+    print(f"\n[real node] trainer image {image}: {size}, build {built:.1f}s, {timings}")
+    return image
+
+
+@pytest.fixture
+def job_namespace(real: RealNode, tmp_path: Path) -> Iterator[str]:
+    """A namespace with the CRD, the S3 credentials Secret (pods reach SeaweedFS at the namespace's veth
+    address) and `mmalign operator` on the host watching it."""
+    crd = real.dev.kubectl(
+        "apply", "--server-side", "--force-conflicts", "-f", str(REPO / "manifests/crds/alignmentjobs.yaml")
+    )
+    assert crd.returncode == 0, crd.stderr
+    # Polled, not `kubectl wait`: that fails at once while the new CRD has no status.conditions yet.
+    path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/alignmentjobs.mmalign.io"
+
+    def established() -> bool:
+        conditions = real.dev.api().get(path).get("status", {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    wait_for(established, 120, interval=1, what="the AlignmentJob CRD to be Established")
+    namespace = create_namespace(real.dev, "trainer")
+    env = demo.s3_env(real.dev)
+    s3 = boto3.client("s3", **real.dev.s3_credentials, endpoint_url=real.dev.s3_endpoint)
+    if "mmalign" not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+        s3.create_bucket(Bucket="mmalign")
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s3-credentials", "namespace": namespace},
+        "stringData": env,
+    }
+    real.dev.kubectl("apply", "-f", "-", input=json.dumps(secret), check=True)
+    log = tmp_path / "operator.log"
+    with log.open("w") as out:
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "mmalign", "operator", "--kubeconfig", str(real.dev.kubeconfig)]
+            + ["--namespace", namespace, "--log-format", "plain"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **real.dev.env},
+        )
+    try:
+        yield namespace
+    finally:
+        operator.terminate()
+        operator.wait(30)
+        print(log.read_text()[-6000:])  # shown by pytest when the test failed
+
+
+def _tiny_job(name: str, image: str, namespace: str, **resources: Any) -> str:
+    """manifests/examples/tiny-cpu.yaml's reward stage on 2 pods of `image`, checkpointing to the dev S3."""
+    job = yaml.safe_load((REPO / "manifests/examples/tiny-cpu.yaml").read_text())
+    job["metadata"] = {"name": name, "namespace": namespace}
+    spec = job["spec"]
+    spec["image"] = image
+    spec["storage"]["uri"] = f"s3://mmalign/{namespace}/{name}/"
+    spec["stages"] = {"reward": spec["stages"]["reward"]}
+    spec["resources"].update(resources)
+    spec["runPolicy"].update(backoffLimit=0, cleanPodsAfterFinished=False)
+    return yaml.safe_dump(job)
+
+
+def _job_status(real: RealNode, namespace: str, name: str) -> dict[str, Any]:
+    return dict(_kubectl_json(real, "aj", name, "-n", namespace).get("status", {}))
+
+
+def _finished(real: RealNode, namespace: str, name: str, timeout: float) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        status = _job_status(real, namespace, name)
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    try:
+        finished: dict[str, Any] = wait_for(done, timeout, interval=2, what=f"AlignmentJob {name} to finish")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n{_describe(real, namespace)}") from err
+    return finished
+
+
+def test_a_reward_stage_runs_from_the_trainer_image_and_checkpoints_to_s3(
+    real: RealNode, trainer: str, job_namespace: str
+) -> None:
+    """2 pods of the trainer image started by the real kubelet: `mmalign launch` under the image's
+    non-root user, /dev/shm an in-memory emptyDir, torchrun's rendezvous at the headless Service's name
+    through CoreDNS, the reward model written to SeaweedFS, the job Succeeded."""
+    name, namespace = "reward-real", job_namespace
+    requests = {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": 0}
+    applied = time.monotonic()
+    real.dev.kubectl(
+        "apply", "-f", "-", input=_tiny_job(name, trainer, namespace, requests=requests), check=True
+    )
+
+    def running() -> list[dict[str, Any]] | None:
+        pods = _kubectl_json(real, "pods", "-n", namespace, "-l", f"mmalign.io/job={name}")["items"]
+        up = [p for p in pods if p["status"].get("phase") == "Running"]
+        return up if len(up) == 2 else None
+
+    pods = wait_for(running, 300, interval=1, what="both trainer pods Running")
+    started = time.monotonic() - applied
+    master, worker = sorted(pods, key=lambda p: p["metadata"]["name"])  # node ranks 0 and 1
+    pod = master["metadata"]["name"]
+    # The same image also starts the operator (its `operator` extra is installed): its CLI answers.
+    script = "id -u; grep ' /dev/shm ' /proc/mounts; mmalign operator --help | head -n 1"
+    inside = real.dev.kubectl("exec", "-n", namespace, pod, "--", "sh", "-c", script)
+    assert inside.returncode == 0, inside.stderr
+    uid, shm, usage = inside.stdout.splitlines()[:3]
+    assert uid == "1000" and shm.split()[2] == "tmpfs", inside.stdout
+    assert usage.startswith("usage: mmalign operator"), inside.stdout
+    container = worker["spec"]["containers"][0]
+    assert container["image"] == trainer and container["command"][:2] == ["mmalign", "launch"], container
+    # torchrun's rendezvous address: node 0's name under the headless Service, answered by CoreDNS.
+    address = next(e["value"] for e in container["env"] if e["name"] == keys.ENV_MASTER_ADDR)
+    assert address.startswith(f"{pod}.") and address.endswith(f".{namespace}.svc"), address
+    lookup = f"import socket; print(socket.gethostbyname({address!r}))"
+    resolved = real.dev.kubectl(
+        "exec", "-n", namespace, worker["metadata"]["name"], "--", "python3", "-c", lookup
+    )
+    assert resolved.stdout.strip() == master["status"]["podIP"], resolved.stderr
+
+    status = _finished(real, namespace, name, 900)
+    assert status["phase"] == "Succeeded", f"{status}\n{_describe(real, namespace)}"
+    finished = time.monotonic() - applied
+    reward = status["stages"]["reward"]
+    assert reward["phase"] == "Succeeded" and reward["attempt"] == 0, reward
+    s3 = boto3.client("s3", **real.dev.s3_credentials, endpoint_url=real.dev.s3_endpoint)
+    objects = [
+        o["Key"]
+        for o in s3.list_objects_v2(Bucket="mmalign", Prefix=f"{namespace}/{name}/").get("Contents", [])
+    ]
+    assert any(k.endswith(".safetensors") for k in objects), objects
+    print(
+        f"\n[real node] reward stage: pods Running {started:.1f}s, Succeeded {finished:.1f}s after apply; "
+        f"{len(objects)} objects in S3; artifact {reward.get('artifact')}"
+    )
+
+
+def test_a_trainer_over_its_memory_limit_is_oomkilled_and_the_job_says_so(
+    real: RealNode, trainer: str, job_namespace: str
+) -> None:
+    """The real kernel kills the trainer at its container's memory limit; the kubelet's OOMKilled reaches
+    the job's status with the limit to raise."""
+    name, namespace = "oom-real", job_namespace
+    resources = {
+        "requests": {"cpu": "100m", "memory": "160Mi", "nvidia.com/gpu": 0},
+        "limits": {"memory": "160Mi"},
+    }
+    real.dev.kubectl("apply", "-f", "-", input=_tiny_job(name, trainer, namespace, **resources), check=True)
+    status = _finished(real, namespace, name, 300)
+    assert status["phase"] == "Failed", status
+    pods = _kubectl_json(real, "pods", "-n", namespace, "-l", f"mmalign.io/job={name}")["items"]
+    reasons = {
+        s["state"].get("terminated", {}).get("reason")
+        for p in pods
+        for s in p["status"].get("containerStatuses", [])
+    }
+    assert "OOMKilled" in reasons, pods
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "OOMKilled" in failed["message"] and "memory limit 160Mi" in failed["message"], failed
+    assert "spec.resources.limits.memory" in failed["message"], failed
+    print(f"\n[real node] OOM: {failed['reason']}: {failed['message']}")
 
 
 def test_dev_down_leaves_no_process_mount_cgroup_netns_or_interface(real: RealNode) -> None:

@@ -63,3 +63,14 @@ def test_the_trainer_refuses_a_gpu_shaped_job_without_cuda() -> None:
     assert bf16_on_cpu is not None and "(deepspeed.bf16)" in bf16_on_cpu
     written = cpu_refusal(spec({"limits": {"nvidia.com/gpu": 2}}), cuda=False, allow_cpu=False)
     assert written is not None and "(2 nvidia.com/gpu per pod)" in written
+
+
+def test_a_stage_with_its_own_resources_is_checked_with_them() -> None:
+    """stages.<s>.resources: a CPU score stage of a GPU job runs on CPU; the GPU stages still refuse."""
+    job = AlignmentJobSpec.model_validate({
+        "model": {"uri": "builtin://tiny-text"}, "data": {"uri": "builtin://synthetic-colors"},
+        "storage": {"uri": "s3://b/p/"}, "resources": {"procPerNode": 2},
+        "stages": {"reward": {}, "score": {"resources": {"requests": {"nvidia.com/gpu": 0}}}},
+    })
+    assert cpu_refusal(job, cuda=False, allow_cpu=False, stage="score") is None
+    assert "2 nvidia.com/gpu per pod" in (cpu_refusal(job, cuda=False, allow_cpu=False, stage="reward") or "")

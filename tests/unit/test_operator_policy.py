@@ -35,6 +35,7 @@ def pod(node: int = 0, phase: str = "Failed", code: int | None = 1, reason: str 
     (pod(code=137), True, "Signal9"),
     (pod(code=143), True, "Signal15"),
     (pod(code=137, reason="OOMKilled"), True, "OOMKilled"),
+    (pod(code=1, reason="OOMKilled"), True, "OOMKilled"),  # a parent exited after its child's OOM kill
     (pod(code=None, reason="Evicted"), True, "Evicted"),
     (pod(code=1, disrupted=True, reason="Error"), True, "Error"),
     (pod(phase="Running", code=None, deleting=True), True, "PodDeleted"),

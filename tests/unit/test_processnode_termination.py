@@ -86,7 +86,7 @@ def run_pod(node: NodeContext, container: dict, restart_policy: str = "Never",
     pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u-1"},
            "spec": {"restartPolicy": restart_policy, "automountServiceAccountToken": False,
                     "containers": [{"name": "c", "image": "img", **container}]}}
-    run = PodRun(pod, node, "127.0.0.9", [], fast=False)
+    run = PodRun(pod, node, "127.0.0.9", [])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         run.step()

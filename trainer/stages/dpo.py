@@ -4,7 +4,8 @@
 
 Reads top to bottom: build (pairs from `spec.dpo_data_uri()`: the score stage's scored pairs with δ,
 given scored data, or the raw data; split by query; policy engine; the reference) → `while step <
-total: step; maybe save` → final checkpoint, held-out implicit-reward accuracy, export.
+total: step; maybe save` → final checkpoint, held-out implicit-reward accuracy, the win rate over the
+reference judged by the reward model (evaluation.py, `winRate`), export.
 
 Reference (`stages.dpo.reference`):
 * `model`: a frozen copy of the base model stays in memory and scores every micro-batch; under LoRA
@@ -47,6 +48,7 @@ from mmalign.trainer import (
     adapters,
     collate,
     data,
+    evaluation,
     identity,
     logprobs,
     losses,
@@ -80,14 +82,16 @@ ReferenceTable = dict[str, tuple[float, float]]  # pair uid -> (log π_ref(y_w),
 
 class SequenceLogps(nn.Module):
     """The model as DeepSpeed sees it: batch -> (logps, tokens), per-row summed response log-probs and
-    token counts (logprobs.py). Plain tensors out: ZeRO-3's backward hooks only see tensors."""
+    token counts (logprobs.py). Plain tensors out: ZeRO-3's backward hooks only see tensors.
+    `prefix_sharing` (stages.dpo.prefixSharing): one prompt pass per pair (prefix.py)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, prefix_sharing: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.prefix_sharing = prefix_sharing
 
     def forward(self, batch: collate.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = logprobs.policy_logprobs(self.model, batch)
+        out = logprobs.policy_logprobs(self.model, batch, prefix_sharing=self.prefix_sharing)
         return out.logps, out.tokens
 
 
@@ -194,7 +198,8 @@ def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader:
         model, processor = models.load_model(spec.model.uri, seed=spec.seed,
                                              placement=frozen_placement(spec.deepspeed, dist, shard=False))
         # a replica, not ZeRO-3 shards: the ranks' blocks (and so their forward counts) differ
-        reference = frozen(SequenceLogps(model), spec.deepspeed, dist, shard=False)
+        prefix_sharing = spec.stages.dpo is None or spec.stages.dpo.prefix_sharing
+        reference = frozen(SequenceLogps(model, prefix_sharing), spec.deepspeed, dist, shard=False)
         collator = collate.Collator.from_spec(spec, processor, loader, dist.device)
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
             for start in range(0, len(mine), batch_size):
@@ -313,7 +318,7 @@ def run(ctx: Context) -> dict[str, Any]:
     elif config.lora is None:
         reference_model, _ = models.load_model(spec.model.uri, seed=spec.seed,
                                                placement=frozen_placement(spec.deepspeed, dist, shard=True))
-        wrapped = SequenceLogps(reference_model)
+        wrapped = SequenceLogps(reference_model, config.prefix_sharing)
         register_external_parameters(wrapped, spec.deepspeed)
         # ZeRO-3-sharded like the policy: every rank runs the same forward passes (train loop, evaluate)
         reference = Reference(model=frozen(wrapped, spec.deepspeed, dist, shard=True))
@@ -323,7 +328,7 @@ def run(ctx: Context) -> dict[str, Any]:
                             seed=spec.seed, field="stages.dpo")
     if dist.is_rank_0:
         say(f"dpo: {adapters.trainable_summary(policy)}")
-    wrapper = SequenceLogps(policy)
+    wrapper = SequenceLogps(policy, config.prefix_sharing)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
     if reference.table is None and reference.model is None:
@@ -350,6 +355,8 @@ def run(ctx: Context) -> dict[str, Any]:
     final.update(evaluate(ctx, engine, collator, reference, held_out, config.micro_batch_size))
     final.update({f"{k}_initial": v for k, v in (initial or {}).items()})
     final["final_loss"] = progress.loss
+    # the policy and the reference answer held-out prompts, the reward model judges (stages.dpo.winRate)
+    final.update(evaluation.win_rate_after_dpo(ctx, policy, lora, collator, held_out, config.micro_batch_size * 2))
     adapter_only = lora is not None and config.lora is not None and config.lora.export == "adapter"
     policy_state = export_state(engine, merge=None if adapter_only else lora)
     if dist.is_rank_0:

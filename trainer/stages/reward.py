@@ -13,9 +13,10 @@ Bound once when the stage starts: the loss (`bind_loss(config)` -> losses.Reward
 
 Evaluation (Acc/Acc+ on the held-out queries, RewardBench style) scores each response the way the
 score stage will (scoring.score_pairs): the model GENERATES its critique (greedy), then scores (prompt,
-response, generated critique) — the annotated critiques would leak the label. What is trained
-(adapters.py): the vision tower is frozen unless `freezeVisionTower: false`; under LoRA the adapters
-and the score head (in full), the adapters merged into the exported weights. Output:
+response, generated critique) — the annotated critiques would leak the label; a separate set,
+`evalData`, is read and checked before step 0 and scored the same way after training (evaluation.py).
+What is trained (adapters.py): the vision tower is frozen unless `freezeVisionTower: false`; under LoRA
+the adapters and the score head (in full), the adapters merged into the exported weights. Output:
 `spec.artifact_uri("reward")`, the reward-model folder of models.py (HF folder + score head + info
 file), marked complete by `_complete.json` with the identity of what made it (identity.reward): a
 rerun reuses it only when that identity matches.
@@ -34,6 +35,7 @@ from mmalign.trainer import (
     adapters,
     collate,
     data,
+    evaluation,
     identity,
     losses,
     media,
@@ -124,6 +126,7 @@ def run(ctx: Context) -> dict[str, Any]:
     collator = collate.Collator.from_spec(spec, processor, media.MediaLoader.from_spec(spec.data), dist.device)
     pairs = preflight.fitting(ctx, pairs, collator, stats, critique=config.critique)  # data.maxLength
     train, held_out, order, total = plan_training(ctx, pairs, config, "stages.reward")
+    eval_set = evaluation.load_eval_data(ctx, collator, config)  # stages.reward.evalData: checked now
     model, _ = models.load_reward_model(spec.model.uri, seed=spec.seed,
                                         placement=training_placement(config, spec.deepspeed, dist))
     # the score head is not part of `model.base`: it stays trainable, in full, under LoRA too
@@ -163,6 +166,9 @@ def run(ctx: Context) -> dict[str, Any]:
                                          config.micro_batch_size * 2)
         final["eval_acc"] = final["reward_bench"]["overall"]["acc"]
         final["eval_acc_plus"] = final["reward_bench"]["overall"]["acc_plus"]
+    if eval_set:  # stages.reward.evalData (evaluation.py): per category in metrics.json, overall in status
+        final.update(evaluation.eval_data_metrics(
+            evaluate(ctx, model, collator, eval_set, config.critique, config.micro_batch_size * 2)))
     final["final_loss"] = progress.loss
     reward_state = export_state(engine, merge=lora)  # LoRA: merged, a plain folder the score stage loads
     if dist.is_rank_0:

@@ -4,8 +4,10 @@
 
 Reads top to bottom: build (reward model replica on every rank; the pairs cut into fixed shards of
 `shardPairs`, dealt round-robin to the ranks) → for each of this rank's shards: generate a critique of
-the chosen and the rejected response (batched, left-padded, KV cache, greedy unless `temperature` > 0),
-score (prompt, response, critique), upload the shard → rank 0 writes `manifest.json` LAST.
+the chosen and the rejected response and score (prompt, response, critique) (scoring.score_pairs: the
+shard sorted by length into batches of `batchSize` pairs, one left-padded KV-cache decode loop per batch,
+greedy unless `temperature` > 0, finished rows leave the batch, scores from the loop's last forward
+where exact), upload the shard → rank 0 writes `manifest.json` LAST.
 
 Output, `spec.artifact_uri("score")` (default `<storage>/score/scored/`):
 
@@ -50,7 +52,6 @@ from mmalign.trainer import (
 from mmalign.trainer.artifacts import write_metrics
 from mmalign.trainer.context import Context, say
 from mmalign.trainer.engine import frozen, frozen_placement
-from mmalign.trainer.order import chunks
 from mmalign.trainer.progress import Progress
 
 
@@ -69,14 +70,20 @@ def reward_model_uses_critiques(ctx: Context, uri: str) -> bool:
     return reward.critique if reward is not None else True
 
 
-def scored_row(pair: data.PreferencePair, chosen: float, rejected: float, chosen_critique: str,
-               rejected_critique: str) -> dict[str, Any]:
+def scored_row(
+    pair: data.PreferencePair, chosen: float, rejected: float, chosen_critique: str, rejected_critique: str
+) -> dict[str, Any]:
     """The scored-pairs format: the input row verbatim + rewards, critiques and δ."""
     row = dict(pair.fields)
     row.setdefault("query_id", pair.query_id)
     row.setdefault("category", pair.category)
-    row.update(chosen_reward=chosen, rejected_reward=rejected, chosen_critique=chosen_critique,
-               rejected_critique=rejected_critique, delta=chosen - rejected)
+    row.update(
+        chosen_reward=chosen,
+        rejected_reward=rejected,
+        chosen_critique=chosen_critique,
+        rejected_critique=rejected_critique,
+        delta=chosen - rejected,
+    )
     return row
 
 
@@ -97,8 +104,9 @@ def run(ctx: Context) -> dict[str, Any]:
     # ---- build
     reward_uri = spec.reward_model_uri()
     loader = media.MediaLoader.from_spec(spec.data)
-    collator = collate.Collator.from_spec(spec, models.load_processor(reward_uri, seed=spec.seed), loader,
-                                          dist.device, model=reward_uri)
+    collator = collate.Collator.from_spec(
+        spec, models.load_processor(reward_uri, seed=spec.seed), loader, dist.device, model=reward_uri
+    )
     pairs = preflight.fitting(ctx, pairs, collator, stats)  # data.maxLength, before the shards are cut
     shards = shard_ranges(len(pairs), config.shard_pairs)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
@@ -114,33 +122,53 @@ def run(ctx: Context) -> dict[str, Any]:
     # ---- score this rank's shards (those an earlier attempt finished are read back for the metrics)
     rows_metrics: list[tuple[str, str, float, float]] = []
     model: models.RewardModel | None = None  # loaded for the first shard this rank has to score
-    done = 0
+    done = fused = 0  # fused: rows scored by the generation loop's own last forward (scoring.py)
     for index in mine:
         shard_uri = storage.join(out_uri, names[index])
         shard = [pairs[i] for i in shards[index]]
         if names[index] in finished:
             for line in storage.read_text(shard_uri).splitlines():
                 row = json.loads(line)
-                rows_metrics.append((row["query_id"], row["category"], row["chosen_reward"],
-                                     row["rejected_reward"]))
+                rows_metrics.append(
+                    (row["query_id"], row["category"], row["chosen_reward"], row["rejected_reward"])
+                )
         else:
             if model is None:
                 model, _ = models.load_reward_model(
-                    reward_uri, seed=spec.seed, trained=True,
-                    placement=frozen_placement(spec.deepspeed, dist, shard=False))
+                    reward_uri,
+                    seed=spec.seed,
+                    trained=True,
+                    placement=frozen_placement(spec.deepspeed, dist, shard=False),
+                )
                 # a replica per rank, never ZeRO-3 shards: each rank scores its own shards (uneven counts)
                 model = frozen(model, spec.deepspeed, dist, shard=False)
             torch.manual_seed(spec.seed + index)  # sampled critiques depend on the shard, not on the rank
+            # the whole shard at once: scoring sorts it by length into batches, the rows come back in order
+            scored = scoring.score_pairs(
+                model,
+                collator,
+                shard,
+                critique=critique,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                batch_size=config.batch_size,
+            )
+            fused += scored.fused
             with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
-                for batch_pairs in chunks(shard, config.batch_size):
-                    scored = scoring.score_pairs(model, collator, batch_pairs, critique=critique,
-                                                 max_new_tokens=config.max_new_tokens,
-                                                 temperature=config.temperature)
-                    for i, pair in enumerate(batch_pairs):
-                        out.write(json.dumps(scored_row(pair, scored.chosen[i], scored.rejected[i],
-                                                        scored.chosen_critiques[i],
-                                                        scored.rejected_critiques[i])) + "\n")
-                        rows_metrics.append((pair.query_id, pair.category, scored.chosen[i], scored.rejected[i]))
+                for i, pair in enumerate(shard):
+                    out.write(
+                        json.dumps(
+                            scored_row(
+                                pair,
+                                scored.chosen[i],
+                                scored.rejected[i],
+                                scored.chosen_critiques[i],
+                                scored.rejected_critiques[i],
+                            )
+                        )
+                        + "\n"
+                    )
+                    rows_metrics.append((pair.query_id, pair.category, scored.chosen[i], scored.rejected[i]))
             transfer.upload_file(out.name, shard_uri)  # the shard appears whole or not at all
             os.unlink(out.name)
         done += len(shard)
@@ -149,6 +177,7 @@ def run(ctx: Context) -> dict[str, Any]:
 
     # ---- manifest, written last by rank 0 once every shard exists
     gathered = dist.all_gather_object(rows_metrics)
+    fused_rows = sum(dist.all_gather_object(fused))
     dist.barrier()
     summary: dict[str, Any] = {}
     if dist.is_rank_0:
@@ -157,10 +186,16 @@ def run(ctx: Context) -> dict[str, Any]:
                 storage.delete(stale.uri)  # shards of an earlier attempt with another shardPairs
         table = metrics.reward_bench(row for rows in gathered for row in rows)
         summary = {
-            "pairs": len(pairs), "skipped_lines": stats.skipped, "missing_media_pairs": checked.pairs_missing,
+            "pairs": len(pairs),
+            "skipped_lines": stats.skipped,
+            "missing_media_pairs": checked.pairs_missing,
             "world_size": dist.world_size,
-            "shard_pairs": config.shard_pairs, "resumed_shards": resumed,
-            "reward_model": reward_uri, "critique": critique, "reward_bench": table,
+            "shard_pairs": config.shard_pairs,
+            "resumed_shards": resumed,
+            "reward_model": reward_uri,
+            "critique": critique,
+            "reward_bench": table,
+            "fused_score_rows": fused_rows,  # scored in the generation pass (this attempt's shards only)
             "seconds": round(time.monotonic() - started, 1),
         }
         storage.write_json(manifest_uri, {"shards": names, **summary, "identity": made_by})
