@@ -48,14 +48,12 @@ from typing import Any
 
 import torch
 
+from bench.words import random_text
 from mmalign.trainer import collate, losses, models, prefix, tiny
 from mmalign.trainer.stages.dpo import SequenceLogps
 
 VARIANTS = ("trl:ref-model", "trl:precomputed", "mmalign:ref-model", "mmalign:precomputed",
             "mmalign:ref-model:unshared", "mmalign:precomputed:unshared")
-# Words the tiny BPE knows whole (tiny._CORPUS), so a row's length in tokens is easy to steer.
-WORDS = ("image", "colour", "answer", "question", "response", "correct", "reasoning", "person", "circle",
-         "square", "building", "accurate", "helpful", "detailed", "standing", "picture", "video")
 
 
 @dataclasses.dataclass
@@ -95,11 +93,8 @@ def make_examples(cfg: BenchConfig, processor: Any) -> list[collate.Example]:
     rng = random.Random(cfg.seed)
     tokenizer = getattr(processor, "tokenizer", processor)
 
-    def text(count: int) -> str:  # about `count` tokens of random known words
-        words: list[str] = []
-        while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < count:
-            words.append(rng.choice(WORDS))
-        return " ".join(words)
+    def text(count: int) -> str:
+        return random_text(tokenizer, rng, count)
 
     side = tiny.SIZES[cfg.model].image
     image_tokens = (side // tiny.SIZES[cfg.model].patch // 2) ** 2 if cfg.data == "image" else 0

@@ -48,30 +48,11 @@ from typing import Any
 
 import torch
 
+from bench.words import random_text
 from mmalign.trainer import collate, models, scoring, tiny
 from mmalign.trainer.template import Example
 
 VARIANTS = ("naive", "stage")
-# Words the tiny BPE knows whole (tiny._CORPUS), so a row's length in tokens is easy to steer.
-WORDS = (
-    "image",
-    "colour",
-    "answer",
-    "question",
-    "response",
-    "correct",
-    "reasoning",
-    "person",
-    "circle",
-    "square",
-    "building",
-    "accurate",
-    "helpful",
-    "detailed",
-    "standing",
-    "picture",
-    "video",
-)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -101,11 +82,8 @@ def make_examples(cfg: BenchConfig, processor: Any) -> list[Example]:
     rng = random.Random(cfg.seed)
     tokenizer = getattr(processor, "tokenizer", processor)
 
-    def text(count: int) -> str:  # about `count` tokens of random known words
-        words: list[str] = []
-        while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < count:
-            words.append(rng.choice(WORDS))
-        return " ".join(words)
+    def text(count: int) -> str:
+        return random_text(tokenizer, rng, count)
 
     side = tiny.SIZES[cfg.model].image
     examples = []

@@ -394,6 +394,11 @@ def down(state_dir: Path | None = None, keep: bool = False, grace: float = 10) -
             node_stopped_pods = was_alive[0] and _start_time(procs[0]["pid"]) != procs[0]["start"]
         for proc in procs:
             _signal(proc["pid"], proc["start"], signal.SIGKILL)
+        # A SIGKILLed process with a large heap (the API server) takes a moment to be gone: `down`
+        # returns only when nothing it stopped is still alive.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_start_time(p["pid"]) == p["start"] for p in procs):
+            time.sleep(0.05)
         if group == ["kubelet"]:
             realnode.stop_pods(cluster.node_layout)
     if cluster.node == "real":

@@ -3,7 +3,6 @@
     model, processor = models.load_model("s3://bucket/models/qwen2-vl-7b/")     # or a folder, builtin://
     reward, processor = models.load_reward_model("builtin://tiny-qwen2-vl", seed=0)
     out = reward(batch)                     # batch from Collator.reward: scores + critique log-probs
-    texts = reward.generate_critiques(collator.generation(pairs), collator, max_new_tokens=256)
     reward.save("/tmp/rm", processor)       # HF folder + score_head.safetensors; load_reward_model reads it
     models.write_reward_info("/tmp/rm", critique=True, base_model=uri)   # mmalign_reward.json
     models.reward_info_critique("/tmp/rm")  # True / False, None when the folder has no info file
@@ -40,7 +39,7 @@ from torch import nn
 
 from mmalign.api.exit_codes import ExitCode
 from mmalign.trainer import builtin, logprobs, storage, transfer
-from mmalign.trainer.collate import Batch, Collator
+from mmalign.trainer.collate import Batch
 from mmalign.trainer.engine import Placement
 
 SCORE_HEAD_FILE = "score_head.safetensors"  # the score head's weights, beside the base model's
@@ -172,20 +171,6 @@ class RewardModel(nn.Module):
         if batch.critique_mask is not None:
             critique = logprobs.sequence_logprobs(self.base, hidden, batch, batch.critique_mask, chunk_size)
         return RewardOutput(scores=scores, critique=critique)
-
-    @torch.no_grad()
-    def generate_critiques(self, batch: Batch, collator: Collator, max_new_tokens: int = 256,
-                           temperature: float = 0.0) -> list[str]:
-        """Critique text per row of a `collator.generation` batch (greedy when temperature == 0); the
-        collator's template says which tokens end a turn."""
-        tokenizer = collator.tokenizer
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        out = self.base.generate(  # type: ignore[operator]
-            **batch.model_inputs(), max_new_tokens=max_new_tokens, eos_token_id=collator.end_of_turn_ids,
-            pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling,
-        )
-        new_tokens = out[:, batch.input_ids.shape[1]:]  # (R, new)
-        return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def save(self, folder: str | os.PathLike[str], processor: Any,
              state_dict: dict[str, torch.Tensor] | None = None) -> Path:
