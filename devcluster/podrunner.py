@@ -422,7 +422,11 @@ class PodRun:
         status: dict[str, Any] = {
             "phase": phase, "hostIP": self.ctx.host_ip, "hostIPs": [{"ip": self.ctx.host_ip}],
             "podIP": self.ip, "podIPs": [{"ip": self.ip}], "startTime": self.start_time,
-            "conditions": [{"type": name, "status": "True" if ok else "False"} for name, ok in conditions],
+            # JSON merge patch replaces the whole list: keep the conditions the node does not own (the API
+            # server's DisruptionTarget on eviction), as the kubelet's status manager does.
+            "conditions": [{"type": name, "status": "True" if ok else "False"} for name, ok in conditions] + [
+                c for c in self.pod.get("status", {}).get("conditions", [])
+                if c.get("type") not in {name for name, _ in conditions}],
             "containerStatuses": [run.status() for run in self.main],
         }
         if self.init:
