@@ -278,15 +278,16 @@ class Bench:
         name = f"gang-{nodes}"
         row: dict[str, Any] = {"nodes": nodes}
         w = self.watcher
+
+        def all_pods(attempt: int) -> Any:  # the gang's `nodes` pods of `attempt`, once all exist
+            return wait(f"{nodes} pods of attempt {attempt}",
+                        lambda: (p := w.pods_of(name, attempt)) and len(p) == nodes and p, self.timeout)
+
         start = {}
         with self.measured(start, lambda: nodes):
             t0 = time.monotonic()
             self.api.create(self.jobs_path, job_document(name, nodes))
-            pods = wait(
-                f"{nodes} pods created",
-                lambda: (p := w.pods_of(name, 0)) and len(p) == nodes and p,
-                self.timeout,
-            )
+            pods = all_pods(0)
             created = w.last(w.pod_added, pods)
             running = wait(f"{nodes} pods Running", lambda: w.last(w.pod_running, pods), self.timeout)
             status_at = wait(
@@ -306,11 +307,7 @@ class Bench:
                 f"/api/v1/namespaces/{self.namespace}/pods/{victim}",
                 {"metadata": {"annotations": {kwok.EXIT_CODE_ANNOTATION: FAILED_EXIT}}},
             )
-            new = wait(
-                f"{nodes} pods of attempt 1",
-                lambda: (p := w.pods_of(name, 1)) and len(p) == nodes and p,
-                self.timeout,
-            )
+            new = all_pods(1)
             new_created = w.last(w.pod_added, new)
             old_gone = w.last(w.pod_deleted, w.pods_of(name, 0))
             new_running = wait(f"{nodes} new pods Running", lambda: w.last(w.pod_running, new), self.timeout)
