@@ -15,7 +15,7 @@ help:
 	@echo "make demo-down  stop the demo cluster"
 	@echo "make crds       regenerate the CRD YAML from the API models"
 	@echo "make binaries   build/reuse the cached kube-apiserver, controller-manager, etcd, helm"
-	@echo "make test-realnode  the real kubelet/containerd node and the project's image (not yet default)"
+	@echo "make test-realnode  the real kubelet/containerd node, the project's image, the operator lifecycle tests on it (not yet default)"
 	@echo "make bench      DPO step vs TRL's DPOTrainer on CPU, small size (docs/benchmarks.md)"
 
 # torch first (its pins are read from pyproject.toml, the one place they live); deepspeed is an sdist
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "setuptools>=68" wheel
 	$(BIN)/pip install -q $$(grep -oE '"torch(vision)?==[^"]+"' pyproject.toml | tr -d '"')
-	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -e ".[operator,trainer,dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -e ".[operator,trainer,dev,tracking]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -65,9 +65,11 @@ test: lint binaries
 
 # The real node (kubelet + containerd + the project's image; docs/devcluster.md "The real node"): not yet
 # the default path of `make test`/`make demo`. Its binaries and images take ~40 min cold on 2 cores.
+# Two pytest runs: each starts its own real node (one at a time: the node's paths are fixed per machine).
 test-realnode: binaries
 	$(BIN)/python -m mmalign.devcluster.binaries --real-node
 	MMALIGN_NODE=real $(BIN)/pytest tests/integration/test_realnode.py -q
+	MMALIGN_NODE=real $(BIN)/pytest tests/integration/test_operator_lifecycle.py -q
 
 # The bench extra (TRL) goes into the same venv only here, never in `make test`'s install.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -8,9 +8,10 @@
     critique, then scores) -> mean ± spread (half the max − min range) over the seeds.
 (b) MM-DPO with Dynamic Reward Scaling vs a fixed β vs β-DPO: the reward model of (a) (--delta-from)
     scores every pair in the score stage (δ = r_w − r_l); each DPO variant then trains on the same
-    scored pairs with the same seed, for every budget in --dpo-steps; held-out implicit-reward accuracy
-    (h > 0) of each budget's final policy -> a curve vs steps (a separate run per budget: the schedule is
-    that budget's, as a user's job with that maxSteps would be).
+    scored pairs with the same seed for `dpo_steps` steps; its held-out implicit-reward accuracy (h > 0)
+    every `dpo_eval_every` steps (stages.dpo.evalEverySteps: metrics.json `eval_curve`) is the curve,
+    and the reward model judges the final policy's answers against the reference's (stages.dpo.winRate:
+    the win rate on the held-out prompts).
 
 Every run is a real job, `mmalign run JOB --local` (torchrun, 1 process, `mmalign train` per stage), the
 way tests/trainer/jobs.py runs them: the bench measures the product, not a re-implementation. Results:
@@ -52,7 +53,8 @@ class Size:
     model: str  # a builtin model URI
     queries: int  # synthetic-shapes queries (3 pairs each)
     reward_epochs: int
-    dpo_steps: tuple[int, ...]  # budgets of the DPO curve
+    dpo_steps: int  # steps of each DPO run
+    dpo_eval_every: int  # the DPO curve's spacing (stages.dpo.evalEverySteps)
     micro_batch: int = 8
     max_new_tokens: int = 32  # critique length in the score stage
     gpus: int = 0  # nvidia.com/gpu of the job: 0 runs it on CPU
@@ -60,10 +62,10 @@ class Size:
 
 SIZES = {
     # 2-core CPU: the tiny Qwen2-VL (tiny.SIZES["tiny"]), 144 queries = 432 pairs, 36 queries held out
-    "cpu": Size("builtin://tiny-qwen2-vl", 144, 8, (10, 20, 40)),
+    "cpu": Size("builtin://tiny-qwen2-vl", 144, 8, 80, 10),
     # a GPU: 4x the data and twice the epochs on the same tiny base (0.5b random-init models learn
     # nothing in this budget either; a pretrained base belongs in spec.model.uri of a real job)
-    "gpu": Size("builtin://tiny-qwen2-vl", 576, 16, (25, 50, 100, 200), gpus=1),
+    "gpu": Size("builtin://tiny-qwen2-vl", 576, 16, 400, 25, gpus=1),
 }
 
 
@@ -109,14 +111,16 @@ def reward_stage(critique: bool, size: Size) -> dict[str, Any]:
     }
 
 
-def dpo_stage(variant: str, steps: int, size: Size, scored: str) -> dict[str, Any]:
+def dpo_stage(variant: str, size: Size, scored: str, judge: str) -> dict[str, Any]:
     stage: dict[str, Any] = {
         "beta": 0.1,
         "learningRate": 1e-3,
-        "maxSteps": steps,
         "microBatchSize": size.micro_batch,
         "freezeVisionTower": False,
+        "maxSteps": size.dpo_steps,
+        "evalEverySteps": size.dpo_eval_every,  # the curve: metrics.json eval_curve
         "scoredData": scored,
+        "winRate": {"rewardModel": {"uri": judge}},  # the RM of (a) judges policy vs reference answers
     }
     if variant == "drs":
         stage["dynamicRewardScaling"] = {"w": DRS_W, "k": DRS_K}
@@ -283,24 +287,24 @@ def run_ablation(
         media = str(Path(builtin.dataset_file(data_uri)).parent) + "/"
         report["score"]["delta_by_difficulty"] = delta_by_difficulty(scored_pairs(scored))
         _save_partial()
+        judge = (store / "reward" / "model").as_uri() + "/"
         for variant in variants:
-            for steps in size.dpo_steps:
-                name = f"dpo-{variant}-{steps}"
-                document = job_document(
-                    name=name,
-                    model=size.model,
-                    gpus=size.gpus,
-                    data_uri=data_uri,
-                    seed=seed,
-                    stages={"dpo": dpo_stage(variant, steps, size, str(scored) + "/")},
-                    media_uri=media,
-                )
-                report["dpo"][name] = {
-                    "variant": variant,
-                    "steps": steps,
-                    **run_job(work, name, document, "dpo", work / "store" / name),
-                }
-                _save_partial()
+            name = f"dpo-{variant}"
+            document = job_document(
+                name=name,
+                model=size.model,
+                gpus=size.gpus,
+                data_uri=data_uri,
+                seed=seed,
+                stages={"dpo": dpo_stage(variant, size, str(scored) + "/", judge)},
+                media_uri=media,
+            )
+            report["dpo"][name] = {
+                "variant": variant,
+                "steps": size.dpo_steps,
+                **run_job(work, name, document, "dpo", work / "store" / name),
+            }
+            _save_partial()
     report["summary"] = summarize(report)
     report["machine"]["load_average_end"] = os.getloadavg()
     report["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -322,6 +326,14 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 "per_seed": {n.rsplit("-seed", 1)[1]: [r["eval_acc"], r["eval_acc_plus"]] for n, r in named},
             }
     for run in report["dpo"].values():
+        if "eval_curve" in run["dpo"]:  # one run per variant, evaluated every evalEverySteps
+            summary["dpo"][run["variant"]] = {
+                "steps": [p["step"] for p in run["dpo"]["eval_curve"]],
+                "eval_reward_accuracy": [p["eval_reward_accuracy"] for p in run["dpo"]["eval_curve"]],
+                **({"win_rate": run["dpo"]["win_rate"]} if "win_rate" in run["dpo"] else {}),
+            }
+            continue
+        # results of the earlier layout: one run per budget, its final accuracy a point of the curve
         curve = summary["dpo"].setdefault(run["variant"], {"steps": [0], "eval_reward_accuracy": []})
         if not curve["eval_reward_accuracy"]:
             curve["eval_reward_accuracy"].append(run["dpo"]["eval_reward_accuracy_initial"])
@@ -392,7 +404,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     left, top, right, bottom = axes(
         width,
         f"(b) DPO held-out implicit-reward accuracy, delta from the {report['delta_from']} RM",
-        "DPO steps (one run per budget)",
+        "DPO steps",
     )
     curves = summary["dpo"]
     most = max((max(c["steps"]) for c in curves.values()), default=1) or 1
@@ -425,14 +437,18 @@ def table(report: dict[str, Any]) -> str:
         )
     if summary["dpo"]:
         steps = next(iter(summary["dpo"].values()))["steps"]
+        judged = any("win_rate" in curve for curve in summary["dpo"].values())
         lines += [
             "",
-            "| DPO variant | " + " | ".join(f"step {s}" for s in steps) + " |",
-            "| --- |" + " --- |" * len(steps),
+            "| DPO variant | "
+            + " | ".join(f"step {s}" for s in steps)
+            + (" | win rate |" if judged else " |"),
+            "| --- |" + " --- |" * (len(steps) + judged),
         ]
         for variant, curve in summary["dpo"].items():
+            win = f" {curve['win_rate']:.3f} |" if "win_rate" in curve else (" - |" if judged else "")
             lines.append(
-                f"| {variant} | " + " | ".join(f"{a:.3f}" for a in curve["eval_reward_accuracy"]) + " |"
+                f"| {variant} | " + " | ".join(f"{a:.3f}" for a in curve["eval_reward_accuracy"]) + " |" + win
             )
     if "score" in report:
         lines += ["", "| pairs | count | mean δ | δ > 0 | DRS β < 0 |", "| --- | --- | --- | --- | --- |"]

@@ -13,6 +13,11 @@ Variants (`--variants`, all six by default):
   mmalign:*:unshared   the same without prefix sharing (stages.dpo.prefixSharing: false): chosen and
                        rejected rows each run the whole prompt; without the suffix, one prompt pass per
                        pair (trainer/prefix.py, the stage's default)
+  mmalign:*:packed     (not in the default six) prefix sharing + packing (stages.dpo.packing): several
+                       pairs' sequences per row, no padding between them; against the suffix-less
+                       variant it shows what packing buys. Meant with `--mixed` (pairs of very
+                       different lengths: each pair's row target drawn log-uniformly in
+                       [tokens/8, tokens], seeded), where short pairs share a row
 The mmalign step is the stage's micro_batch_loss + train_step without DeepSpeed (TRL runs without it
 too): SequenceLogps (vision once per pair, chunked LM head) -> losses.DpoLoss("mm-dpo", β) -> backward ->
 clip -> AdamW. Collation is outside the timed step on both sides (the Trainer prefetches batches before
@@ -54,6 +59,7 @@ from mmalign.trainer.stages.dpo import SequenceLogps
 
 VARIANTS = ("trl:ref-model", "trl:precomputed", "mmalign:ref-model", "mmalign:precomputed",
             "mmalign:ref-model:unshared", "mmalign:precomputed:unshared")
+PACKED_VARIANTS = ("mmalign:ref-model:packed", "mmalign:precomputed:packed")  # asked for by name only
 
 
 @dataclasses.dataclass
@@ -69,6 +75,7 @@ class BenchConfig:
     lr: float = 1e-6
     beta: float = 0.1
     seed: int = 0
+    mixed: bool = False  # pairs of very different lengths: row target log-uniform in [tokens/8, tokens]
 
     @property
     def uri(self) -> str:
@@ -102,6 +109,10 @@ def make_examples(cfg: BenchConfig, processor: Any) -> list[collate.Example]:
     prompt = max(4, cfg.tokens - response - image_tokens - 12)  # 12: chat markers and end of turn
     examples = []
     for _ in range(cfg.pairs):
+        if cfg.mixed:  # this pair's row target, log-uniform in [tokens/8, tokens]
+            target = int(cfg.tokens * 8 ** (rng.random() - 1))
+            response = max(4, target // 2)
+            prompt = max(4, target - response - image_tokens - 12)
         noise = bytes(rng.randrange(256) for _ in range(side * side * 3))
         images = [Image.frombytes("RGB", (side, side), noise)] if cfg.data == "image" else []
         examples.append(collate.Example(prompt=text(prompt), chosen=text(response), rejected=text(response),
@@ -179,11 +190,12 @@ def _load(cfg: BenchConfig) -> tuple[Any, Any]:  # (PreTrainedModel, processor)
 
 
 def mmalign_steps(cfg: BenchConfig, reference: str, steps: int,
-                  prefix_sharing: bool = True) -> tuple[list[float], list[float]]:
+                  prefix_sharing: bool = True, packing: bool = False) -> tuple[list[float], list[float]]:
     """(seconds per step, loss per step) of mmalign's DPO step; reference: "precomputed" | "model";
-    `prefix_sharing`: stages.dpo.prefixSharing (policy, reference model and pre-pass alike)."""
+    `prefix_sharing`: stages.dpo.prefixSharing, `packing`: stages.dpo.packing (policy, reference model
+    and pre-pass alike)."""
     model, processor = _load(cfg)
-    policy = SequenceLogps(model, prefix_sharing)
+    policy = SequenceLogps(model, prefix_sharing, packing)
     collator = collate.Collator(processor, max_length=4 * cfg.tokens, device=cfg.device)
     batch = collator.pairs(make_examples(cfg, processor))
     loss_fn = losses.DpoLoss("mm-dpo", beta=cfg.beta)  # fixed β: the same loss TRL's "sigmoid" is
@@ -195,7 +207,7 @@ def mmalign_steps(cfg: BenchConfig, reference: str, steps: int,
             table = policy(batch)[0].float()  # (2B,)
         reference_chosen, reference_rejected = batch.split(table)
     else:
-        frozen = SequenceLogps(_load(cfg)[0].requires_grad_(False), prefix_sharing)
+        frozen = SequenceLogps(_load(cfg)[0].requires_grad_(False), prefix_sharing, packing)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=cfg.device == "cuda")
     times, losses_seen = [], []
@@ -286,7 +298,8 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
             times, losses_seen = trl_steps(cfg, reference, cfg.warmup + cfg.steps)
         else:
             times, losses_seen = mmalign_steps(cfg, reference, cfg.warmup + cfg.steps,
-                                               prefix_sharing="unshared" not in options)
+                                               prefix_sharing="unshared" not in options,
+                                               packing="packed" in options)
     return {"times": times[cfg.warmup:], "losses": losses_seen, **memory}
 
 
@@ -325,6 +338,10 @@ def run_bench(cfg: BenchConfig, variants: list[str]) -> dict[str, Any]:
         if "s_per_step" in row and "s_per_step" in unshared:  # what prefix sharing alone buys
             row["speedup_vs_unshared"] = unshared["s_per_step"] / row["s_per_step"]
             row["memory_vs_unshared"] = row["peak_gib"] / max(unshared["peak_gib"], 1e-9)
+        shared = results.get(variant.removesuffix(":packed"), {}) if variant.endswith(":packed") else {}
+        if "s_per_step" in row and "s_per_step" in shared:  # what packing adds to prefix sharing
+            row["speedup_vs_shared"] = shared["s_per_step"] / row["s_per_step"]
+            row["memory_vs_shared"] = row["peak_gib"] / max(shared["peak_gib"], 1e-9)
         for baseline in ("trl:ref-model", "trl:precomputed"):
             if "s_per_step" in row and "s_per_step" in results.get(baseline, {}):
                 row[f"speedup_vs_{baseline}"] = results[baseline]["s_per_step"] / row["s_per_step"]
@@ -340,10 +357,14 @@ def batch_shape(cfg: BenchConfig) -> dict[str, int]:
     for text data)."""
     processor = tiny.build_processor("qwen2-vl" if cfg.data == "image" else "text", size=cfg.model)
     batch = collate.Collator(processor, max_length=4 * cfg.tokens).pairs(make_examples(cfg, processor))
-    shared = prefix.share(batch)
+    shared, packed = prefix.share(batch), prefix.share(batch, pack=True)
+    # *_computed_tokens: what the language model runs over, padding included (rows x row width)
     return {"rows": batch.rows, "tokens_per_row": int(batch.input_ids.shape[1]),
             "response_tokens": int(batch.response_mask.sum()), "real_tokens": int(batch.attention_mask.sum()),
-            "prefix_shared_tokens": int((shared.segment != prefix.PAD).sum())}
+            "prefix_shared_tokens": int((shared.segment != prefix.PAD).sum()),
+            "unshared_computed_tokens": int(batch.input_ids.numel()),
+            "prefix_shared_computed_tokens": int(shared.input_ids.numel()),
+            "packed_rows": packed.rows, "packed_computed_tokens": int(packed.input_ids.numel())}
 
 
 def _environment(cfg: BenchConfig) -> dict[str, Any]:
@@ -370,14 +391,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
+    parser.add_argument("--mixed", action="store_true", help="pairs of very different lengths (log-uniform "
+                        "row targets in [tokens/8, tokens]): what packing is for")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " +
-                        ", ".join(VARIANTS))
+                        ", ".join(VARIANTS + PACKED_VARIANTS))
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     options = vars(parser.parse_args(argv))
     variants, out = options.pop("variants").split(","), options.pop("out")
-    unknown = sorted(set(variants) - set(VARIANTS))
+    known = VARIANTS + PACKED_VARIANTS
+    unknown = sorted(set(variants) - set(known))
     if unknown:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     cfg = BenchConfig(**options)
     os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference pre-pass bar
     report = run_bench(cfg, variants)

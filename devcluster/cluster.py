@@ -29,7 +29,7 @@ from typing import Any
 import requests
 import yaml
 
-from mmalign.devcluster import binaries, components, dns, kwok, pki, realnode
+from mmalign.devcluster import binaries, components, dns, kwok, pki, podrunner, realnode
 from mmalign.devcluster.kubeapi import ApiError, KubeApi
 
 # Components, node first: `down` stops it before the others (it stops the pods).
@@ -412,5 +412,7 @@ def down(state_dir: Path | None = None, keep: bool = False, grace: float = 10) -
                 pass
     for leftover in components.seaweedfs_leftovers(cluster.ports):
         leftover.unlink(missing_ok=True)
+    for link in podrunner.tmp_links(state_dir / "pods"):
+        link.unlink(missing_ok=True)
     if not keep:
         shutil.rmtree(state_dir, ignore_errors=True)

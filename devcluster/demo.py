@@ -40,6 +40,7 @@ EXAMPLE = REPO / "manifests/examples/tiny-cpu-s3.yaml"
 # The example's bucket; MMALIGN_S3_BUCKET replaces it (on AWS, bucket names are global: `mmalign` is taken).
 EXAMPLE_BUCKET = "mmalign"
 ENV_BUCKET = "MMALIGN_S3_BUCKET"
+DATASET = "synthetic-colors"  # the builtin:// set the demo uploads to S3 (tiny-cpu-s3.yaml reads it there)
 OPERATOR_NAMESPACE = "mmalign-system"
 TERMINAL = ("Succeeded", "Failed")
 # The dev cluster, or one the user brought (MMALIGN_KUBECONFIG): the same attributes, env and s3_* first.
@@ -51,7 +52,7 @@ def bucket() -> str:
 
 
 def data_prefix() -> str:
-    return f"s3://{bucket()}/demo/data/synthetic-colors/"
+    return f"s3://{bucket()}/demo/data/{DATASET}/"
 
 
 def model_prefix() -> str:
@@ -120,7 +121,7 @@ def prepare_storage(cluster: Cluster, namespace: str) -> None:
     from mmalign.trainer import builtin, models, transfer
 
     with tempfile.TemporaryDirectory() as tmp:
-        data = builtin.export_dataset("synthetic-colors", Path(tmp) / "data")
+        data = builtin.export_dataset(DATASET, Path(tmp) / "data")
         transfer.upload_folder(str(data.parent), data_prefix())
         model, processor = models.load_model("builtin://tiny-qwen2-vl")
         models.save_model(model, processor, Path(tmp) / "model")
@@ -165,10 +166,34 @@ def report(status: dict[str, Any], name: str, namespace: str) -> int:
         say(f"FAILED in stage {failed}: {status.get('message', '')}")
         say(f"read the pods' logs: kubectl logs -n {namespace} -l mmalign.io/job={name},mmalign.io/stage={failed}")
         return 1
+    for line in learning_summary(stages):
+        say(line)
     say("Succeeded. Artifacts:")
     for stage, what in (("reward", "reward model"), ("score", "scored pairs"), ("dpo", "final policy")):
         say(f"  {what:<13} {stages.get(stage, {}).get('artifact', '?')}")
     return 0
+
+
+def learning_summary(stages: dict[str, Any]) -> list[str]:
+    """The numbers that say whether the job learned, from the stages' status metrics, and one line on what they
+    mean: the reward model's Acc/Acc+ on held-out pairs, the DPO policy's win rate over the reference."""
+    reward = stages.get("reward", {}).get("metrics", {})
+    dpo = stages.get("dpo", {}).get("metrics", {})
+    lines = []
+    if "eval_acc" in reward:
+        lines.append(f"reward model: held-out Acc {reward['eval_acc']:.2f}, "
+                     f"Acc+ {reward.get('eval_acc_plus', 0):.2f} (chance: 0.50, 0.12 with 3 pairs per query)")
+    if "win_rate" in dpo:
+        accuracy = ""
+        if "eval_reward_accuracy" in dpo:
+            accuracy = (f"; held-out implicit-reward accuracy {dpo.get('eval_reward_accuracy_initial', 0):.2f} -> "
+                        f"{dpo['eval_reward_accuracy']:.2f}")
+        lines.append(f"DPO policy: win rate {dpo['win_rate']:.2f} over the reference model{accuracy}")
+    if lines:
+        lines.append("meaning: Acc is how often the reward model prefers the right answer about an image it never "
+                     "saw (above 0.5: it learned from the image); win rate is how often it prefers the aligned "
+                     "policy's answer to the base model's (above 0.5: alignment helped)")
+    return lines
 
 
 def find_cluster() -> Cluster:

@@ -13,6 +13,7 @@ made while preparing a pod (Secrets, ConfigMaps, TokenRequest), which `prepare()
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -30,6 +31,41 @@ from mmalign.devcluster.kubeapi import ApiError, KubeApi
 # "true": wildcard binds stay wildcard (the host's port space) instead of the pod's own address.
 HOST_PORTS_ANNOTATION = "devcluster.mmalign.io/host-ports"
 MAX_BACKOFF_SECONDS = 20.0  # the kubelet caps at 300 s; tests want crash loops to move faster
+
+
+TMP_LINKS = Path("/tmp")  # where each pod's short TMPDIR link lives (PodRunner.tmp_link)
+
+
+def tmp_links(pods_dir: Path) -> list[Path]:
+    """The TMPDIR links of the pods under `pods_dir` (`dev down` removes them with the state folder)."""
+    inside = str(pods_dir.absolute()) + os.sep
+    return [link for link in TMP_LINKS.glob("mmalign-pod-*")
+            if link.is_symlink() and os.readlink(link).startswith(inside)]
+
+
+def group_descendants(pgid: int) -> list[int]:
+    """Processes outside group `pgid` that descend from a member of it (from /proc: pid, ppid, pgid)."""
+    parent: dict[int, int] = {}
+    members: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid, ppid, group = int(entry.name), int(fields[1]), int(fields[2])
+        parent[pid] = ppid
+        if group == pgid:
+            members.add(pid)
+    found: list[int] = []
+    for pid, ppid in parent.items():
+        ancestor, hops = ppid, 0
+        while ancestor > 1 and ancestor not in members and hops < 64:
+            ancestor, hops = parent.get(ancestor, 0), hops + 1
+        if ancestor in members and pid not in members:
+            found.append(pid)
+    return found
 
 
 def now_iso() -> str:
@@ -132,6 +168,10 @@ class PodRun:
         self.pod, self.ctx, self.ip, self.gpus = pod, ctx, ip, gpus
         self.uid, self.namespace, self.name = meta["uid"], meta["namespace"], meta["name"]
         self.root = ctx.pods_dir / f"{self.namespace}_{self.name}_{self.uid}"
+        # TMPDIR: a short link to root/tmp. Unix sockets made under it (multiprocessing's fd sharing: a
+        # DataLoader worker handing tensors back) must fit 108 bytes, which the pod folder's path does not.
+        # named by the folder's path: unique per pod and per cluster (tests reuse uids in their own folders)
+        self.tmp_link = TMP_LINKS / f"mmalign-pod-{hashlib.sha256(str(self.root.absolute()).encode()).hexdigest()[:16]}"
         self.policy = pod["spec"].get("restartPolicy", "Always")
         logs = self.root / "logs"
         self.init = [ContainerRun(c, True, logs / c["name"]) for c in pod["spec"].get("initContainers") or []]
@@ -152,6 +192,10 @@ class PodRun:
         try:
             for sub in ("volumes", "work", "home", "tmp", "logs"):
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
+            target = str((self.root / "tmp").absolute())
+            if not (self.tmp_link.is_symlink() and os.readlink(self.tmp_link) == target):
+                self.tmp_link.unlink(missing_ok=True)
+                self.tmp_link.symlink_to(target, target_is_directory=True)
             secrets, configmaps = self._referenced_data()
             self._write_volumes(secrets, configmaps)
             self.secrets, self.configmaps = secrets, configmaps
@@ -251,7 +295,7 @@ class PodRun:
     def base_env(self) -> dict[str, str]:
         hostname = self.pod["spec"].get("hostname") or self.name
         env = {"PATH": os.pathsep.join(self.ctx.path_dirs), "HOME": str(self.root / "home"),
-               "TMPDIR": str(self.root / "tmp"), "LANG": "C.UTF-8"}
+               "TMPDIR": str(self.tmp_link), "LANG": "C.UTF-8"}
         env.update(dns.pod_dns_env(hostname, self.ip, self.namespace, self.ctx.hosts_file, self.ctx.dns_shim))
         if (self.pod["metadata"].get("annotations") or {}).get(HOST_PORTS_ANNOTATION) == "true":
             env["MMALIGN_KEEP_WILDCARD"] = "1"
@@ -390,9 +434,15 @@ class PodRun:
         return all(run.proc is None for run in self.init + self.main)
 
     def _kill_group(self, sig: int) -> None:
-        if self.pgid is not None:
+        if self.pgid is None:
+            return
+        # torchrun starts its workers in process groups of their own: a SIGKILL to the pod's group alone
+        # would leave them running, orphaned, once torchrun is gone (a container's cgroup takes them all).
+        # A SIGTERM goes to the group only: torchrun forwards it to its workers itself.
+        others = group_descendants(self.pgid) if sig == signal.SIGKILL else []
+        for target in (-self.pgid, *others):
             try:
-                os.killpg(self.pgid, sig)
+                os.kill(target, sig)
             except (ProcessLookupError, PermissionError):
                 pass
 
@@ -404,6 +454,7 @@ class PodRun:
                 self._poll(run)
 
     def remove_files(self) -> None:
+        self.tmp_link.unlink(missing_ok=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
     # ------------------------------------------------------------ status

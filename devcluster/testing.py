@@ -8,7 +8,9 @@
 - `namespace` (function): a fresh namespace per test, with its default ServiceAccount ready; deleted after.
 - `dev_env` (function): os.environ patched with `dev_cluster.env`, for code that reads KUBECONFIG/AWS_*.
 
-Knobs: MMALIGN_TEST_NODES (default 2), MMALIGN_TEST_GPUS_PER_NODE (default 0). tests/e2e's conftest
+Knobs: MMALIGN_TEST_NODES (default 2), MMALIGN_TEST_GPUS_PER_NODE (default 0); MMALIGN_NODE=real starts
+the real node instead (docs/devcluster.md), where pods run images: `node_image(dev, target)` puts the
+project's image into the node's containerd. tests/e2e's conftest
 replaces `dev_cluster` and `namespace` with the user's cluster when MMALIGN_KUBECONFIG is set.
 """
 
@@ -21,6 +23,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -55,6 +58,22 @@ def create_namespace(dev: cluster.DevCluster, prefix: str = "t") -> str:
     return name
 
 
+def is_real_node(dev: cluster.DevCluster) -> bool:
+    """Whether pods run as containers of an image (the real node), not as local processes."""
+    return getattr(dev, "node", "process") == "real"
+
+
+def node_image(dev: cluster.DevCluster, target: str = "operator", image: str | None = None) -> str:
+    """The project's image (Dockerfile `target`, built for the current source, or `image` when given: one
+    built before) in the real node's containerd; pods give it with imagePullPolicy IfNotPresent or Never."""
+    from mmalign.devcluster import images
+
+    repo = Path(__file__).resolve().parents[1]
+    image = image or images.project_image(repo, target=target)
+    images.ensure_imported(dev.node_layout, image)
+    return image
+
+
 def pod_phase(dev: cluster.DevCluster, namespace: str, name: str) -> str:
     phase: str = dev.api().get(f"/api/v1/namespaces/{namespace}/pods/{name}").get("status", {}).get("phase", "")
     return phase
@@ -76,11 +95,13 @@ def started_dev_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cl
     """The body of `dev_cluster`, for a conftest whose own `dev_cluster` may use another cluster
     (tests/e2e: the user's, with MMALIGN_KUBECONFIG)."""
     binaries.ensure_all()
+    if os.environ.get(cluster.NODE_ENV) == "real":
+        binaries.ensure_real_node()
     # Short path: SeaweedFS puts unix sockets in the state folder (108-byte limit on socket paths).
     state_dir = tmp_path_factory.mktemp("dev")
     started = time.monotonic()
     dev = cluster.up(state_dir, nodes=int(os.environ.get("MMALIGN_TEST_NODES", "2")),
-                     gpus_per_node=int(os.environ.get("MMALIGN_TEST_GPUS_PER_NODE", "0")))
+                     gpus_per_node=int(os.environ.get("MMALIGN_TEST_GPUS_PER_NODE", "0")), timeout=180)
     print(f"\n[dev_cluster] up in {time.monotonic() - started:.1f}s at {state_dir}")
     try:
         yield dev

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("mmalign.trainer.run", "run a job's stages on this machine (torchrun, --local)"),
     "data": ("mmalign.trainer.data_inspect", "inspect a preference dataset: `mmalign data inspect FILE`"),
     "metrics": ("mmalign.trainer.metrics_report", "RewardBench Acc/Acc+ of a scored-pairs file"),
+    "jobs": ("mmalign.client.cli", "AlignmentJobs on the cluster: `mmalign jobs list|get|describe|logs|wait`"),
     "dev": ("mmalign.devcluster.cli", "local control plane: `mmalign dev up|down|env|logs`"),
 }
 

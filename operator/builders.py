@@ -14,6 +14,7 @@ What one attempt of a stage is:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import shlex
@@ -24,6 +25,7 @@ from mmalign.api import jobfile, keys, podtemplate
 from mmalign.api.groupversion import API_VERSION_FULL, KIND
 from mmalign.api.layout import StageName
 from mmalign.api.spec import AlignmentJobSpec, Resources
+from mmalign.operator import gang
 
 FIELD_MANAGER = "mmalign-operator"
 MAX_NAME = 63  # DNS-1123 label: pod hostnames, Service names and label values are all limited to 63
@@ -35,6 +37,9 @@ JOB_FILE_KEY = "job.yaml"
 JOB_FILE = f"{JOB_FILE_DIR}/{JOB_FILE_KEY}"
 SCRATCH_DIR = podtemplate.SCRATCH_DIR  # emptyDir: downloads and checkpoint shards of this pod
 CONTAINER = podtemplate.TRAINER
+# With a read-only root filesystem: /tmp is the images' HOME and work dir (torchrun's files, the Hugging
+# Face, Triton and DeepSpeed caches), so it gets an emptyDir; an overlay's volume `tmp` replaces it.
+TMP_DIR, VOLUME_TMP = "/tmp", "tmp"
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
 
@@ -71,6 +76,11 @@ def pod_name(job: str, stage: str, attempt: int, node: int) -> str:
     return object_name(job, stage, attempt, node)
 
 
+def pod_group_name(job: str, stage: str, attempt: int) -> str:
+    """The gang's name: its PodGroup's, and Kueue's pod-group-name."""
+    return object_name(job, stage, attempt)
+
+
 @dataclass(frozen=True)
 class JobRef:
     """The AlignmentJob being built for: what the children's names, labels and owner reference need."""
@@ -95,6 +105,10 @@ class BuildOptions:
     trainer_command: tuple[str, ...] = ("mmalign", "launch")
     trainer_image: str | None = None  # for jobs without spec.image
     pod_defaults: dict[str, Any] | None = None  # spec.podTemplate defaults (the job's values win)
+    # The chart's trainer.podSecurityContext / trainer.securityContext: part of the operator's own pod,
+    # so podTemplate (the defaults', then the job's) overrides them key by key.
+    pod_security_context: dict[str, Any] | None = None
+    security_context: dict[str, Any] | None = None
 
     @classmethod
     def from_command_line(cls, command: str | None, **kwargs: Any) -> BuildOptions:
@@ -207,6 +221,8 @@ def _env(job: JobRef, stage: StageName, attempt: int, node: int) -> list[dict[st
         # image's writable layer; a user's own env entries may point them elsewhere.
         keys.ENV_CACHE: f"{SCRATCH_DIR}/cache",
         keys.ENV_LOCAL_DIR: f"{SCRATCH_DIR}/local",
+        # rank 0 serves the trainer's Prometheus metrics there (trainer/prom.py; the chart's PodMonitor)
+        keys.ENV_METRICS_PORT: str(keys.TRAINER_METRICS_PORT),
     }
     if spec.storage.endpoint:
         ours["AWS_ENDPOINT_URL"] = spec.storage.endpoint
@@ -233,24 +249,20 @@ def build_pod(
     spec = job.spec
     resources = spec.stage_resources(stage)
     name = pod_name(job.name, stage, attempt, node)
-    group = object_name(job.name, stage, attempt)
-    labels = {**stage_labels(job, stage, attempt), keys.LABEL_NODE_RANK: str(node)}
-    annotations: dict[str, str] = {}
-    queue = job.labels.get(keys.KUEUE_QUEUE)
-    if queue:
-        # Kueue's pod-group integration admits the gang as one workload (all pods or none).
-        labels[keys.KUEUE_QUEUE] = queue
-        labels[keys.KUEUE_POD_GROUP] = group
-        annotations[keys.KUEUE_POD_GROUP_COUNT] = str(resources.nodes)
+    # what the gang scheduler reads (runPolicy.gangScheduling; operator/gang.py)
+    marks = gang.pod_marks(spec.run_policy.gang_scheduling, pod_group_name(job.name, stage, attempt),
+                           resources.nodes, job.labels.get(keys.KUEUE_QUEUE))
+    labels = {**stage_labels(job, stage, attempt), keys.LABEL_NODE_RANK: str(node), **marks.labels}
     metadata = _metadata(job, name, labels)
-    if annotations:
-        metadata["annotations"] = annotations
+    if marks.annotations:
+        metadata["annotations"] = dict(marks.annotations)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.image,
         "command": [*options.trainer_command, "--job", JOB_FILE, "--stage", stage],
         "env": _env(job, stage, attempt, node),
-        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"},
+                  {"name": keys.TRAINER_METRICS_PORT_NAME, "containerPort": keys.TRAINER_METRICS_PORT, "protocol": "TCP"}],
         "volumeMounts": [
             {"name": podtemplate.VOLUME_JOB, "mountPath": JOB_FILE_DIR, "readOnly": True},
             {"name": podtemplate.VOLUME_SHM, "mountPath": podtemplate.SHM_DIR},
@@ -284,6 +296,15 @@ def build_pod(
             {"name": podtemplate.VOLUME_SCRATCH, "emptyDir": {}},
         ],
     }
+    if options.pod_security_context:
+        pod_spec["securityContext"] = copy.deepcopy(options.pod_security_context)
+    if options.security_context:
+        container["securityContext"] = copy.deepcopy(options.security_context)
+        if options.security_context.get("readOnlyRootFilesystem"):
+            container["volumeMounts"].append({"name": VOLUME_TMP, "mountPath": TMP_DIR})
+            pod_spec["volumes"].append({"name": VOLUME_TMP, "emptyDir": {}})
+    if marks.scheduler_name:  # (podTemplate.spec.schedulerName, merged below, wins)
+        pod_spec["schedulerName"] = marks.scheduler_name
     if not fragment["spec"].get("serviceAccountName"):
         # The trainer talks to S3, never to the API server (progress goes through its log).
         pod_spec["automountServiceAccountToken"] = False
@@ -314,8 +335,16 @@ def build_gang(
     return [build_pod(job, stage, attempt, node, options) for node in range(job.spec.stage_resources(stage).nodes)]
 
 
+def build_pod_group(job: JobRef, stage: StageName, attempt: int) -> dict[str, Any] | None:
+    """The gang's PodGroup for runPolicy.gangScheduling's scheduler (volcano, coscheduling), else None."""
+    metadata = _metadata(job, pod_group_name(job.name, stage, attempt), stage_labels(job, stage, attempt))
+    return gang.pod_group(job.spec.run_policy.gang_scheduling, metadata, job.spec.stage_resources(stage).nodes)
+
+
 def build_attempt(
     job: JobRef, stage: StageName, attempt: int, options: BuildOptions = BuildOptions()
 ) -> list[dict[str, Any]]:
-    """Everything one attempt needs, in apply order: Service, ConfigMap, then the pods."""
-    return [build_service(job), build_config_map(job), *build_gang(job, stage, attempt, options)]
+    """Everything one attempt needs, in apply order: Service, ConfigMap, the PodGroup (if any), the pods."""
+    group = build_pod_group(job, stage, attempt)
+    return [build_service(job), build_config_map(job), *([group] if group else []),
+            *build_gang(job, stage, attempt, options)]

@@ -87,6 +87,13 @@ class Kube:
     async def apply(self, body: dict[str, Any]) -> None:
         """Server-side apply (force: this operator owns these fields): a retry never 409s or duplicates."""
         kind, name, namespace = body["kind"], body["metadata"]["name"], body["metadata"]["namespace"]
+        if "/" in body["apiVersion"]:  # a custom resource: a gang scheduler's PodGroup (operator/gang.py)
+            group, version = body["apiVersion"].split("/")
+            plural = kind.lower() + "s"
+            await self._call("apply", plural, self.custom.patch_namespaced_custom_object, group, version, namespace,
+                             plural, name, body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+                             _preload_content=False)
+            return
         function = {
             "Pod": self.core.patch_namespaced_pod,
             "Service": self.core.patch_namespaced_service,
@@ -150,6 +157,10 @@ class Kube:
     async def delete_config_map(self, namespace: str, name: str) -> None:
         await self._call("delete", "configmaps", self.core.delete_namespaced_config_map, name, namespace,
                          missing_ok=True)
+
+    async def delete_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> None:
+        await self._call("delete", plural, self.custom.delete_namespaced_custom_object, group, version, namespace,
+                         plural, name, missing_ok=True, propagation_policy="Background")
 
     async def delete_job(self, namespace: str, name: str) -> None:
         await self._call("delete", PLURAL, self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION,

@@ -18,12 +18,17 @@ import os
 import random
 import sys
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 PEERING_HOLD_SECONDS = 5.0  # with --peering, jobs are not touched in the first seconds (see LoopSettings)
 TRAINER_COMMAND_ENV = "MMALIGN_TRAINER_COMMAND"  # tests only
 TRAINER_IMAGE_ENV = "MMALIGN_TRAINER_IMAGE"  # image of jobs without spec.image (chart: trainer.image)
 POD_DEFAULTS_ENV = "MMALIGN_POD_DEFAULTS"  # JSON spec.podTemplate defaults (chart: trainer.podDefaults)
+# JSON securityContexts of every trainer pod (chart: trainer.podSecurityContext, trainer.securityContext)
+POD_SECURITY_CONTEXT_ENV = "MMALIGN_TRAINER_POD_SECURITY_CONTEXT"
+SECURITY_CONTEXT_ENV = "MMALIGN_TRAINER_SECURITY_CONTEXT"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -94,9 +99,11 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
     api_client = load_api_client(args.kubeconfig, args.context)
     pod_defaults = json.loads(os.environ.get(POD_DEFAULTS_ENV) or "{}")
     PodTemplate.model_validate(pod_defaults)  # fail at start, not per job, on a bad chart value
+    pod_security, container_security = trainer_security_contexts(os.environ)
     build = BuildOptions.from_command_line(
         args.trainer_command, trainer_image=os.environ.get(TRAINER_IMAGE_ENV) or None,
-        pod_defaults=pod_defaults or None)
+        pod_defaults=pod_defaults or None, pod_security_context=pod_security,
+        security_context=container_security)
     settings = LoopSettings(build=build, active_period=args.resync_seconds,
                             not_before=time.monotonic() + PEERING_HOLD_SECONDS if args.peering else 0.0)
     if args.trainer_command:
@@ -142,6 +149,32 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
+
+
+def trainer_security_contexts(environ: Mapping[str, str]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(pod, container) securityContext of every trainer pod, from the chart's JSON values, checked with
+    Kubernetes' PodSpec schema: a bad chart value stops the operator at start, not each job's pods."""
+    from mmalign.api import podtemplate
+
+    pod_spec = podtemplate.pod_spec_schema()["properties"]
+    schemas = {
+        POD_SECURITY_CONTEXT_ENV: ("trainer.podSecurityContext", "spec.securityContext",
+                                   pod_spec["securityContext"]),
+        SECURITY_CONTEXT_ENV: ("trainer.securityContext", "spec.containers[0].securityContext",
+                               pod_spec["containers"]["items"]["properties"]["securityContext"]),
+    }
+    found: list[dict[str, Any] | None] = []
+    for name, (value_name, path, schema) in schemas.items():
+        try:
+            value = json.loads(environ.get(name) or "{}")
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"mmalign operator: {name} (the chart's {value_name}) is not JSON: {error}") from None
+        problems = podtemplate.schema_problems(value, schema, path)
+        if problems:
+            raise SystemExit(f"mmalign operator: {name} (the chart's {value_name}) is not a valid "
+                             "securityContext:\n  " + "\n  ".join(problems))
+        found.append(value or None)
+    return found[0], found[1]
 
 
 def default_priority() -> int:

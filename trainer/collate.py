@@ -25,11 +25,12 @@ rows after one copy of their shared prompt. Per architecture:
     `image_grid_thw` repeated per row (for its 3-D RoPE positions) and `mm_token_type_ids`.
   * LLaVA-OneVision: features are the packed anyres tiles + newline tokens per image; repeated per row.
   * text models: no vision inputs (a pair's images are ignored).
-Videos (frame folders) enter Qwen2-VL / Qwen2.5-VL as the model's own video input (`videos=`: frames
-merged in temporal patches of 2, `pixel_values_videos` + `video_grid_thw`), LLaVA-OneVision as one
-image per sampled frame. Images larger than `max_pixels` are scaled down first (media.fit_pixels), and
-Qwen's image processor gets `min_pixels`/`max_pixels` per call (data.minPixels / data.maxPixels).
-`Batch.model_inputs()` gives plain HF forward kwargs with the pixels duplicated (a reference path for
+Videos (frame folders) enter every VLM as the model's own video input (`videos=`): Qwen2-VL /
+Qwen2.5-VL merge frames in temporal patches of 2 (`pixel_values_videos` + `video_grid_thw`);
+LLaVA-OneVision pools each frame's features 2x2 (`pixel_values_videos`, exactly data.videoFrames
+frames per video: `Collator._video_frames`). Images larger than `max_pixels` are scaled down first
+(media.fit_pixels), and Qwen's image processor gets `min_pixels`/`max_pixels` per call
+(data.minPixels / data.maxPixels). `Batch.model_inputs()` gives plain HF forward kwargs with the pixels duplicated (a reference path for
 tests, and what `generate` needs).
 
 The prompt format is the model's own chat template (template.py: `Template` renders a row into pieces
@@ -45,6 +46,7 @@ so a too-long row fails the stage in seconds or, with `data.onBadLine: skip`, is
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -279,6 +281,13 @@ class Collator:
     def tokenizer(self) -> Any:
         return self.template.tokenizer
 
+    def on_cpu(self) -> Collator:
+        """This collator leaving its batches on the CPU: a DataLoader worker's (prefetch.py), which must
+        never touch the accelerator; the rank moves the batch."""
+        cpu = copy.copy(self)
+        cpu.device = None
+        return cpu
+
     def examples(self, items: Sequence[Example | PreferencePair]) -> list[Example]:
         """Each pair with its media loaded (in order; the batch's pairs load in parallel threads,
         MediaLoader.load_many); `Example`s pass through as they are."""
@@ -398,21 +407,18 @@ class Collator:
         if template.kind == "text" or not any(e.images or e.video for e in examples):
             return [template.ids(h) for h in heads], None, {}
         kwargs: dict[str, Any] = {}
-        if any(e.images for e in examples) or template.kind == "llava" and any(e.video for e in examples):
-            kwargs["images"] = [
-                self._bounded(e.images + (e.video if template.kind == "llava" else [])) for e in examples
-            ]
+        if any(e.images for e in examples):
+            kwargs["images"] = [self._bounded(e.images) for e in examples]
+        videos = [e.video for e in examples if e.video]
+        if videos:  # the model's own video input; the frames were sampled by the media loader
+            kwargs["videos"] = [self._bounded(frames) for frames in self._video_frames(videos)]
+            kwargs["videos_kwargs"] = {"do_sample_frames": False}
         if template.kind == "qwen":
             size = self._qwen_size()
             if size:
                 kwargs["images_kwargs"] = {"size": size}
-            if any(e.video for e in examples):
-                kwargs["videos"] = [self._bounded(e.video) for e in examples if e.video]
-                kwargs["videos_kwargs"] = {
-                    "do_sample_frames": False,
-                    "cap_pixels_per_frame": True,
-                    **({"size": size} if size else {}),
-                }
+            if videos:
+                kwargs["videos_kwargs"].update(cap_pixels_per_frame=True, **({"size": size} if size else {}))
         encoded = template.processor(
             text=heads, padding=True, return_tensors="pt", add_special_tokens=False, **kwargs
         )
@@ -422,6 +428,18 @@ class Collator:
         if "mm_token_type_ids" in encoded:
             types = [row[mask].tolist() for row, mask in zip(encoded["mm_token_type_ids"], keep, strict=True)]
         return ids, types, {k: encoded[k] for k in VISION_KEYS if k in encoded}
+
+    def _video_frames(self, videos: list[list[Any]]) -> list[list[Any]]:
+        """Each video's frames as the processor gets them. LLaVA-OneVision's video input is ONE
+        (videos, frames, C, H, W) tensor, so its videos all get exactly data.videoFrames frames (the media
+        loader's `video_frames`; without a loader the batch's most): a folder with fewer repeats its
+        frames, evenly spread. Its token count is then fixed: frames x ceil(sqrt(N) / 2)^2 + 1 (N: the
+        image tokens of one frame, 729 for SigLIP-384/14 -> 196 per frame, 2x2 pooled, + 1 newline).
+        Qwen2-VL / Qwen2.5-VL take each video's own frame count (2 frames per temporal patch)."""
+        if self.template.kind != "llava":
+            return videos
+        wanted = self.loader.video_frames if self.loader is not None else max(len(v) for v in videos)
+        return [[frames[i] for i in media.spread_indices(len(frames), wanted)] for frames in videos]
 
     def _qwen_size(self) -> dict[str, int] | None:
         """Qwen2-VL's image processor bounds: {shortest_edge: min_pixels, longest_edge: max_pixels}."""

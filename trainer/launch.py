@@ -6,7 +6,7 @@ PET_MASTER_ADDR, PET_MASTER_PORT, and MASTER_ADDR/MASTER_PORT). This command
 1. waits until the master address resolves (the headless Service's DNS record appears only once the
    node-0 pod exists; Kubeflow's PyTorchJob crashes on "host not found" instead) — retrying with a
    log line every ~10 s for up to MMALIGN_DNS_WAIT_SECONDS (default 600), then exit 6
-   (RENDEZVOUS_ERROR);
+   (RENDEZVOUS_ERROR); unset, with a rendezvous timeout, for that timeout, then exit 10 (dns_wait);
 2. runs torchrun IN THIS PROCESS (torch.distributed.run) with a static rendezvous on the master:
    `torchrun --nnodes N --nproc-per-node P --node-rank R --master-addr A --master-port PORT
    --max-restarts 0 -m mmalign.cli train --job JOB --stage NAME`;
@@ -202,6 +202,27 @@ def rendezvous_conf() -> list[str]:
     return [f"--rdzv-conf=timeout={timeout}"] if timeout is not None else []
 
 
+def dns_wait(host: str, port: int) -> int | None:
+    """Wait for the master's name; None once it resolves, else the exit code.
+
+    Node 0's name has no address while node 0's pod is Pending, so this wait is part of the gang's start:
+    with a rendezvous timeout (the operator's runPolicy.startupTimeoutSeconds) and no
+    MMALIGN_DNS_WAIT_SECONDS, it is bounded by that timeout and ends as RENDEZVOUS_TIMEOUT, as the
+    store's wait does when another node is the Pending one (before: 600 s, then RENDEZVOUS_ERROR)."""
+    explicit = os.environ.get("MMALIGN_DNS_WAIT_SECONDS", "").strip()
+    startup = rendezvous_timeout()
+    timeout = float(explicit) if explicit else float(startup if startup is not None else 600)
+    if wait_for_dns(host, port, timeout):
+        return None
+    if explicit or startup is None:
+        return int(ExitCode.RENDEZVOUS_ERROR)
+    message = (f"the gang did not assemble within {startup}s: the master {host} (node 0's pod) has no address "
+               "yet. Pending (no node with room, quota)? See `kubectl get pods` and their events.")
+    _log(f"{message}; exiting {int(ExitCode.RENDEZVOUS_TIMEOUT)}")
+    report_failure(int(ExitCode.RENDEZVOUS_TIMEOUT), ExitCode.RENDEZVOUS_TIMEOUT.name, message)
+    return int(ExitCode.RENDEZVOUS_TIMEOUT)
+
+
 def train_command(job: str, stage: str, storage: str | None) -> list[str]:
     """The worker's command as torchrun arguments: `-m mmalign.cli train ...` (same interpreter)."""
     command = ["-m", "mmalign.cli", "train", "--job", job, "--stage", stage]
@@ -224,9 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     # for DNS would cost the whole grace period. torchrun installs its own handler once workers start.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     env = torchrun_env()
-    timeout = float(os.environ.get("MMALIGN_DNS_WAIT_SECONDS", "600"))
-    if not wait_for_dns(str(env["master_addr"]), int(env["master_port"]), timeout):
-        return int(ExitCode.RENDEZVOUS_ERROR)
+    code = dns_wait(str(env["master_addr"]), int(env["master_port"]))
+    if code is not None:
+        return code
     torchrun_args = [
         f"--nnodes={env['nnodes']}",
         f"--nproc-per-node={env['nproc_per_node']}",

@@ -3,10 +3,12 @@
     hidden = logprobs.forward_hidden(model, batch)                    # (R, T, H), vision once per pair
     out = logprobs.sequence_logprobs(model, hidden, batch)            # out.logps (R,), out.tokens (R,)
     out = logprobs.policy_logprobs(model, batch, prefix_sharing=True) # the same, one prompt pass per pair
+    out = logprobs.policy_logprobs(model, batch, prefix_sharing=True, packing=True)  # + pairs packed in rows
 
 With `prefix_sharing` (prefix.py, the DPO stage's default: stages.dpo.prefixSharing) a pair's chosen
 and rejected rows are packed into ONE sequence after their shared prompt (block attention mask, each
-token at its plain row's position); the results are the plain path's to float tolerance.
+token at its plain row's position); the results are the plain path's to float tolerance. With
+`packing` (stages.dpo.packing) several pairs' sequences share a row, no padding between them.
 
 The naive way (TRL, the MM-RLHF reference loop) computes `model(...).logits.float()`: R·T·V floats
 (2 rows x 2048 tokens x 152k vocab = 2.5 GB in float32 per pair) and keeps them for backward. Here the
@@ -57,18 +59,33 @@ def encode_vision(model: Any, batch: Batch, repeats: int | None = None) -> dict[
                                                            batch.vision["video_grid_thw"], return_dict=True)
     else:
         config = model.config
-        outputs["image"] = backbone.get_image_features(
-            batch.vision["pixel_values"], batch.vision["image_sizes"],
-            vision_feature_layer=config.vision_feature_layer,
-            vision_feature_select_strategy=config.vision_feature_select_strategy,
-            vision_aspect_ratio=config.vision_aspect_ratio,
-            batch_num_images=batch.vision.get("batch_num_images"),
-        )
+        if "pixel_values" in batch.vision:
+            outputs["image"] = backbone.get_image_features(
+                batch.vision["pixel_values"], batch.vision["image_sizes"],
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                vision_aspect_ratio=config.vision_aspect_ratio,
+                batch_num_images=batch.vision.get("batch_num_images"),
+            )
+        if "pixel_values_videos" in batch.vision:  # LLaVA-OneVision's video input (collate.py)
+            outputs["video"] = backbone.get_video_features(
+                batch.vision["pixel_values_videos"],  # (V, frames, C, H, W)
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                return_dict=True,
+            )
     # One (tokens, H) tensor per image/video, pair order; HF types pooler_output as a Tensor, the VLMs'
-    # get_*_features return a per-item tuple here.
+    # get_*_features return a per-item tuple here, except LLaVA-OneVision's videos: one (V, tokens, H)
+    # tensor, which its forward flattens, so it stays a tensor.
     times = batch.repeats if repeats is None else repeats
-    return {kind: BaseModelOutputWithPooling(pooler_output=tuple(list(out.pooler_output) * times))  # type: ignore[arg-type]
-            for kind, out in outputs.items()}
+    encoded: dict[str, Any] = {}
+    for kind, out in outputs.items():
+        pooled = out.pooler_output
+        if isinstance(pooled, torch.Tensor):
+            encoded[kind] = BaseModelOutputWithPooling(pooler_output=torch.cat([pooled] * times))
+        else:
+            encoded[kind] = BaseModelOutputWithPooling(pooler_output=tuple(list(pooled) * times))  # type: ignore[arg-type]
+    return encoded
 
 
 def row_positions(model: Any, batch: Batch) -> torch.Tensor:
@@ -87,7 +104,7 @@ def row_positions(model: Any, batch: Batch) -> torch.Tensor:
 
 
 def _attention_mask(model: Any, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
-    """The packed batch's (B, 1, S, S) mask as the model's attention kernel takes it: boolean for
+    """The packed batch's (N, 1, S, S) mask as the model's attention kernel takes it: boolean for
     SDPA, additive for eager. transformers hands a 4-D mask to the kernel as it is."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     implementation = getattr(config, "_attn_implementation", None) or "sdpa"
@@ -112,7 +129,7 @@ def vision_token_ids(model: Any) -> frozenset[int]:
 
 def forward_hidden(model: Any, batch: Batch, layout: Layout | None = None) -> torch.Tensor:
     """(R, T, H) last hidden states of every row; the vision tower runs once per pair. With a
-    prefix-sharing `layout`: (B, S, H), one packed row per pair (prefix.py)."""
+    prefix-sharing `layout`: (N, S, H), the layout's rows (one per pair, or packed pairs: prefix.py)."""
     if layout is not None:
         return _forward_shared(model, batch, layout)
     kwargs: dict[str, Any] = batch.text_inputs()
@@ -128,16 +145,56 @@ def forward_hidden(model: Any, batch: Batch, layout: Layout | None = None) -> to
 
 
 def _forward_shared(model: Any, batch: Batch, layout: Layout) -> torch.Tensor:
-    """(B, S, H): one forward of the packed pairs; positions gathered from the plain rows'."""
+    """(N, S, H): one forward of the layout's rows; positions gathered from the plain rows' (so they
+    restart per pair in a packed row). Vision features go to the image tokens in row-major order,
+    which prefix.share keeps in pair order."""
     backbone = _backbone(model)
-    positions = layout.gather(row_positions(model, batch))  # (B, S) or (3, B, S)
-    mask = _attention_mask(model, layout, backbone.get_input_embeddings().weight.dtype)  # (B, 1, S, S)
+    positions = layout.gather(row_positions(model, batch))  # (N, S) or (3, N, S)
+    mask = _attention_mask(model, layout, backbone.get_input_embeddings().weight.dtype)  # (N, 1, S, S)
     kwargs: dict[str, Any] = {"input_ids": layout.input_ids, "position_ids": positions, "attention_mask": mask,
                               "use_cache": False}
     features = encode_vision(model, batch, repeats=1)
     if features is not None:
+        if layout.packed_order != list(range(layout.pairs)):
+            features = _in_packed_order(model, batch, features, layout.packed_order)
         kwargs["mm_encoder_outputs"] = features  # Qwen: the positions given, so no grids or token types needed
     return backbone(**kwargs).last_hidden_state
+
+
+_PLACEHOLDERS = {"image": ("image_token_id", "image_token_index"), "video": ("video_token_id", "video_token_index")}
+
+
+def _in_packed_order(model: Any, batch: Batch, features: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    """encode_vision's per-pair features (pair order) rearranged into `order`, the pairs' row-major
+    order in a packed layout: the model scatters them over the image/video tokens in that order. An
+    item (one image or video: (tokens, H)) belongs to the pair whose placeholder tokens it fills; a
+    pair's placeholders all lie in its shared prompt, so its chosen row counts them."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    chosen = batch.input_ids[: batch.pairs]  # (B, T)
+    out = {}
+    for kind, encoded in features.items():
+        token = next(getattr(model.config, name) for name in _PLACEHOLDERS[kind]
+                     if getattr(model.config, name, None) is not None)
+        counts = (chosen == token).sum(dim=1).tolist()  # (B,) placeholder tokens per pair
+        pooled = encoded.pooler_output  # a tuple of (tokens, H), or one (items, tokens, H) tensor
+        items = list(pooled) if isinstance(pooled, (tuple, list)) else list(pooled.unbind(0))
+        per_pair: list[list[torch.Tensor]] = []
+        position = 0
+        for count in counts:
+            taken: list[torch.Tensor] = []
+            while count > 0 and position < len(items):
+                taken.append(items[position])
+                count -= int(items[position].shape[0])
+                position += 1
+            if count != 0:
+                raise ValueError(f"packing: the {kind} features do not match the pairs' {kind} tokens; set "
+                                 "stages.dpo.packing: false and report this")
+            per_pair.append(taken)
+        moved = [item for pair in order for item in per_pair[pair]]
+        rebuilt: Any = tuple(moved) if isinstance(pooled, (tuple, list)) else torch.stack(moved)
+        out[kind] = BaseModelOutputWithPooling(pooler_output=rebuilt)
+    return out
 
 
 @dataclasses.dataclass
@@ -161,7 +218,7 @@ def token_logprobs(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, ma
 
     Position t's token is predicted from hidden[:, t-1]; position 0 is never scored. Only the N masked
     positions reach the LM head, in chunks of `chunk_size` positions (across rows). With a `layout`,
-    `hidden` is the packed (B, S, H) and row r's column t-1 is read where the layout put it."""
+    `hidden` is the packed (N, S, H) and row r's column t-1 is read where the layout put it."""
     head = model.get_output_embeddings()
     target_mask = mask.clone()
     target_mask[:, 0] = False
@@ -201,9 +258,13 @@ def naive_sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask:
     return (picked * mask[:, 1:]).sum(dim=1)
 
 
-def policy_logprobs(model: Any, batch: Batch, chunk_size: int = 1024, prefix_sharing: bool = False) -> SequenceLogprobs:
+def policy_logprobs(model: Any, batch: Batch, chunk_size: int = 1024, prefix_sharing: bool = False,
+                    packing: bool = False) -> SequenceLogprobs:
     """forward_hidden + sequence_logprobs: what the DPO stage calls for policy and reference.
-    `prefix_sharing`: one prompt pass per (chosen, rejected) pair (prefix.py)."""
-    layout = share(batch, vision_token_ids(model)) if prefix_sharing else None
+    `prefix_sharing`: one prompt pass per (chosen, rejected) pair (prefix.py); `packing`: and several
+    pairs per row (needs prefix_sharing)."""
+    if packing and not prefix_sharing:
+        raise ValueError("packing needs prefix sharing (stages.dpo.packing needs stages.dpo.prefixSharing)")
+    layout = share(batch, vision_token_ids(model), pack=packing) if prefix_sharing else None
     return sequence_logprobs(model, forward_hidden(model, batch, layout), batch, chunk_size=chunk_size,
                              layout=layout)

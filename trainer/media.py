@@ -8,7 +8,7 @@
 Paths resolve against `pair.media_base` (DataSource.media_uri, else the data file's folder): local
 folders and s3:// prefixes. A video is a folder of frame images (jpg/png/webp...); `video_frames` of them
 are sampled uniformly over the sorted file names (every frame when the folder has fewer); the collator
-hands them to Qwen2-VL as its video input and to other models as images. Video files
+hands them to the model as its video input (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision). Video files
 (.mp4 ...) are not decoded: extract frames first (e.g. `ffmpeg -i v.mp4 -vf fps=1 v/%05d.jpg`).
 
 A missing image/folder raises DataError naming the row id and the path, unless `missing="placeholder"`:
@@ -46,6 +46,13 @@ def uniform_indices(count: int, wanted: int) -> list[int]:
     if count <= wanted:
         return list(range(count))
     return [int((i + 0.5) * count / wanted) for i in range(wanted)]
+
+
+def spread_indices(count: int, wanted: int) -> list[int]:
+    """Exactly `wanted` indices into range(count), spread evenly: `uniform_indices` when the folder has
+    more frames, each frame repeated about wanted/count times when it has fewer (LLaVA-OneVision's video
+    input takes one frame count per batch: collate.Collator._video_frames)."""
+    return [min(count - 1, int((i + 0.5) * count / wanted)) for i in range(wanted)]
 
 
 def placeholder_image() -> Any:
@@ -168,4 +175,4 @@ def image_bytes(image: Any, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["MediaLoader", "resolve", "uniform_indices", "placeholder_image", "fit_pixels"]
+__all__ = ["MediaLoader", "resolve", "uniform_indices", "spread_indices", "placeholder_image", "fit_pixels"]

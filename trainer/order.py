@@ -11,6 +11,7 @@ give the same updates up to float rounding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -107,3 +108,61 @@ def rank_slice(count: int, rank: int, world_size: int) -> range:
 def chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+# ------------------------------------------------------------------------------ token budget
+
+
+def budget_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of item positions (data order kept) whose packed cost stays within `budget`:
+    the cost of a group is what its packed forward computes, rows x row width (prefix.pack_rows into
+    rows as wide as the group's longest item, as prefix.share packs them). An item over the budget alone
+    is a group of its own."""
+    from mmalign.trainer.prefix import pack_rows
+
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for position, length in enumerate(lengths):
+        trial = [lengths[p] for p in current] + [length]
+        width = max(trial)
+        if current and (max(pack_rows(trial, width)) + 1) * width > budget:
+            groups.append(current)
+            current = []
+        current.append(position)
+    if current:
+        groups.append(current)
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenBudgetOrder(DataOrder):
+    """The schedule with micro-batches cut by a token budget (stages.dpo.maxTokensPerBatch) instead of
+    a pair count: each epoch's seeded order (the same shuffle as DataOrder's) is cut into budget_groups
+    of the pairs' packed lengths; optimizer step s takes micro-batches [b*G', (b+1)*G') of its epoch
+    (G' = accumulation x world size), micro-batch k of rank r being number k*world+r, as before. Still a
+    pure function of (seed, epoch, step) and the same whatever the world size. Steps per epoch come from
+    epoch 0 (`micro_batch` is 1); an epoch cut into fewer micro-batches reuses its first ones."""
+
+    lengths: tuple[int, ...] = ()  # per training pair: packed tokens (chosen + rejected - shared prompt)
+    budget: int = 0
+
+    def _micro_batches_of(self, epoch: int) -> list[list[int]]:
+        return _budget_epoch(self, epoch)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self._micro_batches_of(0)) // (self.accumulation * self.world_size)
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        batches = self._micro_batches_of(epoch)
+        start = position * self.accumulation * self.world_size
+        return [batches[(start + k * self.world_size + rank) % len(batches)] for k in range(self.accumulation)]
+
+
+@functools.lru_cache(maxsize=4)
+def _budget_epoch(order: TokenBudgetOrder, epoch: int) -> list[list[int]]:
+    """An epoch's micro-batches, cut once (the loop asks for them every step)."""
+    indices = order._order(epoch)
+    groups = budget_groups([order.lengths[i] for i in indices], order.budget)
+    return [[indices[p] for p in group] for group in groups]

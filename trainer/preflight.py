@@ -39,7 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from mmalign.trainer import collate, data, identity, media, progress, storage, transfer
+from mmalign.trainer import collate, data, identity, media, prefetch, progress, storage, transfer
 from mmalign.trainer.context import Context, say
 from mmalign.trainer.order import rank_slice
 
@@ -244,10 +244,35 @@ def check(ctx: Context, pairs: list[data.PreferencePair], stats: data.ReadStats 
 # ------------------------------------------------------------------------------ rows that fit maxLength
 
 
+FITTING_BLOCK = 16  # pairs per DataLoader item of the token count
+
+
+def _keep_fitting(collator: collate.Collator, block: list[data.PreferencePair], critique: bool,
+                  source: Any) -> tuple[list[data.PreferencePair], list[str]]:
+    """collator.keep_fitting over `block`, in blocks made in data.loaderWorkers DataLoader workers (each
+    pair's media read and run through the processor: the slow part; prefetch.py). The kept pairs come
+    back as copies: callers compare uids."""
+    kept: list[data.PreferencePair] = []
+    too_long: list[str] = []
+    count = functools.partial(_fitting_block, collator.on_cpu(), critique)
+    with prefetch.Prefetcher(prefetch.blocks(block, FITTING_BLOCK), count, workers=source.loader_workers,
+                             prefetch=source.prefetch_batches) as made:
+        for _, (fits, long) in made:
+            kept += fits
+            too_long += long
+    return kept, too_long
+
+
+def _fitting_block(collator: collate.Collator, critique: bool, pairs: list[data.PreferencePair],
+                   ) -> tuple[list[data.PreferencePair], list[str]]:
+    return collator.keep_fitting(pairs, critique=critique)
+
+
 def fitting(ctx: Context, pairs: list[data.PreferencePair], collator: collate.Collator,
             stats: data.ReadStats, *, critique: bool = False) -> list[data.PreferencePair]:
     """The pairs whose rows fit `data.maxLength` (after the collator's cuts), checked before step 0
-    instead of when their batch is built: every rank counts the tokens of its block of pairs
+    instead of when their batch is built: every rank counts the tokens of its block of pairs (in its
+    data.loaderWorkers DataLoader workers)
     (`critique`: the reward stage's rows, with the annotated critiques). With `data.onBadLine: error`
     any row that cannot fit fails the stage (RowTooLong, exit 3) naming the first SHOWN and counting
     the rest; with `skip` they are left out, counted in `stats` (`skipped_lines`) and said in the log.
@@ -259,7 +284,7 @@ def fitting(ctx: Context, pairs: list[data.PreferencePair], collator: collate.Co
     failure: str | None = None
     own: Exception | None = None
     try:
-        kept, too_long = collator.keep_fitting(block, critique=critique)
+        kept, too_long = _keep_fitting(collator, block, critique, ctx.spec.data)
         kept_uids = {pair.uid for pair in kept}
         found = list(zip([p.uid for p in block if p.uid not in kept_uids], too_long, strict=True))
     except Exception as error:  # raised on every rank below: the others must not wait for this one

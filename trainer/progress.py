@@ -5,7 +5,9 @@ for the operator): "start", "step" (at least every `interval` seconds while trai
 MMALIGN_PROGRESS_INTERVAL; 0 = every step), "checkpoint", "eval" and "end" (with the final metrics).
 When stderr is a terminal, a one-line bar is redrawn there too (no dependency). Other ranks report
 nothing. What a stage learned before its reporter existed (`note_metrics`, `notice`) rides along on
-every line of that stage.
+every line of that stage. Every update's scalars (loss, the step's metrics, eval and final metrics) also
+go to the sinks `add_sink` registered: the experiment trackers (trainer/tracking.py) and the Prometheus
+exporter (trainer/prom.py); a sink must return at once (they queue or set gauges).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from mmalign.api import conditions
@@ -40,6 +43,29 @@ def notice(stage: str, message: str) -> None:
     text = conditions.shorten(message)
     if text not in kept and len(kept) < MAX_NOTICES:
         kept.append(text)
+
+
+Sink = Callable[["Progress", dict[str, float]], None]
+"""(the reporter, this update's finite scalars) -> None; called on rank 0 for every update, so it must
+not block (the trackers queue, the Prometheus gauges just set)."""
+_sinks: list[Sink] = []
+
+
+def add_sink(sink: Sink) -> None:
+    _sinks.append(sink)
+
+
+def remove_sink(sink: Sink) -> None:
+    if sink in _sinks:
+        _sinks.remove(sink)
+
+
+def scalars(loss: float | None, metrics: dict[str, Any] | None) -> dict[str, float]:
+    """The numbers of a progress line a tracker can plot: the loss and every finite numeric metric."""
+    values = {"loss": loss} if loss is not None else {}
+    values.update(metrics or {})
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def forget_notes() -> None:
@@ -94,6 +120,7 @@ class Progress:
         if now - self.last_report >= self.interval:
             self._report("step")
         self._draw()
+        self._emit(scalars(loss, metrics))
 
     def checkpoint(self, step: int, uri: str) -> None:
         self.step = step
@@ -104,11 +131,13 @@ class Progress:
         self.step = step
         self.metrics.update(metrics)
         self._report("eval")
+        self._emit(scalars(None, metrics))
 
     def finish(self, metrics: dict[str, Any] | None = None) -> None:
         if metrics:
             self.metrics.update(metrics)
         self._report("end")
+        self._emit(scalars(None, metrics))
         if self.bar is not None:
             self.bar.write("\n")
             self.bar.flush()
@@ -127,6 +156,11 @@ class Progress:
         )
         self.out.write(report.to_line() + "\n")
         self.out.flush()
+
+    def _emit(self, values: dict[str, float]) -> None:
+        if self.enabled:
+            for sink in list(_sinks):
+                sink(self, values)
 
     def _draw(self) -> None:
         if self.bar is None:

@@ -29,9 +29,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Multipart: parts of this size, this many in flight per file. S3 allows at most 10,000 parts, so the
-# chunk grows for files over 10,000 x 64 MiB (see transfer._chunk_size_for). They are set here, by
+# chunk grows for files over 10,000 x 16 MiB (see transfer._chunk_size_for). They are set here, by
 # configure(), because the S3 client's connection pool is sized from the concurrency too.
-DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+# Why 16 MiB x 8 (was 64 MiB x 8; bench/checkpoint.py, docs/benchmarks.md "Checkpoints"): in the sweep
+# a plain boto3 upload to the local SeaweedFS was fastest at 16 MiB parts with 8 in flight (22 MB/s; 64
+# MiB: 13, 4 or 16 in flight: 10-12; one run on a loaded 2-core machine, so a weak signal); and the
+# checksum pass (transfer._expected_s3_checksum) holds one part per file in memory, with upload_folder
+# moving concurrency/2 = 4 files at once: 64 MiB per rank instead of 256. A higher-latency store may
+# want more in flight (not measured here): raise `concurrency`.
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
 DEFAULT_CONCURRENCY = 8
 _MIN_PART_BYTES = 5 * 1024 * 1024  # S3's minimum size for every part but the last
 
@@ -123,6 +129,16 @@ def client() -> Any:
             )
             _client_key = key
         return _client
+
+
+def forget_client() -> None:
+    """Drop the process's client (and its lock) without touching them: for a process forked from one
+    that may hold both (a DataLoader worker, prefetch.py). boto3 clients are not fork-safe (their
+    connection pool's sockets and locks are shared with the parent), and another thread of the parent
+    may have held the lock at the fork; the next `client()` builds the worker's own."""
+    global _client, _client_key, _client_lock
+    _client_lock = threading.Lock()
+    _client, _client_key = None, None
 
 
 _TRANSIENT_CODES = {

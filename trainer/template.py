@@ -123,10 +123,9 @@ class Template:
     def _user(self, text: str, example: Example) -> dict[str, Any]:
         if self.kind == "text":
             return {"role": "user", "content": text}
-        if self.kind == "qwen":
-            vision = [{"type": "image"} for _ in example.images] + [{"type": "video"}] * bool(example.video)
-        else:  # LLaVA-OneVision: a video's frames are images (anyres per frame)
-            vision = [{"type": "image"} for _ in (*example.images, *example.video)]
+        # Qwen2-VL / Qwen2.5-VL and LLaVA-OneVision alike: a video is ONE video placeholder (the model's
+        # own video input; collate.py hands the processor the frames as `videos=`)
+        vision = [{"type": "image"} for _ in example.images] + [{"type": "video"}] * bool(example.video)
         return {"role": "user", "content": [*vision, {"type": "text", "text": text}]}
 
     def _text(self, role: str, text: str) -> dict[str, Any]:

@@ -92,7 +92,11 @@ def run_stage(argv: list[str] | None = None) -> int:
         storage.configure_from_spec(manifest.spec.storage)
         dist = engine.init_distributed()
         stage = importlib.import_module(STAGE_MODULES[args.stage])
-        stage.run(Context(manifest=manifest, stage=args.stage, dist=dist))
+        ctx = Context(manifest=manifest, stage=args.stage, dist=dist)
+        from mmalign.trainer import prom, tracking
+
+        with prom.serving(ctx), tracking.for_stage(ctx):  # rank 0: /metrics and the experiment trackers
+            stage.run(ctx)
         return 0
     except KeyboardInterrupt:
         return 130

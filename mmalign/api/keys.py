@@ -43,6 +43,12 @@ ENV_TERMINATION_LOG = "MMALIGN_TERMINATION_LOG"
 # -- how long torchrun's static rendezvous waits for the whole gang (spec.runPolicy.startupTimeoutSeconds)
 ENV_RENDEZVOUS_TIMEOUT = "MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS"
 
+# -- the trainer's Prometheus endpoint (trainer/prom.py): rank 0 serves /metrics on this port when the env
+# names it (the operator sets it; a local run serves nothing); the pod's container port of that name.
+ENV_METRICS_PORT = "MMALIGN_METRICS_PORT"
+TRAINER_METRICS_PORT = 9464
+TRAINER_METRICS_PORT_NAME = "metrics"
+
 # The operator owns these: the spec refuses podTemplate.env entries naming them (a wrong PET_NODE_RANK would
 # hang the rendezvous).
 RESERVED_ENV = (

@@ -94,8 +94,26 @@ class DataSource(Model):
         default=8,
         ge=1,
         le=256,
-        description="Frames sampled uniformly from a video frame folder. Qwen2-VL/Qwen2.5-VL get them as "
-        "the model's video input (2 frames per temporal patch); other models as one image per frame.",
+        description="Frames sampled uniformly from a video frame folder, given to the model as its own "
+        "video input. Qwen2-VL/Qwen2.5-VL: 2 frames per temporal patch. LLaVA-OneVision: exactly this many "
+        "(a folder with fewer repeats frames), each pooled 2x2: videoFrames x 196 + 1 tokens for a "
+        "SigLIP-384/14 tower.",
+    )
+    loader_workers: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="DataLoader worker processes per rank that prepare the next micro-batches while the "
+        "step computes: read the media (disk or S3), decode, scale and preprocess them, tokenize and pad. "
+        "Forked from the rank once per pass (the processor and pairs are not copied). 0: in the rank's own "
+        "process, inside the step. Give the pod cpu >= procPerNode x (1 + loaderWorkers).",
+    )
+    prefetch_batches: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Micro-batches each loader worker prepares ahead (DataLoader prefetch_factor): up to "
+        "loaderWorkers x prefetchBatches wait in shared memory (/dev/shm, resources.shmSize).",
     )
     eval_fraction: float = Field(
         default=0.1,
@@ -299,6 +317,32 @@ class CheckpointSpec(Model):
     )
 
 
+GangScheduler = Literal["none", "volcano", "coscheduling", "kueue"]
+
+
+class GangScheduling(Model):
+    """Who schedules a stage's gang all-or-nothing (operator/gang.py renders what each one reads)."""
+
+    scheduler: GangScheduler = Field(
+        default="none",
+        description="none: the pods alone (a job labelled kueue.x-k8s.io/queue-name still gets Kueue's pod-group "
+        "labels); volcano: a scheduling.volcano.sh/v1beta1 PodGroup per gang, schedulerName volcano; coscheduling: "
+        "a scheduling.x-k8s.io/v1alpha1 PodGroup (scheduler-plugins), schedulerName scheduler-plugins-scheduler; "
+        "kueue: Kueue's pod-group labels (queue-name, pod-group-name, pod-group-total-count). minMember is the "
+        "gang's node count. podTemplate.spec.schedulerName overrides the scheduler name.",
+    )
+    queue: str | None = Field(
+        default=None, min_length=1, max_length=253,
+        description="volcano: the PodGroup's spec.queue (Volcano's default: `default`); kueue: the LocalQueue "
+        "when the job has no kueue.x-k8s.io/queue-name label.",
+    )
+    schedule_timeout_seconds: int | None = Field(
+        default=None, ge=1,
+        description="coscheduling: the PodGroup's spec.scheduleTimeoutSeconds (how long the coscheduler holds "
+        "a partly placed gang before it gives the nodes back).",
+    )
+
+
 class RunPolicy(Model):
     backoff_limit: int = Field(
         default=3, ge=0, description="Gang restarts allowed per stage before the job is Failed."
@@ -336,6 +380,11 @@ class RunPolicy(Model):
         default=True,
         description="Delete finished pods and services when the job ends (logs then go with them); "
         "false keeps them until the TTL deletes the job.",
+    )
+    gang_scheduling: GangScheduling = Field(
+        default_factory=GangScheduling,
+        description="Gang scheduling of each stage's pods (a PodGroup created and deleted with the gang); "
+        "a change applies from the next gang.",
     )
 
 
@@ -625,6 +674,10 @@ DRS_NEEDS_MARGINS = (
     "stages.dpo.dynamicRewardScaling needs reward margins: add stages.score or set stages.dpo.scoredData"
 )
 BETA_DPO_WITHOUT_DRS = "dynamicRewardScaling applies to loss mm-dpo; beta-dpo scales β per batch instead"
+TOKEN_BUDGET_RULES = (
+    "stages.dpo.maxTokensPerBatch replaces microBatchSize (leave it out or 1) and needs prefixSharing and "
+    "packing (both default true)"
+)
 
 
 class DynamicRewardScaling(Model):
@@ -660,6 +713,9 @@ class DpoStage(_Optimization, StagePlacement):
         json_schema_extra=_rules(
             ("!has(self.loss) || self.loss != 'beta-dpo' || !has(self.dynamicRewardScaling)",
              BETA_DPO_WITHOUT_DRS),
+            ("!has(self.maxTokensPerBatch) || ((!has(self.microBatchSize) || self.microBatchSize == 1) && "
+             "(!has(self.prefixSharing) || self.prefixSharing) && (!has(self.packing) || self.packing))",
+             TOKEN_BUDGET_RULES),
         )
     )
 
@@ -688,9 +744,30 @@ class DpoStage(_Optimization, StagePlacement):
         "less compute; `false` runs each row whole (needed for attention kernels without arbitrary "
         "masks, e.g. flash-attention-2).",
     )
+    packing: bool = Field(
+        default=True,
+        description="With prefixSharing: several pairs' sequences follow each other in one row, no padding "
+        "between them (block-diagonal attention, positions restarting per pair; rows no wider than the "
+        "micro-batch's longest pair), so short pairs do not pay for the longest one. Same log-probs.",
+    )
+    max_tokens_per_batch: int | None = Field(
+        default=None, ge=1,
+        description="A token budget per micro-batch instead of a pair count: each micro-batch takes pairs "
+        "in the data order while its packed rows (rows x row width, padding included) stay within this "
+        "many tokens; the reference pre-pass is grouped the same way. A pair longer than the budget gets "
+        "a micro-batch of its own. Needs prefixSharing and packing; microBatchSize stays 1 (held-out "
+        "evaluation keeps it).",
+    )
     scored_data: str | None = Field(
         default=None,
         description="Scored pairs (with `delta`) to train on when this job has no score stage.",
+    )
+    eval_every_steps: int | None = Field(
+        default=None, ge=1,
+        description="Every N steps, the implicit-reward accuracy (h > 0) and mean margin h on the held-out "
+        "pairs (eval_reward_accuracy, eval_margin): into the progress/status metrics, and the whole curve "
+        "into metrics.json (`eval_curve`, with step 0 and the last step). One forward pass per held-out "
+        "pair each time.",
     )
     freeze_vision_tower: bool = Field(default=True, description=FREEZE_VISION_TOWER)
     lora: DpoLora | None = Field(
@@ -721,6 +798,57 @@ class Stages(Model):
     def enabled(self) -> list[StageName]:
         """Stage names in pipeline order."""
         return [name for name in STAGE_ORDER if getattr(self, name) is not None]
+
+
+# ---------------------------------------------------------------------------------------- tracking
+# Experiment trackers (trainer/tracking.py; docs/observability.md): rank 0 sends the progress lines'
+# scalars to each tracker named here, from a background thread, so a slow tracker never stalls a step.
+
+
+class TensorBoardTracking(Model):
+    uri: str | None = Field(
+        default=None, pattern=r"^(s3|file)://.+", max_length=2048,
+        description="Log folder: each stage writes its event files to <uri>/<stage>/ (run `tensorboard "
+        "--logdir <uri>`). s3://bucket/prefix/ (the job's storage endpoint and credentials) or file:///path/. "
+        "Default: <storage.uri>/tensorboard/. Written locally, uploaded every 30 s and at the stage's end.",
+    )
+
+    def stage_uri(self, storage_uri: str, stage: str) -> str:
+        """Where `stage`'s event files go: `<uri or storage/tensorboard/>/<stage>/`."""
+        return layout.join_uri(self.uri or layout.join_uri(storage_uri, "tensorboard/"), f"{stage}/")
+
+
+class MlflowTracking(Model):
+    tracking_uri: str = Field(
+        min_length=1, max_length=2048, pattern=r"^(https?|file)://.+",
+        description="The MLflow tracking server (http(s)://host:5000) or a file store (file:///path). "
+        "Credentials: MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD in the trainer's env "
+        "(podTemplate env valueFrom a Secret).",
+    )
+    experiment: str | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="Experiment name (created when missing). Default: the job's name. Each stage is one "
+        "run, <job>-<stage>; a restarted gang continues its stage's run.",
+    )
+
+
+class WandbTracking(Model):
+    project: str = Field(min_length=1, max_length=128, description="Weights & Biases project.")
+    entity: str | None = Field(default=None, max_length=128, description="W&B entity (team); default: yours.")
+    mode: Literal["offline", "online"] = Field(
+        default="offline",
+        description="offline (default): the run is written locally and uploaded to <storage.uri>/<stage>/wandb/ "
+        "at the stage's end, for `wandb sync`; online: streamed to W&B (WANDB_API_KEY from a Secret). "
+        "Needs the `wandb` extra in the trainer image.",
+    )
+
+
+class TrackingSpec(Model):
+    tensorboard: TensorBoardTracking | None = Field(
+        default=None, description="TensorBoard event files (torch's SummaryWriter); {} = under storage.uri."
+    )
+    mlflow: MlflowTracking | None = Field(default=None, description="An MLflow run per stage (the mlflow client).")
+    wandb: WandbTracking | None = Field(default=None, description="A Weights & Biases run per stage.")
 
 
 # ---------------------------------------------------------------------------------------- the job
@@ -758,6 +886,10 @@ class AlignmentJobSpec(Model):
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Restarts, deadlines, TTL.")
     pod_template: PodTemplate = Field(default_factory=PodTemplate, description="Pod placement and extras.")
     seed: int = Field(default=0, ge=0, description="Seed for data order and initialisation.")
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec,
+        description="Experiment tracking: TensorBoard, MLflow, Weights & Biases (rank 0, in the background).",
+    )
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> AlignmentJobSpec:
@@ -776,6 +908,10 @@ class AlignmentJobSpec(Model):
             raise ValueError(DRS_NEEDS_MARGINS)
         if stages.dpo and stages.dpo.loss == "beta-dpo" and stages.dpo.dynamic_reward_scaling:
             raise ValueError("stages.dpo: " + BETA_DPO_WITHOUT_DRS)
+        dpo = stages.dpo
+        if dpo and dpo.max_tokens_per_batch and (dpo.micro_batch_size != 1 or not dpo.prefix_sharing
+                                                 or not dpo.packing):
+            raise ValueError(TOKEN_BUDGET_RULES)
         return self
 
     @model_validator(mode="after")

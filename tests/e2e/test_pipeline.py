@@ -113,6 +113,10 @@ def test_tiny_pipeline_end_to_end(dev_cluster: Any, namespace: str, chart: None)
     assert {"eval_acc", "eval_acc_plus"} <= stages["reward"]["metrics"].keys(), stages["reward"]["metrics"]
     assert {"acc", "acc_plus"} <= stages["score"]["metrics"].keys(), stages["score"]["metrics"]
     assert "eval_reward_accuracy" in stages["dpo"]["metrics"], stages["dpo"]["metrics"]
+    # What `make demo` prints to show the job learned: held-out Acc and the RM-judged win rate.
+    assert 0.0 <= stages["dpo"]["metrics"]["win_rate"] <= 1.0, stages["dpo"]["metrics"]
+    summary = demo.learning_summary(stages)
+    assert len(summary) == 3 and summary[0].startswith("reward model: held-out Acc"), summary
 
     # Artifacts in S3: latest markers of the training stages, the models, the scored pairs with δ.
     s3 = boto3.client("s3", endpoint_url=dev_cluster.s3_endpoint, **dev_cluster.s3_credentials)

@@ -12,6 +12,9 @@ from the pod's env (set through the job's podTemplate.env):
       step 2` (code 4; other codes `mmalign: <KIND> (exit N): stub failure at step 2`) on stderr and
       writes it to the termination-message file.
 
+On the real node (MMALIGN_NODE=real) it runs in containers of the project's slim operator image, from a
+ConfigMap mounted at /stub (tests/integration/test_operator_lifecycle.py, `StubTrainer`).
+
 Like the real trainer it never prints a secret: the credentials it checks are shown as a digest.
 """
 
@@ -25,9 +28,9 @@ import socket
 import sys
 import time
 
-from mmalign.api.exit_codes import ExitCode
-from mmalign.api.jobfile import load_job
-from mmalign.trainer.failures import report_failure
+# mmalign is imported inside the functions: the SIGTERM handler must be in place first. In a container
+# the stub is PID 1, and PID 1 ignores a SIGTERM it has no handler for, so a pod deleted while the stub
+# was still importing would wait its whole terminationGracePeriodSeconds.
 
 
 def digest(value: str | None) -> str | None:
@@ -37,6 +40,9 @@ def digest(value: str | None) -> str | None:
 
 def fail(code: int, step: int) -> int:
     """End like the real trainer (trainer/train.py): one line on stderr and in the termination log."""
+    from mmalign.api.exit_codes import ExitCode
+    from mmalign.trainer.failures import report_failure
+
     try:
         kind = ExitCode(code).name
     except ValueError:
@@ -47,6 +53,8 @@ def fail(code: int, step: int) -> int:
 
 
 def main(argv: list[str]) -> int:
+    from mmalign.api.jobfile import load_job
+
     job_file = argv[argv.index("--job") + 1]
     stage = argv[argv.index("--stage") + 1]
     env = os.environ
@@ -91,6 +99,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def supervise() -> int | None:
+    """In a container the stub is PID 1, and the kernel delivers no signal to PID 1 that it has no
+    handler for, SIGKILL included: a stub "killed" with STUB_FAIL_CODE=137 would live on. So PID 1 runs
+    the stub as its child (None: this is the child), passes SIGTERM on and exits as a shell does, 128 + N
+    for a child killed by signal N, the code the kubelet reports for a killed container."""
+    child = os.fork()
+    if child == 0:
+        return None
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGTERM))
+    _, status = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # first: the child inherits it
+    if os.getpid() == 1 and (exit_code := supervise()) is not None:
+        sys.exit(exit_code)
     sys.exit(main(sys.argv[1:]))

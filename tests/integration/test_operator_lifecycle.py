@@ -3,12 +3,23 @@
 Each test gets its own namespace and its own `mmalign operator` subprocess watching only that
 namespace, started exactly as a user would (admin kubeconfig), with `--trainer-command` pointing at
 tests/integration/operator_stub_trainer.py so a stage takes about a second.
+
+On either node (the same assertions):
+
+    .venv/bin/pytest tests/integration/test_operator_lifecycle.py -q                   # process node
+    MMALIGN_NODE=real .venv/bin/pytest tests/integration/test_operator_lifecycle.py -q # real node (root)
+
+On the real node the stub runs in containers of the project's slim operator image (built for the
+current source and imported into containerd first), delivered by a ConfigMap mounted at /stub, under
+the chart's trainer securityContext (`StubTrainer`).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -16,6 +27,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +67,45 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interva
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
+STUB_CONFIG_MAP = "stub-trainer"  # on the real node: the stub's file, mounted at /stub in every pod
+
+
+@dataclass(frozen=True)
+class StubTrainer:
+    """How the operator's pods run the stub: the trainer command, and the operator's environment."""
+
+    command: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def stub_trainer(dev_cluster: Any) -> StubTrainer:
+    """Process node: this venv's python runs the file in place. Real node: the slim operator image (it
+    has mmalign, no torch) runs it from the ConfigMap each test namespace gets, given to every trainer
+    pod through the operator's pod defaults (what the chart's trainer.podDefaults sets), under the
+    chart's trainer securityContext, exactly as the chart's Deployment passes it (as JSON)."""
+    from mmalign.devcluster.testing import is_real_node, node_image
+
+    if not is_real_node(dev_cluster):
+        return StubTrainer(f"{sys.executable} {STUB}")
+    defaults = {"spec": {
+        "volumes": [{"name": "stub", "configMap": {"name": STUB_CONFIG_MAP}}],
+        "containers": [{"name": "trainer", "volumeMounts": [{"name": "stub", "mountPath": "/stub", "readOnly": True}]}],
+    }}
+    chart = yaml.safe_load((REPO / "charts/mmalign/values.yaml").read_text())["trainer"]
+    return StubTrainer(f"python3 /stub/{STUB.name}", {
+        # MMALIGN_TEST_OPERATOR_IMAGE: an operator image built before (no rebuild after a source edit)
+        "MMALIGN_TRAINER_IMAGE": node_image(dev_cluster, "operator", os.environ.get("MMALIGN_TEST_OPERATOR_IMAGE")),
+        "MMALIGN_POD_DEFAULTS": json.dumps(defaults),
+        "MMALIGN_TRAINER_POD_SECURITY_CONTEXT": json.dumps(chart["podSecurityContext"]),
+        "MMALIGN_TRAINER_SECURITY_CONTEXT": json.dumps(chart["securityContext"]),
+    })
+
+
 class Operator:
     """`mmalign operator` as a subprocess watching one namespace."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path, *extra: str) -> None:
-        self.kubeconfig, self.namespace, self.log, self.extra = kubeconfig, namespace, log, extra
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path, *extra: str, stub: StubTrainer) -> None:
+        self.kubeconfig, self.namespace, self.log, self.extra, self.stub = kubeconfig, namespace, log, extra, stub
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -67,10 +113,16 @@ class Operator:
             sys.executable, "-m", "mmalign", "operator", "--kubeconfig", str(self.kubeconfig),
             "--namespace", self.namespace, "--liveness-port", "0", "--metrics-port", "0",
             "--log-format", "plain", "--resync-seconds", "2",
-            "--trainer-command", f"{sys.executable} {STUB}", *self.extra,
+            "--trainer-command", self.stub.command, *self.extra,
         ]
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                            env={**os.environ, **self.stub.env})
+
+    def wait_started(self) -> None:
+        """Its start (imports, login) takes seconds, more under load (20-45 s at load 30): not part of a
+        test's timeouts."""
+        wait_for("the operator to start", lambda: "Initial authentication has finished" in self.log.read_text(), 90)
 
     def kill(self) -> None:
         """A crash: no graceful shutdown, nothing cleaned up."""
@@ -163,6 +215,8 @@ def job_document(name: str, *, stages: tuple[str, ...] = ("reward", "score", "dp
     spec["stages"] = {stage: spec["stages"][stage] for stage in stages}
     spec["podTemplate"] = {"env": [{"name": k, "value": v} for k, v in {"STUB_STEPS": "3", **(env or {})}.items()]}
     spec["runPolicy"] = {**spec["runPolicy"], **(run_policy or {})}
+    # A stub needs little; the real node has the machine's 2 CPUs, shared with the cluster's own pods.
+    spec["resources"]["requests"] = {"cpu": "100m", "memory": "128Mi", "nvidia.com/gpu": 0}
     return document
 
 
@@ -175,16 +229,25 @@ def crd(dev_cluster: Any) -> None:
         "wait", "--for=condition=Established", "crd/alignmentjobs.mmalign.io", "--timeout=10s").returncode == 0)
 
 
+@pytest.fixture(scope="module")
+def stub(dev_cluster: Any) -> StubTrainer:
+    return stub_trainer(dev_cluster)
+
+
 @pytest.fixture
-def env(dev_cluster: Any, crd: None, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
+def env(dev_cluster: Any, crd: None, stub: StubTrainer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Env]:
     from mmalign.devcluster.testing import create_namespace
 
     namespace = create_namespace(dev_cluster, "op-" + request.node.name[5:30])
     # The tiny example's storage.credentialsSecret; the stub only checks it arrives as env.
     dev_cluster.kubectl("-n", namespace, "create", "secret", "generic", "s3-credentials",
                         f"--from-literal=AWS_ACCESS_KEY_ID={ACCESS_KEY}", f"--from-literal=AWS_SECRET_ACCESS_KEY={SECRET_KEY}")
-    operator = Operator(Path(dev_cluster.kubeconfig), namespace, tmp_path / "operator.log")
+    if stub.env:
+        dev_cluster.kubectl("-n", namespace, "create", "configmap", STUB_CONFIG_MAP,
+                            f"--from-file={STUB.name}={STUB}", check=True)
+    operator = Operator(Path(dev_cluster.kubeconfig), namespace, tmp_path / "operator.log", stub=stub)
     operator.start()
+    operator.wait_started()
     environment = Env(dev_cluster, namespace, operator)
     try:
         yield environment
@@ -349,9 +412,18 @@ def test_suspend_resume_unsafe_change_and_delete_leave_nothing(env: Env) -> None
     assert env.condition("susp", "Suspended")["reason"] == "Resumed"
     # delete: the job, its pods, Service and ConfigMap all go
     env.kubectl("delete", "aj", "susp", "--wait=true", "--timeout=30s")
-    wait_for("children gone", lambda: not env.pods("susp") and not env.core.list_namespaced_service(
-        env.namespace, label_selector=f"{JOB_LABEL}=susp").items and not env.core.list_namespaced_config_map(
-        env.namespace, label_selector=f"{JOB_LABEL}=susp").items, 30)
+    def children() -> list[str]:
+        selector = f"{JOB_LABEL}=susp"
+        return ([f"pod/{p.metadata.name}" for p in env.pods("susp")]
+                + [f"service/{s.metadata.name}" for s in env.core.list_namespaced_service(
+                    env.namespace, label_selector=selector).items]
+                + [f"configmap/{c.metadata.name}" for c in env.core.list_namespaced_config_map(
+                    env.namespace, label_selector=selector).items])
+
+    try:
+        wait_for("children gone", lambda: not children(), 30)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; left: {children()}") from None
 
 
 def test_created_suspended_for_kueue_then_admitted(env: Env) -> None:
@@ -402,9 +474,12 @@ def test_peering_lets_one_of_two_replicas_act_and_the_other_take_over(env: Env, 
     assert applied.returncode == 0, applied.stderr
     env.cluster.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=30s")
     env.operator.stop()
-    first = Operator(env.operator.kubeconfig, env.namespace, tmp_path / "first.log", "--peering", "mmalign")
-    second = Operator(env.operator.kubeconfig, env.namespace, tmp_path / "second.log", "--peering", "mmalign")
+    first = Operator(env.operator.kubeconfig, env.namespace, tmp_path / "first.log", "--peering", "mmalign",
+                     stub=env.operator.stub)
+    second = Operator(env.operator.kubeconfig, env.namespace, tmp_path / "second.log", "--peering", "mmalign",
+                      stub=env.operator.stub)
     first.start()
+    first.wait_started()
     # the earlier start has the higher default priority; let it register before the second starts
     wait_for("the first replica's heartbeat", lambda: (env.custom.get_namespaced_custom_object(
         "kopf.dev", "v1", env.namespace, "kopfpeerings", "mmalign").get("status") or None), 30)

@@ -377,7 +377,7 @@ def job_namespace(real: RealNode, tmp_path: Path) -> Iterator[str]:
             + ["--namespace", namespace, "--log-format", "plain"],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **real.dev.env},
+            env={**os.environ, **real.dev.env, **_chart_trainer_env(real)},
         )
     try:
         yield namespace
@@ -385,6 +385,16 @@ def job_namespace(real: RealNode, tmp_path: Path) -> Iterator[str]:
         operator.terminate()
         operator.wait(30)
         print(log.read_text()[-6000:])  # shown by pytest when the test failed
+
+
+def _chart_trainer_env(real: RealNode) -> dict[str, str]:
+    """The trainer pods' securityContexts as the chart's Deployment hands them to the operator."""
+    rendered = _helm(real, "template", RELEASE, str(CHART), "--show-only", "templates/deployment.yaml")
+    container = yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"][0]
+    wanted = ("MMALIGN_TRAINER_POD_SECURITY_CONTEXT", "MMALIGN_TRAINER_SECURITY_CONTEXT")
+    found = {e["name"]: e["value"] for e in container["env"] if e["name"] in wanted}
+    assert set(found) == set(wanted), container["env"]
+    return found
 
 
 def _tiny_job(name: str, image: str, namespace: str, **resources: Any) -> str:
@@ -419,9 +429,10 @@ def _finished(real: RealNode, namespace: str, name: str, timeout: float) -> dict
 def test_a_reward_stage_runs_from_the_trainer_image_and_checkpoints_to_s3(
     real: RealNode, trainer: str, job_namespace: str
 ) -> None:
-    """2 pods of the trainer image started by the real kubelet: `mmalign launch` under the image's
-    non-root user, /dev/shm an in-memory emptyDir, torchrun's rendezvous at the headless Service's name
-    through CoreDNS, the reward model written to SeaweedFS, the job Succeeded."""
+    """2 pods of the trainer image started by the real kubelet: `mmalign launch` under the chart's
+    trainer securityContext (UID 1000, seccomp RuntimeDefault, no new privileges, no capabilities, a
+    read-only root with /tmp an emptyDir), /dev/shm an in-memory emptyDir, torchrun's rendezvous at the
+    headless Service's name through CoreDNS, the reward model written to SeaweedFS, the job Succeeded."""
     name, namespace = "reward-real", job_namespace
     requests = {"cpu": "500m", "memory": "1Gi", "nvidia.com/gpu": 0}
     applied = time.monotonic()
@@ -439,12 +450,28 @@ def test_a_reward_stage_runs_from_the_trainer_image_and_checkpoints_to_s3(
     master, worker = sorted(pods, key=lambda p: p["metadata"]["name"])  # node ranks 0 and 1
     pod = master["metadata"]["name"]
     # The same image also starts the operator (its `operator` extra is installed): its CLI answers.
-    script = "id -u; grep ' /dev/shm ' /proc/mounts; mmalign operator --help | head -n 1"
+    script = (
+        "id -u; grep ' /dev/shm ' /proc/mounts; mmalign operator --help | head -n 1; "
+        "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; "
+        "touch /written 2>/dev/null && echo root-writable || echo root-read-only; "
+        "touch /tmp/written && echo tmp-writable"
+    )
     inside = real.dev.kubectl("exec", "-n", namespace, pod, "--", "sh", "-c", script)
     assert inside.returncode == 0, inside.stderr
-    uid, shm, usage = inside.stdout.splitlines()[:3]
+    uid, shm, usage, *security = inside.stdout.splitlines()
     assert uid == "1000" and shm.split()[2] == "tmpfs", inside.stdout
     assert usage.startswith("usage: mmalign operator"), inside.stdout
+    # seccomp mode 2 = a filter (RuntimeDefault); no effective capability; no privilege escalation
+    assert [line.split() for line in security] == [
+        ["CapEff:", "0000000000000000"],
+        ["NoNewPrivs:", "1"],
+        ["Seccomp:", "2"],
+        ["root-read-only"],
+        ["tmp-writable"],
+    ], inside.stdout
+    chart = yaml.safe_load((REPO / "charts/mmalign/values.yaml").read_text())["trainer"]
+    assert master["spec"]["securityContext"] == chart["podSecurityContext"], master["spec"]
+    assert master["spec"]["containers"][0]["securityContext"] == chart["securityContext"]
     container = worker["spec"]["containers"][0]
     assert container["image"] == trainer and container["command"][:2] == ["mmalign", "launch"], container
     # torchrun's rendezvous address: node 0's name under the headless Service, answered by CoreDNS.

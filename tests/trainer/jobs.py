@@ -151,13 +151,20 @@ def run_until_sigterm(job: Path, env: dict[str, str], stage: str, after_step: in
     return process.wait(timeout=120), "".join(lines)
 
 
+def is_forked_worker(process: Any) -> bool:
+    """A DataLoader worker of a rank (trainer/prefetch.py): forked from it, so the same command line
+    and environment (RANK included) as the rank itself (a psutil.Process)."""
+    parent = process.parent()
+    return parent is not None and parent.cmdline() == process.cmdline()
+
+
 def _worker(parent: Any, rank: int) -> Any:
     """The `mmalign train` worker of RANK `rank` among the children of a `mmalign run` (a psutil.Process)."""
     import psutil
 
     for child in parent.children(recursive=True):
         try:
-            if "train" in child.cmdline() and child.environ().get("RANK") == str(rank):
+            if "train" in child.cmdline() and child.environ().get("RANK") == str(rank) and not is_forked_worker(child):
                 return child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

@@ -41,7 +41,7 @@ def test_reward_eval_data_and_dpo_win_rate_in_metrics_and_progress(tmp_path: Pat
         stages={
             "reward": {"learningRate": 1e-3, "maxSteps": 2, "microBatchSize": 2,
                        "evalData": str(eval_file), "evalMaxPairs": 10},  # whole queries: 3 x 3 pairs
-            "dpo": {"learningRate": 1e-3, "maxSteps": 2, "microBatchSize": 2,
+            "dpo": {"learningRate": 1e-3, "maxSteps": 2, "microBatchSize": 2, "evalEverySteps": 1,
                     "winRate": {"maxPrompts": 3, "maxNewTokens": 8}},
         },
     )
@@ -72,3 +72,12 @@ def test_reward_eval_data_and_dpo_win_rate_in_metrics_and_progress(tmp_path: Pat
     assert detail["reward_model"] == f"{store.as_uri()}/reward/model/"
     last = jobs.progress(output, "dpo")[-1]
     assert last.event == "end" and last.metrics["win_rate"] == dpo["win_rate"]
+
+    # dpo evalEverySteps 1: held-out implicit-reward accuracy at step 1 in progress, the curve in metrics.json
+    evals = [p for p in jobs.progress(output, "dpo") if p.event == "eval"]
+    assert [p.step for p in evals] == [1] and 0 <= evals[0].metrics["eval_reward_accuracy"] <= 1, evals
+    curve = dpo["eval_curve"]
+    assert [p["step"] for p in curve] == [0, 1, 2], curve
+    assert curve[0]["eval_reward_accuracy"] == dpo["eval_reward_accuracy_initial"]
+    assert curve[1]["eval_reward_accuracy"] == evals[0].metrics["eval_reward_accuracy"]
+    assert curve[2]["eval_reward_accuracy"] == dpo["eval_reward_accuracy"]

@@ -75,7 +75,8 @@ def _workers(parent: psutil.Process) -> dict[int, psutil.Process]:
     found = {}
     for child in parent.children(recursive=True):
         try:
-            if "mmalign.cli" in " ".join(child.cmdline()) and "train" in child.cmdline():
+            if ("mmalign.cli" in " ".join(child.cmdline()) and "train" in child.cmdline()
+                    and not jobs.is_forked_worker(child)):
                 found[int(child.environ().get("RANK", "-1"))] = child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

@@ -3,6 +3,7 @@ policy (the response and the image tokens are never cut) and the per-row token c
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,104 @@ def test_qwen_videos_are_the_models_video_input_and_match_the_reference_forward(
             model(**batch.model_inputs()).logits, batch.input_ids, batch.response_mask
         )
     torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-4)
-    # LLaVA-OneVision takes the same frames as one image each
-    llava = collate.Collator(tiny.build_processor("llava-onevision")).pairs(items[:1])
-    assert llava.vision["pixel_values"].shape[0] == 4
+
+
+def _frame_folder(folder: Path, frames: int) -> str:
+    folder.mkdir()
+    for i in range(frames):
+        Image.new("RGB", (48, 36), (20 * i, 200 - 10 * i, 30)).save(folder / f"{i:05d}.png")
+    return folder.name
+
+
+def test_llava_onevision_videos_are_its_video_input_bounded_and_train(tmp_path: Path) -> None:
+    """The builtin tiny LLaVA-OneVision (its save_pretrained folder, loaded as a user's): a frame folder
+    is ONE <video> of exactly data.videoFrames frames (fewer frames repeat, more are sampled), each
+    pooled 2x2 — videoFrames x ceil(sqrt(N) / 2)^2 + 1 tokens whatever the folder holds — through the
+    processor's `videos=`; the stage's log-prob paths equal HF's own forward, and a video pair trains
+    (the vision tower and projector get gradients, the DPO loss falls)."""
+    from mmalign.trainer import losses, models
+
+    model, processor = models.load_model("builtin://tiny-llava-onevision")
+    frames = 4
+    pairs = [
+        data.PreferencePair(
+            id=f"v_{n}",
+            uid=f"pairs.jsonl:{n}",
+            query_id=f"v{n}",
+            category="video",
+            prompt="What happens?",
+            chosen="It turns red.",
+            rejected="It stays blue.",
+            media=[_frame_folder(tmp_path / f"clip{n}", n)],
+            media_kind="video",
+            media_base=str(tmp_path),
+        )
+        for n in (3, 11)  # fewer and more frames than videoFrames
+    ]
+    image_pair = data.PreferencePair(
+        id="i_1",
+        uid="pairs.jsonl:20",
+        query_id="i",
+        category="image",
+        prompt="What colour?",
+        chosen="Red.",
+        rejected="Blue.",
+        media=["clip3/00000.png"],
+        media_kind="image",
+        media_base=str(tmp_path),
+    )
+    collator = collate.Collator(processor, media.MediaLoader(video_frames=frames))
+    batch = collator.pairs([*pairs, image_pair])
+    assert batch.vision["pixel_values_videos"].shape[:2] == (2, frames)  # (videos, frames, C, H, W)
+    video_id = processor.tokenizer.convert_tokens_to_ids(tiny.LLAVA_VIDEO)
+    per_frame = math.ceil(math.isqrt(processor.num_image_tokens) / 2) ** 2  # 4 x 4 patches -> 2 x 2
+    video_tokens = frames * per_frame + 1  # + 1 newline
+    assert (batch.input_ids == video_id).sum(dim=1).tolist() == [
+        video_tokens,
+        video_tokens,
+        0,
+    ] * 2  # chosen, rejected
+    image_id = processor.tokenizer.convert_tokens_to_ids(tiny.LLAVA_IMAGE)
+    assert [int((row == image_id).sum()) > 0 for row in batch.input_ids] == [False, False, True] * 2
+    with torch.no_grad():
+        naive = logprobs.naive_sequence_logprobs(
+            model(**batch.model_inputs()).logits, batch.input_ids, batch.response_mask
+        )
+        for shared in (False, True):
+            fast = logprobs.policy_logprobs(model, batch, prefix_sharing=shared).logps.double()
+            torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-4)
+
+    video_batch = collator.pairs(pairs)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = losses.DpoLoss("mm-dpo", beta=0.1)
+    reference_chosen, reference_rejected = video_batch.split(
+        logprobs.policy_logprobs(model, video_batch).logps.detach()
+    )
+    trajectory = []
+    for _ in range(4):
+        chosen, rejected = video_batch.split(
+            logprobs.policy_logprobs(model, video_batch, prefix_sharing=True).logps
+        )
+        loss, _ = loss_fn(
+            losses.DpoInputs(
+                policy_chosen=chosen,
+                policy_rejected=rejected,
+                reference_chosen=reference_chosen,
+                reference_rejected=reference_rejected,
+            )
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        towers = {
+            name: p.grad
+            for name, p in model.named_parameters()
+            if "vision_tower" in name or "multi_modal_projector" in name
+        }
+        assert any(g is not None and float(g.abs().sum()) > 0 for g in towers.values())
+        optimizer.step()
+        trajectory.append(float(loss.detach()))
+    assert trajectory[-1] < trajectory[0], trajectory
 
 
 def test_a_video_pair_loads_as_the_examples_video(tmp_path: Path) -> None:

@@ -264,7 +264,7 @@ def test_rbac_grants_nothing_cluster_scoped_but_peering() -> None:
     assert "secrets" not in resources
     assert resources - {"clusterkopfpeerings"} <= {
         "alignmentjobs", "alignmentjobs/status", "alignmentjobs/finalizers", "pods", "pods/log", "services",
-        "configmaps", "events",
+        "configmaps", "events", "podgroups",
     }
 
 
@@ -344,6 +344,31 @@ def test_the_operator_can_run_from_its_own_slim_image_while_trainers_keep_the_fu
     assert main["image"] == "r/op:0.1.0"
     bad = helm("template", "x", str(CHART), "--set", "operator.image.pullPolicy=Sometimes", check=False)
     assert bad.returncode != 0 and "pullPolicy" in bad.stderr
+
+
+def test_trainer_pods_run_under_the_charts_security_context() -> None:
+    """What the operator makes of the rendered Deployment's env: every trainer pod as non-root UID 1000
+    with seccomp RuntimeDefault, no privilege escalation, no capabilities, a read-only root and an
+    emptyDir at /tmp; `null` turns each off (Helm merges a `{}` with the defaults)."""
+    from mmalign.api.spec import AlignmentJobSpec
+    from mmalign.operator.builders import BuildOptions, JobRef, build_pod
+    from mmalign.operator.main import trainer_security_contexts
+
+    env = {item["name"]: item.get("value") for item in container(render())["env"]}
+    pod_security, container_security = trainer_security_contexts(env)
+    spec = AlignmentJobSpec.model_validate(yaml.safe_load((REPO / "manifests/examples/tiny-cpu.yaml").read_text())["spec"])
+    pod = build_pod(JobRef("j", "ns", "u", spec), "reward", 0, 0,
+                    BuildOptions(pod_security_context=pod_security, security_context=container_security))
+    security, trainer = pod["spec"]["securityContext"], pod["spec"]["containers"][0]
+    assert (security["runAsNonRoot"], security["runAsUser"], security["seccompProfile"]) == (
+        True, 1000, {"type": "RuntimeDefault"})
+    assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
+    assert trainer["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert trainer["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in trainer["volumeMounts"]
+    off = container(render("--set", "trainer.podSecurityContext=null", "--set", "trainer.securityContext=null"))
+    assert not {"MMALIGN_TRAINER_POD_SECURITY_CONTEXT", "MMALIGN_TRAINER_SECURITY_CONTEXT"} & {
+        item["name"] for item in off["env"]}
 
 
 def test_pod_defaults_have_the_fields_of_an_alignment_jobs_pod_template() -> None:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mmalign.api.spec import DataSource
-from mmalign.trainer import builtin, collate, data, logprobs, media, models, transfer
+from mmalign.trainer import builtin, collate, data, logprobs, media, models, prefetch, tiny, transfer
 
 
 def test_pairs_and_images_stream_from_s3(bucket: str, tmp_path: Path) -> None:
@@ -28,6 +28,24 @@ def test_pairs_and_images_stream_from_s3(bucket: str, tmp_path: Path) -> None:
                                                            media_uri=f"{bucket}/elsewhere/"))[0][0])
     with pytest.raises(data.DataError, match="no such file"):
         data.read_pairs(f"{bucket}/colors/missing.jsonl")
+
+
+def test_loader_workers_read_images_from_s3_with_their_own_client(bucket: str, tmp_path: Path) -> None:
+    """DataLoader workers (trainer/prefetch.py) fork after this process built its S3 client (reading
+    the pairs); each drops it and builds its own, and their batches equal the in-process ones."""
+    folder = tmp_path / "colors"
+    builtin.export_dataset("synthetic-colors", folder)
+    transfer.upload_folder(folder, f"{bucket}/workers/")
+    pairs = data.read_pairs(f"{bucket}/workers/pairs.jsonl")[0][:8]
+    collator = collate.Collator(tiny.build_processor("qwen2-vl"), media.MediaLoader())
+    made = {}
+    for workers in (0, 2):
+        source = DataSource(uri="x.jsonl", loader_workers=workers)
+        with prefetch.Prefetcher.of(prefetch.blocks(pairs, 2), collator, collate.Collator.pairs, source) as batches:
+            made[workers] = [batch for _, batch in batches]
+    assert len(made[2]) == 4
+    for a, b in zip(made[0], made[2], strict=True):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.vision["pixel_values"], b.vision["pixel_values"])
 
 
 def test_video_frames_from_an_s3_prefix(bucket: str, tmp_path: Path) -> None:

@@ -144,6 +144,18 @@ def test_rendezvous_timeout_and_conf(monkeypatch: pytest.MonkeyPatch) -> None:
     assert launch.rendezvous_conf() == ["--rdzv-conf=timeout=1800"]
 
 
+def test_waiting_for_a_pending_masters_dns_is_bounded_by_the_startup_timeout(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # node 0's pod Pending: its name has no address; node 1 waits startupTimeoutSeconds, then exits 10
+    monkeypatch.delenv("MMALIGN_DNS_WAIT_SECONDS", raising=False)
+    monkeypatch.setenv("MMALIGN_RENDEZVOUS_TIMEOUT_SECONDS", "1")
+    monkeypatch.setenv("MMALIGN_TERMINATION_LOG", str(tmp_path / "not-in-a-pod"))
+    assert launch.dns_wait("job-reward-0-0.job.invalid", 29500) == ExitCode.RENDEZVOUS_TIMEOUT
+    monkeypatch.setenv("MMALIGN_DNS_WAIT_SECONDS", "1")  # set by the user: its own code, as before
+    assert launch.dns_wait("job-reward-0-0.job.invalid", 29500) == ExitCode.RENDEZVOUS_ERROR
+    assert launch.dns_wait("localhost", 29500) is None
+
+
 def test_a_broken_collective_is_never_the_root_cause() -> None:
     class Failure:
         def __init__(self, code: int, timestamp: int = 1000) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from mmalign.api.spec import AlignmentJobSpec
 from mmalign.operator.builders import BuildOptions, JobRef, build_pod, with_operator_defaults
-from mmalign.operator.main import default_priority, parse_args
+from mmalign.operator.main import default_priority, parse_args, trainer_security_contexts
 
 SPEC = {"model": {"uri": "builtin://tiny-text"}, "data": {"uri": "builtin://synthetic-colors"},
         "storage": {"uri": "s3://b/p/"}, "stages": {"reward": {}}}
@@ -53,3 +53,37 @@ def test_operator_defaults_fill_in_and_the_job_wins() -> None:
     spec = AlignmentJobSpec.model_validate(merged)
     pod = build_pod(JobRef("j", "ns", "u", spec), "reward", 0, 0, BuildOptions())
     assert pod["spec"]["schedulerName"] == "volcano" and pod["spec"]["containers"][0]["image"] == "registry/trainer:1"
+
+
+def test_trainer_pods_get_the_security_contexts_and_a_job_overrides_them() -> None:
+    """The chart's trainer.podSecurityContext / trainer.securityContext are the operator's own pod's: a
+    read-only root gets an emptyDir at /tmp (HOME and work dir of the image), and a job's podTemplate
+    wins key by key."""
+    pod_security = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+    container_security = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                          "capabilities": {"drop": ["ALL"]}}
+    options = BuildOptions(pod_security_context=pod_security, security_context=container_security)
+    job = JobRef("j", "ns", "u", AlignmentJobSpec.model_validate(SPEC))
+    pod = build_pod(job, "reward", 0, 0, options)
+    (trainer,) = pod["spec"]["containers"]
+    assert pod["spec"]["securityContext"] == pod_security and trainer["securityContext"] == container_security
+    assert {"name": "tmp", "mountPath": "/tmp"} in trainer["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["spec"]["volumes"]
+    own = {**SPEC, "podTemplate": {"spec": {
+        "securityContext": {"runAsUser": 2000},
+        "containers": [{"name": "trainer", "securityContext": {"readOnlyRootFilesystem": False}}]}}}
+    pod = build_pod(JobRef("j", "ns", "u", AlignmentJobSpec.model_validate(own)), "reward", 0, 0, options)
+    assert pod["spec"]["securityContext"] == {**pod_security, "runAsUser": 2000}
+    assert pod["spec"]["containers"][0]["securityContext"] == {**container_security, "readOnlyRootFilesystem": False}
+    # Without the values (an operator started by hand) the pod has none, as before.
+    plain = build_pod(job, "reward", 0, 0, BuildOptions())
+    assert "securityContext" not in plain["spec"] and "securityContext" not in plain["spec"]["containers"][0]
+    assert "tmp" not in {v["name"] for v in plain["spec"]["volumes"]}
+
+
+def test_a_bad_security_context_value_stops_the_operator_naming_it() -> None:
+    assert trainer_security_contexts({}) == (None, None)
+    with pytest.raises(SystemExit, match=r"trainer\.securityContext.*\n.*runAsUsr: unknown field"):
+        trainer_security_contexts({"MMALIGN_TRAINER_SECURITY_CONTEXT": '{"runAsUsr": 1}'})
+    with pytest.raises(SystemExit, match=r"trainer\.podSecurityContext\) is not JSON"):
+        trainer_security_contexts({"MMALIGN_TRAINER_POD_SECURITY_CONTEXT": "{runAsUser: 1}"})

@@ -29,3 +29,17 @@ def test_other_stage_and_garbage_are_ignored() -> None:
     assert parse_line('mmalign-progress {"step": "x"}') is None
     report = parse_line('mmalign-progress {"step": 2, "total": 0, "loss": Infinity}')
     assert report is not None and report.loss is None and report.summary() == "2"
+
+
+def test_progress_reads_back_off_while_node_0_serves_no_log() -> None:
+    """A pod whose log cannot be read (kwok nodes serve none) is read again after 4, 8, 16, 32, then
+    every 60 s, not every pass; the first read that succeeds restores the 2 s rhythm."""
+    from mmalign.operator.controller import LoopSettings, next_poll_interval
+
+    settings = LoopSettings()
+    waits, interval = [], settings.progress_min_interval
+    for _ in range(6):
+        interval = next_poll_interval(interval, served=False, settings=settings)
+        waits.append(interval)
+    assert waits == [4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert next_poll_interval(60.0, served=True, settings=settings) == settings.progress_min_interval

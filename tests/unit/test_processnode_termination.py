@@ -147,3 +147,38 @@ def test_every_restart_gets_a_fresh_empty_file(node):
 
     run_pod(node, container, restart_policy="OnFailure", done=record)
     assert messages == {1: "first\n", 2: "second attempt\n"}
+
+
+def test_tmpdir_is_short_enough_for_a_unix_socket(node):
+    # multiprocessing's fd sharing (DataLoader workers handing tensors back) binds a socket under TMPDIR;
+    # the pod folder's own path is too long for the 108-byte limit, so TMPDIR is a short link to it
+    code = ("import os, socket, tempfile; folder = tempfile.mkdtemp(prefix='pymp-'); "
+            "socket.socket(socket.AF_UNIX).bind(os.path.join(folder, 'listener-abcdefgh')); print(folder)")
+    run = run_pod(node, {"command": [sys.executable, "-c", code], **FALLBACK})
+    assert terminated(run)["exitCode"] == 0, run.main[0].log_file().read_text()
+    folder = Path(run.main[0].log_file().read_text().strip())
+    assert folder.resolve().parent == (run.root / "tmp").resolve() and len(str(folder)) < 60
+    run.remove_files()
+    assert not run.tmp_link.is_symlink()
+
+
+def test_killing_a_pod_takes_the_processes_it_started_in_groups_of_their_own(node):
+    # torchrun starts each worker in a process group of its own: killing only the pod's group would
+    # leave the workers running once torchrun is gone
+    code = ("import subprocess, sys, time; child = subprocess.Popen(['sleep', '300'], process_group=0); "
+            "print(child.pid, flush=True); time.sleep(300)")
+    run = run_pod(node, {"command": [sys.executable, "-c", code]},
+                  done=lambda r: r.main[0].log_file().exists() and r.main[0].log_file().read_text().strip())
+    child = int(run.main[0].log_file().read_text())
+    run.kill_now()
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(), f"process {child} outlived its pod"

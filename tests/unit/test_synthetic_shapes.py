@@ -115,6 +115,20 @@ def test_the_bench_summarizes_merges_and_plots(tmp_path: Path) -> None:
     )
     ablation.plot(report, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+    # one run per variant with stages.dpo.evalEverySteps: its metrics.json eval_curve is the curve
+    curve = [{"step": s, "eval_reward_accuracy": 0.1 + s / 100, "eval_margin": 0.0} for s in (0, 10, 20)]
+    dpo_part["dpo"] = {
+        f"dpo-{v}": {"variant": v, "steps": 20, "dpo": {"eval_curve": curve, "win_rate": 0.75}}
+        for v in ablation.DPO_VARIANTS
+    }
+    report = ablation.merge([reward_part, dpo_part])
+    assert report["summary"]["dpo"]["drs"] == {
+        "steps": [0, 10, 20],
+        "eval_reward_accuracy": pytest.approx([0.1, 0.2, 0.3]),
+        "win_rate": 0.75,
+    }
+    assert "| drs | 0.100 | 0.200 | 0.300 | 0.750 |" in ablation.table(report)
+    ablation.plot(report, tmp_path / "plot-curve.png")
     rows = [
         {"delta": d, "wrong_details": k, "label_flipped": f}
         for d, k, f in ((1.0, 1, False), (3.0, 3, False), (-3.0, 1, True))

@@ -4,7 +4,8 @@
 
 Reads top to bottom: build (pairs from `spec.dpo_data_uri()`: the score stage's scored pairs with δ,
 given scored data, or the raw data; split by query; policy engine; the reference) → `while step <
-total: step; maybe save` → final checkpoint, held-out implicit-reward accuracy, the win rate over the
+total: step; maybe save; maybe eval (evalEverySteps: held-out implicit-reward accuracy, metrics.json
+`eval_curve`)` → final checkpoint, held-out implicit-reward accuracy, the win rate over the
 reference judged by the reward model (evaluation.py, `winRate`), export.
 
 Reference (`stages.dpo.reference`):
@@ -30,6 +31,7 @@ complete by `_complete.json`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -54,6 +56,8 @@ from mmalign.trainer import (
     losses,
     media,
     models,
+    prefetch,
+    prefix,
     preflight,
     storage,
     transfer,
@@ -65,7 +69,7 @@ from mmalign.trainer.artifacts import (
     upload_model_folder,
     write_metrics,
 )
-from mmalign.trainer.context import Context, say, seed_everything
+from mmalign.trainer.context import Context, StageConfigError, say, seed_everything
 from mmalign.trainer.engine import (
     Distributed,
     Engine,
@@ -75,7 +79,7 @@ from mmalign.trainer.engine import (
     training_placement,
 )
 from mmalign.trainer.loop import resume, resumed_batch, train_loop
-from mmalign.trainer.order import plan_training, rank_slice
+from mmalign.trainer.order import TokenBudgetOrder, budget_groups, plan_training, rank_slice
 
 ReferenceTable = dict[str, tuple[float, float]]  # pair uid -> (log π_ref(y_w), log π_ref(y_l))
 
@@ -83,15 +87,18 @@ ReferenceTable = dict[str, tuple[float, float]]  # pair uid -> (log π_ref(y_w),
 class SequenceLogps(nn.Module):
     """The model as DeepSpeed sees it: batch -> (logps, tokens), per-row summed response log-probs and
     token counts (logprobs.py). Plain tensors out: ZeRO-3's backward hooks only see tensors.
-    `prefix_sharing` (stages.dpo.prefixSharing): one prompt pass per pair (prefix.py)."""
+    `prefix_sharing` (stages.dpo.prefixSharing): one prompt pass per pair (prefix.py); `packing`
+    (stages.dpo.packing): several pairs per row, no padding between them."""
 
-    def __init__(self, model: nn.Module, prefix_sharing: bool = True) -> None:
+    def __init__(self, model: nn.Module, prefix_sharing: bool = True, packing: bool = False) -> None:
         super().__init__()
         self.model = model
         self.prefix_sharing = prefix_sharing
+        self.packing = packing and prefix_sharing
 
     def forward(self, batch: collate.Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        out = logprobs.policy_logprobs(self.model, batch, prefix_sharing=self.prefix_sharing)
+        out = logprobs.policy_logprobs(self.model, batch, prefix_sharing=self.prefix_sharing,
+                                       packing=self.packing)
         return out.logps, out.tokens
 
 
@@ -178,9 +185,12 @@ class Reference:
 
 
 def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader: media.MediaLoader,
-                         batch_size: int, made_by: identity.Identity) -> ReferenceTable:
+                         batch_size: int, made_by: identity.Identity,
+                         tokens: dict[str, int] | None = None) -> ReferenceTable:
     """Reference log-probs of every pair, computed once and stored; reused when they match. The pass
-    loads its own copy of the base model (and processor, hence its own collator) and frees it after."""
+    loads its own copy of the base model (and processor, hence its own collator) and frees it after.
+    `tokens` (stages.dpo.maxTokensPerBatch: pair uid -> packed tokens): forwards cut by the token
+    budget as the training micro-batches are, instead of `batch_size` pairs."""
     spec, dist = ctx.spec, ctx.dist
     uri = ctx.stage_uri(layout.REFERENCE_LOGPS)
     fingerprint = identity.reference_logps(made_by)
@@ -198,14 +208,20 @@ def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader:
         model, processor = models.load_model(spec.model.uri, seed=spec.seed,
                                              placement=frozen_placement(spec.deepspeed, dist, shard=False))
         # a replica, not ZeRO-3 shards: the ranks' blocks (and so their forward counts) differ
-        prefix_sharing = spec.stages.dpo is None or spec.stages.dpo.prefix_sharing
-        reference = frozen(SequenceLogps(model, prefix_sharing), spec.deepspeed, dist, shard=False)
+        dpo = spec.stages.dpo
+        prefix_sharing, packing = dpo is None or dpo.prefix_sharing, dpo is None or dpo.packing
+        reference = frozen(SequenceLogps(model, prefix_sharing, packing), spec.deepspeed, dist, shard=False)
         collator = collate.Collator.from_spec(spec, processor, loader, dist.device)
-        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out:
-            for start in range(0, len(mine), batch_size):
-                part = mine[start:start + batch_size]
+        blocks = prefetch.blocks(mine, batch_size)
+        if tokens is not None and dpo is not None and dpo.max_tokens_per_batch:
+            groups = budget_groups([tokens[p.uid] for p in mine], dpo.max_tokens_per_batch)
+            blocks = [prefetch.Work(index, [mine[i] for i in group]) for index, group in enumerate(groups)]
+        batches = prefetch.Prefetcher.of(blocks, collator, collate.Collator.pairs,
+                                         spec.data)  # made ahead in DataLoader workers
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as out, batches:
+            for work, batch in batches:
+                part = work.pairs
                 with torch.no_grad():
-                    batch = collator.pairs(part)
                     chosen, rejected = batch.split(reference(batch)[0].float().cpu())  # (B,), (B,)
                 for pair, c, r in zip(part, chosen.tolist(), rejected.tolist(), strict=True):
                     out.write(json.dumps({"uid": pair.uid, "chosen": c, "rejected": r}) + "\n")
@@ -231,6 +247,33 @@ def precompute_reference(ctx: Context, pairs: list[data.PreferencePair], loader:
     return table
 
 
+def _pair_tokens(collator: collate.Collator, pairs: list[data.PreferencePair]) -> list[int]:
+    return prefix.share(collator.pairs(pairs)).pair_lengths
+
+
+def packed_tokens(ctx: Context, collator: collate.Collator, pairs: list[data.PreferencePair]) -> dict[str, int]:
+    """pair uid -> the tokens of its prefix-shared sequence (chosen + rejected - shared prompt): what
+    stages.dpo.maxTokensPerBatch counts. One collating pass over the pairs (media loaded, in
+    data.loaderWorkers workers), before step 0."""
+    made = prefetch.Prefetcher(prefetch.blocks(pairs, 16), functools.partial(_pair_tokens, collator.on_cpu()),
+                               workers=ctx.spec.data.loader_workers, prefetch=ctx.spec.data.prefetch_batches)
+    tokens: dict[str, int] = {}
+    with made:
+        for work, lengths in made:
+            tokens.update((pair.uid, length) for pair, length in zip(work.pairs, lengths, strict=True))
+    return tokens
+
+
+def budget_steps(order: TokenBudgetOrder, config: DpoStage) -> int:
+    """Optimizer steps of a token-budget schedule, or a clear error when one step does not fill."""
+    if order.steps_per_epoch < 1:
+        raise StageConfigError(
+            f"stages.dpo: one optimizer step needs {order.global_batch} micro-batches of maxTokensPerBatch "
+            f"{order.budget} tokens (gradientAccumulation x world size) but the {order.pairs} training pairs make "
+            "fewer; lower maxTokensPerBatch or gradientAccumulation, or add data")
+    return order.total_steps(config.epochs, config.max_steps)
+
+
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -242,10 +285,12 @@ def _free_memory() -> None:
 
 def micro_batch_loss(engine: Engine, collator: collate.Collator, reference: Reference, loss_fn: losses.DpoLoss,
                      pairs: list[data.PreferencePair], dist: Distributed,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     generator: torch.Generator | None = None, batch: collate.Batch | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DPO loss of one micro-batch of B pairs (2B rows in one policy forward). The optional loss
-    inputs are computed exactly when `loss_fn` reads them; `generator`: β-DPO's subset draw."""
-    batch = collator.pairs(pairs)
+    inputs are computed exactly when `loss_fn` reads them; `generator`: β-DPO's subset draw; `batch`:
+    the pairs' batch when it was made ahead (prefetch.py), else it is made here."""
+    batch = collator.pairs(pairs) if batch is None else batch
     policy_logps, policy_tokens = engine.model(batch)  # (2B,) each
     policy_chosen, policy_rejected = batch.split(policy_logps)  # (B,) each
     reference_chosen, reference_rejected = reference.logps(pairs, batch)
@@ -311,14 +356,21 @@ def run(ctx: Context) -> dict[str, Any]:
     collator = collate.Collator.from_spec(spec, processor, loader, dist.device)
     pairs = preflight.fitting(ctx, pairs, collator, stats)  # data.maxLength
     train, held_out, order, total = plan_training(ctx, pairs, config, "stages.dpo")
+    tokens = None
+    if config.max_tokens_per_batch:  # micro-batches cut by tokens, not pairs: every pair's length first
+        tokens = packed_tokens(ctx, collator, pairs)
+        order = TokenBudgetOrder(len(train), 1, config.gradient_accumulation, dist.world_size, spec.seed,
+                                 lengths=tuple(tokens[p.uid] for p in train), budget=config.max_tokens_per_batch)
+        total = budget_steps(order, config)
     started = time.monotonic()
     reference = Reference()  # reference: model under LoRA: the policy's engine, set below
     if config.reference == "precomputed":
-        reference = Reference(table=precompute_reference(ctx, pairs, loader, config.micro_batch_size, made_by))
+        reference = Reference(table=precompute_reference(ctx, pairs, loader, config.micro_batch_size, made_by,
+                                                               tokens))
     elif config.lora is None:
         reference_model, _ = models.load_model(spec.model.uri, seed=spec.seed,
                                                placement=frozen_placement(spec.deepspeed, dist, shard=True))
-        wrapped = SequenceLogps(reference_model, config.prefix_sharing)
+        wrapped = SequenceLogps(reference_model, config.prefix_sharing, config.packing)
         register_external_parameters(wrapped, spec.deepspeed)
         # ZeRO-3-sharded like the policy: every rank runs the same forward passes (train loop, evaluate)
         reference = Reference(model=frozen(wrapped, spec.deepspeed, dist, shard=True))
@@ -328,7 +380,7 @@ def run(ctx: Context) -> dict[str, Any]:
                             seed=spec.seed, field="stages.dpo")
     if dist.is_rank_0:
         say(f"dpo: {adapters.trainable_summary(policy)}")
-    wrapper = SequenceLogps(policy, config.prefix_sharing)
+    wrapper = SequenceLogps(policy, config.prefix_sharing, config.packing)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
     if reference.table is None and reference.model is None:
@@ -338,14 +390,32 @@ def run(ctx: Context) -> dict[str, Any]:
     if initial is None:
         initial = evaluate(ctx, engine, collator, reference, held_out, config.micro_batch_size)
     engine.train()
+    eval_every = config.eval_every_steps
+    # stages.dpo.evalEverySteps: [{step, eval_reward_accuracy, eval_margin}], step 0 first; in the
+    # checkpoints' client state, so a resumed stage keeps the points before its checkpoint
+    curve: list[dict[str, float]] = [dict(p) for p in state.get("eval_curve") or [] if p["step"] <= state["step"]]
+    if eval_every and held_out and not curve and initial:
+        curve.append({"step": 0, **initial})
 
-    # ---- train
+    # ---- train: the micro-batches are made ahead in DataLoader workers (data.loaderWorkers, prefetch.py)
+    batches = prefetch.Prefetcher.of(prefetch.training_items(order, dist.rank, int(state["step"]), total, train),
+                                     collator, collate.Collator.pairs, spec.data)
+
     def loss_of(step: int, micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         generator = subset_generator(spec.seed, step, micro) if loss_fn.needs_gathered_margins else None
-        return micro_batch_loss(engine, collator, reference, loss_fn, [train[i] for i in indices], dist, generator)
+        batch = batches.take((step, micro, tuple(indices)))
+        return micro_batch_loss(engine, collator, reference, loss_fn, [train[i] for i in indices], dist, generator,
+                                batch)
 
-    train_loop(ctx, engine, order, total, int(state["step"]), loss_of, checkpointer, progress,
-               {"data": data.fingerprint(train), "initial_eval": initial})
+    def after_step(step: int) -> None:
+        if eval_every and held_out and step % eval_every == 0 and step < total:
+            point = evaluate(ctx, engine, collator, reference, held_out, config.micro_batch_size)
+            curve.append({"step": step, **point})
+            progress.evaluated(step, point)
+
+    with batches:
+        train_loop(ctx, engine, order, total, int(state["step"]), loss_of, checkpointer, progress,
+                   {"data": data.fingerprint(train), "initial_eval": initial, "eval_curve": curve}, after_step)
 
     # ---- final eval and export
     final: dict[str, Any] = {"steps": total, "train_pairs": len(train), "eval_pairs": len(held_out),
@@ -354,6 +424,9 @@ def run(ctx: Context) -> dict[str, Any]:
                              "reference": config.reference, "seconds": round(time.monotonic() - started, 1)}
     final.update(evaluate(ctx, engine, collator, reference, held_out, config.micro_batch_size))
     final.update({f"{k}_initial": v for k, v in (initial or {}).items()})
+    if curve:
+        final["eval_curve"] = [*curve, {"step": total, "eval_reward_accuracy": final["eval_reward_accuracy"],
+                                        "eval_margin": final["eval_margin"]}]
     final["final_loss"] = progress.loss
     # the policy and the reference answer held-out prompts, the reward model judges (stages.dpo.winRate)
     final.update(evaluation.win_rate_after_dpo(ctx, policy, lora, collator, held_out, config.micro_batch_size * 2))

@@ -24,6 +24,7 @@ rerun reuses it only when that identity matches.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -41,6 +42,7 @@ from mmalign.trainer import (
     media,
     metrics,
     models,
+    prefetch,
     preflight,
     scoring,
 )
@@ -82,10 +84,17 @@ def bind_loss(config: RewardStage) -> losses.RewardLoss:
                              centering_weight=config.centering_weight)
 
 
+def rows_of(collator: collate.Collator, pairs: list[data.PreferencePair], critique: bool) -> collate.Batch:
+    """The reward stage's rows of B pairs: 2B rows, the annotated critiques teacher-forced (`critique`)."""
+    return collator.reward(pairs, critique=critique)
+
+
 def micro_batch_loss(engine: Engine, collator: collate.Collator, loss_fn: losses.RewardLoss,
-                     pairs: list[data.PreferencePair]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The reward-model loss of one micro-batch of B pairs (2B rows in one forward pass)."""
-    batch = collator.reward(pairs, critique=loss_fn.critique)  # annotated critiques, teacher-forced
+                     pairs: list[data.PreferencePair], batch: collate.Batch | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The reward-model loss of one micro-batch of B pairs (2B rows in one forward pass); `batch`: the
+    pairs' rows when they were made ahead (prefetch.py, `rows_of`), else they are made here."""
+    batch = rows_of(collator, pairs, loss_fn.critique) if batch is None else batch
     scores, critique_logps, critique_tokens = engine.model(batch)  # (2B,) each (critique ones empty if off)
     chosen, rejected = batch.split(scores)  # (B,) each
     return loss_fn(chosen, rejected, critique_logps, critique_tokens)
@@ -143,9 +152,13 @@ def run(ctx: Context) -> dict[str, Any]:
     started = time.monotonic()
     engine.train()
 
-    # ---- train
+    # ---- train: the micro-batches are made ahead in DataLoader workers (data.loaderWorkers, prefetch.py)
+    batches = prefetch.Prefetcher.of(prefetch.training_items(order, dist.rank, int(state["step"]), total, train),
+                                     collator, functools.partial(rows_of, critique=loss_fn.critique), spec.data)
+
     def loss_of(step: int, micro: int, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        return micro_batch_loss(engine, collator, loss_fn, [train[i] for i in indices])
+        batch = batches.take((step, micro, tuple(indices)))
+        return micro_batch_loss(engine, collator, loss_fn, [train[i] for i in indices], batch)
 
     def after_step(step: int) -> None:
         if can_eval and eval_every and step % eval_every == 0 and step < total:
@@ -153,8 +166,9 @@ def run(ctx: Context) -> dict[str, Any]:
             progress.evaluated(step, {"eval_acc": table["overall"]["acc"],
                                       "eval_acc_plus": table["overall"]["acc_plus"]})
 
-    train_loop(ctx, engine, order, total, int(state["step"]), loss_of, checkpointer, progress,
-               {"data": data.fingerprint(train)}, after_step)
+    with batches:
+        train_loop(ctx, engine, order, total, int(state["step"]), loss_of, checkpointer, progress,
+                   {"data": data.fingerprint(train)}, after_step)
 
     # ---- final eval and export
     final: dict[str, Any] = {"steps": total, "train_pairs": len(train), "eval_pairs": len(held_out),

@@ -42,6 +42,11 @@ namespace; nothing cluster-scoped is needed except the ClusterKopfPeering in clu
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# runPolicy.gangScheduling: the gang's PodGroup (Volcano, scheduler-plugins), applied before its pods
+# and deleted with them.
+- apiGroups: ["scheduling.volcano.sh", "scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["create", "patch", "delete"]
 {{- end }}
 
 {{/*
