@@ -51,14 +51,16 @@ def test_bad_spec_is_rejected_with_its_field_path(dev_cluster: Any, crd_namespac
 
 
 def test_the_crd_with_the_pod_schema_fits_the_api_servers_limits(dev_cluster: Any, crd_namespace: str) -> None:
-    """The embedded PodSpec schemas (spec.podTemplate.spec and each stage's) keep the CRD storable, and a
-    client-side `kubectl apply` still fits its last-applied annotation (262144 bytes)."""
+    """The embedded PodSpec schemas (spec.podTemplate.spec and each stage's) keep the CRD storable: well
+    under etcd's default 1.5 MiB per value. It no longer fits a client-side `kubectl apply`'s
+    last-applied annotation (256 KiB), so the docs say to install it with Helm or `--server-side`, as
+    Kubeflow Trainer's and JobSet's CRDs are."""
     import json
 
     stored = dev_cluster.kubectl("get", "crd/alignmentjobs.mmalign.io", "-o", "json")
     assert stored.returncode == 0, stored.stderr
     spec = json.loads(stored.stdout)["spec"]
-    assert len(json.dumps(spec, separators=(",", ":"))) < 262144
+    assert len(json.dumps(spec, separators=(",", ":"))) < 1024 * 1024
     served = spec["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert "affinity" in served["podTemplate"]["properties"]["spec"]["properties"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench import checkpoint as bench
 
 
@@ -25,6 +27,7 @@ def test_a_cut_model_keeps_the_width_and_loads(tmp_path: Path) -> None:
 
 
 def test_the_plot_reads_a_report(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the bench extra (`make bench`) brings matplotlib")
     stage = {
         "zero_stage": 3,
         "ceiling": {"seconds": 150.0},
