@@ -29,9 +29,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# --kwok: kwok and kube-scheduler, for the fast mode's tests (tests/integration/test_kwok.py).
+# --kwok: kwok and kube-scheduler, for the fast mode's tests (tests/integration/test_kwok.py); --kueue:
+# Kueue's manager, for tests/integration/test_kueue.py (cold: the longest single build, see docs/devcluster.md).
 binaries: $(STAMP)
-	$(BIN)/python -m mmalign.devcluster.binaries --kwok
+	$(BIN)/python -m mmalign.devcluster.binaries --kwok --kueue
 
 crds: $(STAMP)
 	$(BIN)/mmalign crds
@@ -64,12 +65,14 @@ test: lint binaries
 	$(BIN)/pytest tests/unit tests/trainer tests/integration tests/e2e -q --timeout=900 --durations=15
 
 # The real node (kubelet + containerd + the project's image; docs/devcluster.md "The real node"): not yet
-# the default path of `make test`/`make demo`. Its binaries and images take ~40 min cold on 2 cores.
-# Two pytest runs: each starts its own real node (one at a time: the node's paths are fixed per machine).
+# the default path of `make test`/`make demo` (MMALIGN_NODE=real switches both). Its binaries and images
+# take ~70-80 min cold on 2 cores (docs/devcluster.md, "Cold build cost"); warm, a source change ~1 min.
+# Three pytest runs: each starts its own real node (one at a time: the node's paths are fixed per machine).
 test-realnode: binaries
 	$(BIN)/python -m mmalign.devcluster.binaries --real-node
 	MMALIGN_NODE=real $(BIN)/pytest tests/integration/test_realnode.py -q
 	MMALIGN_NODE=real $(BIN)/pytest tests/integration/test_operator_lifecycle.py -q
+	MMALIGN_NODE=real $(BIN)/pytest tests/e2e -q
 
 # The bench extra (TRL) goes into the same venv only here, never in `make test`'s install.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -23,9 +23,11 @@ states must exist), then:
   sync           `Checkpointer.save` with async_upload off: the call blocks for write + upload + commit;
                  its upload + commit is the project's upload of the same bytes (`project`), at the
                  defaults of trainer/s3client.py
-  async          `Checkpointer.save` with async_upload on: the call blocks for the write only; the loop
-                 then keeps stepping while the upload runs (those steps timed against the steps before:
-                 the upload competes with training for the same cores), and `finish()` joins it
+  async          `Checkpointer.save` with async_upload on: the call blocks for the host copy of the
+                 rank's states only (Engine.snapshot); the loop then keeps stepping while a background
+                 thread writes the same files, uploads and commits (those steps timed against the steps
+                 before: the background work competes with training for the same cores), and
+                 `finish()` joins it
 
 The stall per save = the time the step loop is blocked in `save()` (async: plus the extra time of the
 steps that ran beside the upload). Results: JSON (`--out`, default bench/results/checkpoint-0.5b-cpu.json)
@@ -102,16 +104,36 @@ def _wait_for_memory(gib: float, seconds: float = 600.0) -> bool:
 
 
 class _TimedWrites:
-    """The engine as the Checkpointer sees it (checkpoint.SavesShards), timing DeepSpeed's local write."""
+    """The engine as the Checkpointer sees it (checkpoint.SavesShards), timing DeepSpeed's local write
+    (`seconds`), an async save's host copy (`snapshot_seconds`, `snapshot_bytes`) and its background
+    write of the same files (`background_write_seconds`)."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.seconds = 0.0
+        self.snapshot_seconds = 0.0
+        self.snapshot_bytes = 0
+        self.background_write_seconds = 0.0
 
     def save(self, folder: str, tag: str, client_state: dict[str, Any] | None = None) -> None:
         started = time.monotonic()
         self.engine.save(folder, tag, client_state)
         self.seconds = time.monotonic() - started
+
+    def snapshot(self, folder: str, tag: str, client_state: dict[str, Any] | None = None) -> Any:
+        started = time.monotonic()
+        snapshot = self.engine.snapshot(folder, tag, client_state)
+        self.snapshot_seconds = time.monotonic() - started
+        self.snapshot_bytes = snapshot.nbytes
+        timed = self
+
+        class Timed:
+            def write(self) -> None:
+                began = time.monotonic()
+                snapshot.write()
+                timed.background_write_seconds = time.monotonic() - began
+
+        return Timed()
 
     def load(self, folder: str, tag: str) -> dict[str, Any]:
         return dict(self.engine.load(folder, tag))
@@ -349,7 +371,9 @@ def _worker(args: argparse.Namespace) -> None:
     extra_s = sum(s - reference for s in beside)
     result["async"] = {
         "save_call_s": call_s,
-        "write_s": timed.seconds,
+        "snapshot_s": timed.snapshot_seconds,
+        "snapshot_bytes_per_rank": dist.all_gather_object(timed.snapshot_bytes),
+        "background_write_s": dist.all_gather_object(timed.background_write_seconds),
         "steps_beside_upload": beside,
         "extra_step_s": extra_s,
         "finish_wait_s": wait_s,
@@ -357,7 +381,9 @@ def _worker(args: argparse.Namespace) -> None:
     }
     result.update(stall_summary(sync_s, call_s, extra_s))
     _log(
-        dist, f"async save: call {call_s:.1f} s, {len(beside)} steps beside the upload, finish {wait_s:.1f} s"
+        dist,
+        f"async save: call {call_s:.1f} s (snapshot {timed.snapshot_seconds:.1f} s), {len(beside)} steps "
+        f"beside the write + upload, finish {wait_s:.1f} s",
     )
     fresh_server()
     shutil.rmtree(local_root, ignore_errors=True)
@@ -365,7 +391,7 @@ def _worker(args: argparse.Namespace) -> None:
         server.stop()
         Path(args.result).write_text(json.dumps(result, indent=2))
     dist.barrier()
-    engine.shutdown_distributed()
+    engine.end_worker(0)
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -471,67 +497,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def plot(report: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    stages = report["stages"]
-    sweep = next((s["sweep"] for s in stages if "sweep" in s), None)
-    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(12 if sweep else 6, 4.5), squeeze=False)
-    bars = axes[0][0]
-    labels, values, colours = [], [], []
-    for s in stages:
-        z = f"ZeRO-{s['zero_stage']}"
-        for label, value, colour in (
-            (f"{z}\nceiling upload", s["ceiling"]["seconds"], "tab:gray"),
-            (f"{z}\nproject upload", s["project"]["seconds"], "tab:blue"),
-            (f"{z}\nsync stall", s["sync"]["save_call_s"], "tab:red"),
-            (f"{z}\nasync stall", s["async"]["save_call_s"], "tab:green"),
-        ):
-            labels.append(label)
-            values.append(value)
-            colours.append(colour)
-    bars.bar(range(len(values)), values, color=colours)
-    bars.set_xticks(range(len(values)), labels, fontsize=7)
-    bars.set_ylabel("seconds")
-    bars.set_title(f"{report['model']}, 2 CPU ranks: one checkpoint", fontsize=8)
-    if sweep:
-        ax = axes[0][1]
-        for kind, marker in (("plain", "o"), ("project", "s")):
-            parts = [p for p in sweep[kind] if p["concurrency"] == CONCURRENCY_AT]
-            ax.plot(
-                [p["part_mib"] for p in parts],
-                [p["mb_per_s"] for p in parts],
-                marker=marker,
-                label=f"{kind}: part size (x{CONCURRENCY_AT})",
-            )
-            best_part = best(parts)["part_mib"]
-            conc = sorted(
-                (p for p in sweep[kind] if p["part_mib"] == best_part), key=lambda p: p["concurrency"]
-            )
-            ax.plot(
-                [p["concurrency"] for p in conc],
-                [p["mb_per_s"] for p in conc],
-                marker=marker,
-                linestyle="--",
-                label=f"{kind}: concurrency ({best_part} MiB parts)",
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("part size (MiB) / concurrency")
-        ax.set_ylabel("MB/s (both ranks)")
-        ax.set_title(f"sweep: {sweep['bytes'] / 1e9:.2f} GB, local SeaweedFS")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{report['environment']['date']}, {report['environment']['machine']}", fontsize=8)
-    fig.tight_layout()
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    return png
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin://random-text-0.5b")
@@ -608,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(report, indent=2))
     if args.layers or args.vocab:
         shutil.rmtree(model_folder, ignore_errors=True)
+    from bench.checkpoint_plot import plot
+
     png = plot(report, args.out)
     print(f"wrote {args.out}" + (f" and {png}" if png else ""))
     return 0

@@ -18,6 +18,12 @@ Variants (`--variants`, all six by default):
                        variant it shows what packing buys. Meant with `--mixed` (pairs of very
                        different lengths: each pair's row target drawn log-uniformly in
                        [tokens/8, tokens], seeded), where short pairs share a row
+  mmalign:ref-model:tower-twice  (by name only, with --freeze-vision) the reference runs its own vision
+                       tower forward; without the suffix, it runs only its projector over the policy's
+                       frozen tower output of the same batch (stages/dpo.py tower_handoff, the stage's way)
+`--freeze-vision`: both sides freeze the same vision tower (adapters.prepare, stages.dpo's default
+freezeVisionTower: true and the paper's setting: the projector and the language model trained);
+without it (the default here) both train every weight.
 The mmalign step is the stage's micro_batch_loss + train_step without DeepSpeed (TRL runs without it
 too): SequenceLogps (vision once per pair, chunked LM head) -> losses.DpoLoss("mm-dpo", β) -> backward ->
 clip -> AdamW. Collation is outside the timed step on both sides (the Trainer prefetches batches before
@@ -26,7 +32,9 @@ clip -> AdamW. Collation is outside the timed step on both sides (the Trainer pr
 Timing: `--rounds` rounds; each round builds every variant fresh (same seed, same weights), runs
 `--warmup` untimed + `--steps` timed steps, and frees it; the variant order flips every round so slow
 drift (another process on the machine) hits all variants alike. Reported: median s/step over all
-timed steps, pairs/s, ratio to each TRL variant, peak memory of the lowest round (CUDA:
+timed steps, pairs/s, tokens/s (the pairs' unpadded tokens), MFU (bench/flops.py: the plain step's FLOPs
+counted once by torch's FlopCounterMode, over the matmul peak measured in the run), ratio to each TRL
+variant, peak memory of the lowest round (CUDA:
 max_memory_allocated; CPU: peak RSS above the RSS before the variant was built, sampled every 10 ms, which
 counts allocator caching too: only roughly comparable).
 TRL is imported lazily inside `trl_steps`, so tests/unit/test_bench_dpo.py runs the mmalign side without it.
@@ -53,13 +61,16 @@ from typing import Any
 
 import torch
 
+from bench import flops
 from bench.words import random_text
-from mmalign.trainer import collate, losses, models, prefix, tiny
+from mmalign.trainer import adapters, collate, losses, models, prefix, tiny
+from mmalign.trainer.stages import dpo as dpo_stage
 from mmalign.trainer.stages.dpo import SequenceLogps
 
 VARIANTS = ("trl:ref-model", "trl:precomputed", "mmalign:ref-model", "mmalign:precomputed",
             "mmalign:ref-model:unshared", "mmalign:precomputed:unshared")
 PACKED_VARIANTS = ("mmalign:ref-model:packed", "mmalign:precomputed:packed")  # asked for by name only
+TOWER_VARIANTS = ("mmalign:ref-model:tower-twice",)  # by name only; with --freeze-vision
 
 
 @dataclasses.dataclass
@@ -76,6 +87,16 @@ class BenchConfig:
     beta: float = 0.1
     seed: int = 0
     mixed: bool = False  # pairs of very different lengths: row target log-uniform in [tokens/8, tokens]
+    image_side: int = 0  # image width = height in pixels; 0: the preset's (448 px = 256 tokens at 0.5b)
+    freeze_vision: bool = False  # both sides: the vision tower frozen, its projector trained (adapters.py)
+
+    @property
+    def side(self) -> int:
+        return self.image_side or tiny.SIZES[self.model].image
+
+    @property
+    def image_tokens(self) -> int:  # one per 2x2 merged patch
+        return (self.side // tiny.SIZES[self.model].patch // 2) ** 2 if self.data == "image" else 0
 
     @property
     def uri(self) -> str:
@@ -103,8 +124,7 @@ def make_examples(cfg: BenchConfig, processor: Any) -> list[collate.Example]:
     def text(count: int) -> str:
         return random_text(tokenizer, rng, count)
 
-    side = tiny.SIZES[cfg.model].image
-    image_tokens = (side // tiny.SIZES[cfg.model].patch // 2) ** 2 if cfg.data == "image" else 0
+    side, image_tokens = cfg.side, cfg.image_tokens
     response = max(4, cfg.tokens // 2)
     prompt = max(4, cfg.tokens - response - image_tokens - 12)  # 12: chat markers and end of turn
     examples = []
@@ -183,21 +203,43 @@ def peak_memory(cfg: BenchConfig, out: dict[str, float]) -> Iterator[None]:
 
 def _load(cfg: BenchConfig) -> tuple[Any, Any]:  # (PreTrainedModel, processor)
     model, processor = models.load_model(cfg.uri, seed=cfg.seed)  # the builtin's HF folder: float32, eval mode
-    return model.to(cfg.device), processor
+    return model.to(cfg.device), _sized(cfg, processor)
+
+
+def _sized(cfg: BenchConfig, processor: Any) -> Any:
+    """The processor with its image size set to `cfg.side` (Qwen2-VL's processor resizes every image to
+    its pixel bounds, the builtins' to the preset's side), for both TRL and mmalign."""
+    if cfg.data == "image" and cfg.image_side:
+        pixels = cfg.side * cfg.side
+        processor.image_processor.size = {"shortest_edge": pixels, "longest_edge": pixels}
+    return processor
 
 
 # ------------------------------------------------------------------------------------ mmalign side
 
 
-def mmalign_steps(cfg: BenchConfig, reference: str, steps: int,
-                  prefix_sharing: bool = True, packing: bool = False) -> tuple[list[float], list[float]]:
+def _frozen_tower(cfg: BenchConfig, model: Any) -> Any:
+    """`model` with its vision tower frozen as stages.dpo's freezeVisionTower does, under --freeze-vision."""
+    adapters.prepare(model, freeze_vision_tower=cfg.freeze_vision, lora=None, seed=cfg.seed, field="bench")
+    return model
+
+
+def policy_and_batch(cfg: BenchConfig, prefix_sharing: bool = True,
+                     packing: bool = False) -> tuple[Any, SequenceLogps, collate.Batch]:
+    """The policy model (its tower frozen under --freeze-vision), its SequenceLogps and the step's pairs."""
+    model, processor = _load(cfg)
+    model = _frozen_tower(cfg, model)
+    collator = collate.Collator(processor, max_length=4 * cfg.tokens, device=cfg.device)
+    return model, SequenceLogps(model, prefix_sharing, packing), collator.pairs(make_examples(cfg, processor))
+
+
+def mmalign_steps(cfg: BenchConfig, reference: str, steps: int, prefix_sharing: bool = True,
+                  packing: bool = False, tower_handoff: bool = True) -> tuple[list[float], list[float]]:
     """(seconds per step, loss per step) of mmalign's DPO step; reference: "precomputed" | "model";
     `prefix_sharing`: stages.dpo.prefixSharing, `packing`: stages.dpo.packing (policy, reference model
-    and pre-pass alike)."""
-    model, processor = _load(cfg)
-    policy = SequenceLogps(model, prefix_sharing, packing)
-    collator = collate.Collator(processor, max_length=4 * cfg.tokens, device=cfg.device)
-    batch = collator.pairs(make_examples(cfg, processor))
+    and pre-pass alike); `tower_handoff`: with a reference model and a frozen tower, the reference runs
+    only its projector over the policy's tower output (stages/dpo.py tower_handoff, the stage's way)."""
+    model, policy, batch = policy_and_batch(cfg, prefix_sharing, packing)
     loss_fn = losses.DpoLoss("mm-dpo", beta=cfg.beta)  # fixed β: the same loss TRL's "sigmoid" is
     frozen: SequenceLogps | None = None
     if reference == "precomputed":
@@ -208,8 +250,12 @@ def mmalign_steps(cfg: BenchConfig, reference: str, steps: int,
         reference_chosen, reference_rejected = batch.split(table)
     else:
         frozen = SequenceLogps(_load(cfg)[0].requires_grad_(False), prefix_sharing, packing)
+        if tower_handoff and cfg.data == "image":
+            handoff, _why = dpo_stage.tower_handoff(model, frozen.model)
+            policy.handoff = frozen.handoff = handoff
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=cfg.device == "cuda")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0, fused=True)  # as the stage's engine
     times, losses_seen = [], []
     for _ in range(steps):
         _sync(cfg)
@@ -224,7 +270,7 @@ def mmalign_steps(cfg: BenchConfig, reference: str, steps: int,
                                   reference_chosen=reference_chosen, reference_rejected=reference_rejected)
         loss, _metrics = loss_fn(inputs)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(cfg)
@@ -246,6 +292,7 @@ def trl_steps(cfg: BenchConfig, reference: str, steps: int) -> tuple[list[float]
     datasets.disable_progress_bars()
 
     model, processor = _load(cfg)
+    model = _frozen_tower(cfg, model)  # the Trainer's optimizer takes the parameters that require grad
     rows = trl_rows(make_examples(cfg, processor), processor)
     times: list[float] = []
     losses_seen: list[float] = []
@@ -269,7 +316,7 @@ def trl_steps(cfg: BenchConfig, reference: str, steps: int) -> tuple[list[float]
             output_dir=output_dir, per_device_train_batch_size=cfg.pairs, gradient_accumulation_steps=1,
             max_steps=steps, learning_rate=cfg.lr, weight_decay=0.0, lr_scheduler_type="constant",
             warmup_steps=0, max_grad_norm=1.0, beta=cfg.beta, loss_type=["sigmoid"],
-            optim="adamw_torch_fused" if cfg.device == "cuda" else "adamw_torch",
+            optim="adamw_torch_fused",  # transformers' default for torch >= 2.8, on CPU too
             bf16=cfg.device == "cuda", use_cpu=cfg.device == "cpu",
             gradient_checkpointing=False,  # TRL's default is True; mmalign's step has none here either
             precompute_ref_log_probs=reference == "precomputed", max_length=None,
@@ -299,7 +346,8 @@ def run_variant(cfg: BenchConfig, variant: str) -> dict[str, Any]:
         else:
             times, losses_seen = mmalign_steps(cfg, reference, cfg.warmup + cfg.steps,
                                                prefix_sharing="unshared" not in options,
-                                               packing="packed" in options)
+                                               packing="packed" in options,
+                                               tower_handoff="tower-twice" not in options)
     return {"times": times[cfg.warmup:], "losses": losses_seen, **memory}
 
 
@@ -309,6 +357,9 @@ def run_bench(cfg: BenchConfig, variants: list[str]) -> dict[str, Any]:
         import datasets  # noqa: F401
         import trl  # noqa: F401
     load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None  # others' work skews timings
+    # the plain step's FLOPs and the device's matmul peak, once, before any variant (bench/flops.py)
+    counted, peak = flops.plain_step_flops(cfg), flops.matmul_peak(cfg.device)
+    shape = batch_shape(cfg)
     results: dict[str, dict[str, Any]] = {v: {"times": [], "peaks_gib": []} for v in variants}
     for round_index in range(cfg.rounds):
         for variant in variants if round_index % 2 == 0 else variants[::-1]:
@@ -333,11 +384,20 @@ def run_bench(cfg: BenchConfig, variants: list[str]) -> dict[str, Any]:
             row["peak_gib"] = min(row["peaks_gib"])
             row["s_per_step"] = statistics.median(row["times"])
             row["pairs_per_s"] = cfg.pairs / row["s_per_step"]
+            row["tokens_per_s"] = shape["real_tokens"] / row["s_per_step"]  # the pairs' unpadded tokens
+    for variant, row in results.items():
+        if "s_per_step" in row:
+            work = flops.step_flops(counted, "model" if ":ref-model" in variant else "precomputed")
+            row["step_tflops"] = work / 1e12
+            row["mfu"] = work / (row["s_per_step"] * peak)
     for variant, row in results.items():
         unshared = results.get(f"{variant}:unshared", {})
         if "s_per_step" in row and "s_per_step" in unshared:  # what prefix sharing alone buys
             row["speedup_vs_unshared"] = unshared["s_per_step"] / row["s_per_step"]
             row["memory_vs_unshared"] = row["peak_gib"] / max(unshared["peak_gib"], 1e-9)
+        twice = results.get(f"{variant}:tower-twice", {})
+        if "s_per_step" in row and "s_per_step" in twice:  # what the reference's tower handoff buys
+            row["speedup_vs_tower_twice"] = twice["s_per_step"] / row["s_per_step"]
         shared = results.get(variant.removesuffix(":packed"), {}) if variant.endswith(":packed") else {}
         if "s_per_step" in row and "s_per_step" in shared:  # what packing adds to prefix sharing
             row["speedup_vs_shared"] = shared["s_per_step"] / row["s_per_step"]
@@ -346,7 +406,8 @@ def run_bench(cfg: BenchConfig, variants: list[str]) -> dict[str, Any]:
             if "s_per_step" in row and "s_per_step" in results.get(baseline, {}):
                 row[f"speedup_vs_{baseline}"] = results[baseline]["s_per_step"] / row["s_per_step"]
                 row[f"memory_vs_{baseline}"] = row["peak_gib"] / max(results[baseline]["peak_gib"], 1e-9)
-    return {"config": dataclasses.asdict(cfg), "uri": cfg.uri, "batch": batch_shape(cfg),
+    return {"config": dataclasses.asdict(cfg), "uri": cfg.uri, "batch": shape,
+            "flops": {"plain_step": counted, "matmul_peak_tflops": peak / 1e12, "counted": "bench/flops.py"},
             "environment": {**_environment(cfg), "load_average_start": load_at_start,
                             "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
             "variants": results}
@@ -355,7 +416,7 @@ def run_bench(cfg: BenchConfig, variants: list[str]) -> dict[str, Any]:
 def batch_shape(cfg: BenchConfig) -> dict[str, int]:
     """What one step trains on, as mmalign collates it (TRL's rows carry one more EOS token per response
     for text data)."""
-    processor = tiny.build_processor("qwen2-vl" if cfg.data == "image" else "text", size=cfg.model)
+    processor = _sized(cfg, tiny.build_processor("qwen2-vl" if cfg.data == "image" else "text", size=cfg.model))
     batch = collate.Collator(processor, max_length=4 * cfg.tokens).pairs(make_examples(cfg, processor))
     shared, packed = prefix.share(batch), prefix.share(batch, pack=True)
     # *_computed_tokens: what the language model runs over, padding included (rows x row width)
@@ -387,18 +448,21 @@ def main(argv: list[str] | None = None) -> int:
     defaults = BenchConfig()
     parser.add_argument("--model", choices=sorted(tiny.SIZES), default=defaults.model)
     parser.add_argument("--data", choices=("image", "text"), default=defaults.data)
-    for name in ("pairs", "tokens", "steps", "warmup", "rounds", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    for name in ("pairs", "tokens", "steps", "warmup", "rounds", "seed", "image_side"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device)
     parser.add_argument("--mixed", action="store_true", help="pairs of very different lengths (log-uniform "
                         "row targets in [tokens/8, tokens]): what packing is for")
+    parser.add_argument("--freeze-vision", action="store_true", help="both sides: the vision tower frozen, "
+                        "its projector trained (stages.dpo freezeVisionTower, the paper's setting)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " +
-                        ", ".join(VARIANTS + PACKED_VARIANTS))
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+                        ", ".join(VARIANTS + PACKED_VARIANTS + TOWER_VARIANTS))
+    parser.add_argument("--out", type=Path,
+                        help="write the results as JSON here, and their PNG beside it (bench/dpo_plot.py)")
     options = vars(parser.parse_args(argv))
     variants, out = options.pop("variants").split(","), options.pop("out")
-    known = VARIANTS + PACKED_VARIANTS
+    known = VARIANTS + PACKED_VARIANTS + TOWER_VARIANTS
     unknown = sorted(set(variants) - set(known))
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
@@ -410,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
+        from bench.dpo_plot import plot
+
+        png = plot(report, out)
+        print(f"wrote {out}" + (f" and {png}" if png else ""))
     return 0
 
 

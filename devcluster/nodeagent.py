@@ -147,16 +147,24 @@ class NodeAgent:
                     self.api.merge_patch(f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}",
                                          {"spec": {"renewTime": nodes.micro_time()}})
                     if time.monotonic() - last_status > 60:
-                        # Heartbeat only: conditions merge by type, lastTransitionTime stays.
-                        beat = nodes.micro_time().split(".")[0] + "Z"
-                        conditions = [{"type": c, "lastHeartbeatTime": beat}
-                                      for c in ("MemoryPressure", "DiskPressure", "PIDPressure", "Ready")]
-                        self.api.strategic_patch(f"/api/v1/nodes/{name}/status",
-                                                 {"status": {"conditions": conditions}})
+                        self._post_conditions(name)
                 except Exception as err:  # noqa: BLE001 - keep beating
                     log.warning("heartbeat %s: %s", name, err)
             if time.monotonic() - last_status > 60:
                 last_status = time.monotonic()
+
+    def _post_conditions(self, name: str) -> None:
+        """The kubelet's status heartbeat: every condition's whole value (Ready True ...), not only its time.
+        After missed heartbeats (an API server too slow to answer for 40 s) the node lifecycle controller
+        sets them Unknown and taints the node unreachable; only a Ready=True posted again lifts that.
+        Conditions merge by type; lastTransitionTime moves only for a condition whose status flips."""
+        current = {c["type"]: c.get("status") for c in
+                   (self.api.get(f"/api/v1/nodes/{name}").get("status") or {}).get("conditions") or []}
+        conditions = [
+            {k: v for k, v in c.items() if k != "lastTransitionTime" or current.get(c["type"]) != c["status"]}
+            for c in nodes.node_status(name, {}, 0, "")["conditions"]
+        ]
+        self.api.strategic_patch(f"/api/v1/nodes/{name}/status", {"status": {"conditions": conditions}})
 
     # ------------------------------------------------------------ the loop
 
@@ -188,7 +196,10 @@ class NodeAgent:
         # second pod would see an empty node and land beside the first.
         in_flight = [(p, self.bound[p["metadata"]["uid"]][1]) for p in pending
                      if now - self.bound.get(p["metadata"]["uid"], (0.0, ""))[0] <= 10]
+        # A pod with scheduling gates (Kueue's until it admits the pod's workload) waits, as kube-scheduler
+        # keeps it out of its queue: the API server refuses to bind it anyway.
         pending = [p for p in pending if not p["metadata"].get("deletionTimestamp")
+                   and not p["spec"].get("schedulingGates")
                    and p["spec"].get("schedulerName", "default-scheduler") == "default-scheduler"
                    and p["status"].get("phase", "Pending") == "Pending"
                    and now - self.bound.get(p["metadata"]["uid"], (0.0, ""))[0] > 10]

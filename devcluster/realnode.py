@@ -5,6 +5,8 @@ kube-proxy and CoreDNS, with the whole cluster inside a network namespace of its
       mmdev1 10.213.0.2/30  <- veth ->  mmdev0 10.213.0.1/30  (host side: the user's shell reaches
                                                                  the API server and S3 at 10.213.0.2)
       mmdev-br0 10.214.0.1/24, pods 10.214.0.2-254
+      registry 10.213.0.2:5000 (plain http): buildah pushes the project's images there from the host,
+                                containerd pulls `localhost/...` references from it (hosts.toml)
 
 The host's own interfaces, routes and firewall are never touched: the only host-side object is the
 veth end `mmdev0` (and the connected route the kernel adds for its /30); kube-proxy's nftables rules
@@ -36,6 +38,12 @@ HOST_IP, NS_IP = "10.213.0.1", "10.213.0.2"  # a /30 for the veth pair
 POD_CIDR, BRIDGE, BRIDGE_IP = "10.214.0.0/24", "mmdev-br0", "10.214.0.1"
 NODE_NAME = "mmalign-node"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10.2"
+# The node's image registry. Images keep their `localhost/<name>:<tag>` names (the tag is a content key):
+# containerd's hosts.toml sends every pull of registry host `localhost` to this address, where buildah
+# pushed them. One real node per machine, so a fixed port inside its namespace collides with nothing.
+IMAGE_HOST = "localhost"
+REGISTRY_PORT = 5000
+REGISTRY = f"{NS_IP}:{REGISTRY_PORT}"
 CLUSTER_DOMAIN = "cluster.local"
 
 # The fixed paths a real node uses outside any state folder: `cleanup` empties and removes each.
@@ -54,7 +62,7 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_NAMES = ("kubepods", "k8s.io")
 CNI_BIN = Path("/usr/lib/cni")
 
-NODE_COMPONENTS = ("containerd", "kubelet", "kube-scheduler", "kube-proxy", "coredns")
+NODE_COMPONENTS = ("registry", "containerd", "kubelet", "kube-scheduler", "kube-proxy", "coredns")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,17 @@ class NodeLayout:
     @property
     def socket(self) -> Path:
         return CONTAINERD_STATE / "containerd.sock"
+
+    @property
+    def registry_root(self) -> Path:
+        """The registry's blobs, beside containerd's content in the cache: a pushed layer survives
+        `dev down`, so the next push of an image sends only the layers that changed."""
+        return self.containerd_root.parent / "registry"
+
+    @property
+    def hosts_dir(self) -> Path:
+        """containerd's registry host folder (`<host>/hosts.toml`), for the CRI and `ctr images pull`."""
+        return self.folder / "certs.d"
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -107,6 +126,10 @@ state = "{CONTAINERD_STATE}"
 
 [plugins."io.containerd.cri.v1.images".pinned_images]
   sandbox = "{PAUSE_IMAGE}"
+
+[plugins."io.containerd.cri.v1.images".registry]
+  # hosts.toml per registry host: `localhost/...` images come from the node's registry (registry_hosts).
+  config_path = "{layout.hosts_dir}"
 
 [plugins."io.containerd.cri.v1.runtime"]
   # This VM lacks CAP_SYS_RESOURCE: without it every sandbox fails with "runc create failed: ...
@@ -225,6 +248,48 @@ def corefile(kubeconfig: Path) -> str:
 """
 
 
+def registry_config(layout: NodeLayout) -> dict[str, object]:
+    """distribution's config: filesystem storage in the cache, plain http on the namespace's veth address
+    (the host's buildah and the namespace's containerd both reach it there), no debug port."""
+    return {
+        "version": 0.1,
+        "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "storage": {
+            "filesystem": {"rootdirectory": str(layout.registry_root)},
+            "delete": {"enabled": True},
+            # Uploads cut off by a stopped cluster are left for the next push to restart, not purged.
+            "maintenance": {"uploadpurging": {"enabled": False}},
+        },
+        "http": {"addr": REGISTRY},
+    }
+
+
+def registry_hosts() -> str:
+    """containerd's hosts.toml for registry host `localhost`: pull and resolve from the node's registry."""
+    return f"""server = "http://{REGISTRY}"
+
+[host."http://{REGISTRY}"]
+  capabilities = ["pull", "resolve"]
+"""
+
+
+def no_proxy_env(environ: dict[str, str]) -> dict[str, str]:
+    """NO_PROXY/no_proxy with the namespace's address added: buildah and containerd honour a shell's
+    HTTP(S)_PROXY, which would send the registry's traffic to a proxy that cannot reach the namespace."""
+    have = environ.get("NO_PROXY") or environ.get("no_proxy") or ""
+    value = ",".join(part for part in (have, NS_IP) if part)
+    return {"NO_PROXY": value, "no_proxy": value}
+
+
+def registry_reference(image: str) -> str:
+    """`localhost/mmalign:tag` -> `10.213.0.2:5000/mmalign:tag`, where buildah pushes what containerd
+    pulls as the first name."""
+    host, sep, path = image.partition("/")
+    if host != IMAGE_HOST or not sep:
+        raise ValueError(f"{image!r}: the node's registry serves images named {IMAGE_HOST}/<name>:<tag>")
+    return f"{REGISTRY}/{path}"
+
+
 def kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> dict[str, object]:
     return {
         "apiVersion": "v1",
@@ -267,6 +332,7 @@ def commands(layout: NodeLayout, admin_kubeconfig: Path) -> dict[str, list[str]]
     """argv of every node component, in start order (containerd before the kubelet that calls it)."""
     f = layout.path
     return {
+        "registry": [layout.bin("registry"), "serve", str(f("registry.yaml"))],
         "containerd": [layout.bin("containerd"), f"--config={f('containerd.toml')}", "--log-level=warn"],
         "kubelet": [
             layout.bin("kubelet"),
@@ -353,6 +419,10 @@ def write_configs(layout: NodeLayout, apiserver: str) -> None:
     for key in layout.pki.glob("*.key"):
         key.chmod(0o600)
     (folder / "containerd.toml").write_text(containerd_config(layout))
+    (layout.hosts_dir / IMAGE_HOST).mkdir(parents=True, exist_ok=True)
+    (layout.hosts_dir / IMAGE_HOST / "hosts.toml").write_text(registry_hosts())
+    (folder / "registry.yaml").write_text(yaml.safe_dump(registry_config(layout)))
+    layout.registry_root.mkdir(parents=True, exist_ok=True)
     (folder / "cni" / "10-mmalign.conflist").write_text(json.dumps(cni_config(), indent=2))
     (folder / "kubelet.yaml").write_text(yaml.safe_dump(kubelet_config(layout)))
     (folder / "resolv.conf").write_text(f"nameserver {NS_IP}\n")

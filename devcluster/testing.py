@@ -65,12 +65,13 @@ def is_real_node(dev: cluster.DevCluster) -> bool:
 
 def node_image(dev: cluster.DevCluster, target: str = "operator", image: str | None = None) -> str:
     """The project's image (Dockerfile `target`, built for the current source, or `image` when given: one
-    built before) in the real node's containerd; pods give it with imagePullPolicy IfNotPresent or Never."""
+    built before) in the node's registry and the real node's containerd; pods give it with any
+    imagePullPolicy (Always and IfNotPresent pull from that registry, see realnode.REGISTRY)."""
     from mmalign.devcluster import images
 
     repo = Path(__file__).resolve().parents[1]
     image = image or images.project_image(repo, target=target)
-    images.ensure_imported(dev.node_layout, image)
+    images.ensure_pulled(dev.node_layout, image)
     return image
 
 

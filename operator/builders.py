@@ -335,16 +335,24 @@ def build_gang(
     return [build_pod(job, stage, attempt, node, options) for node in range(job.spec.stage_resources(stage).nodes)]
 
 
-def build_pod_group(job: JobRef, stage: StageName, attempt: int) -> dict[str, Any] | None:
-    """The gang's PodGroup for runPolicy.gangScheduling's scheduler (volcano, coscheduling), else None."""
+def build_pod_group(
+    job: JobRef, stage: StageName, attempt: int, options: BuildOptions = BuildOptions()
+) -> dict[str, Any] | None:
+    """The gang's PodGroup for runPolicy.gangScheduling's scheduler (volcano, coscheduling), else None;
+    its minResources are what the gang's pods request (node 0's pod times the nodes: they differ only
+    in rank and name)."""
+    if gang.pod_group_kind(job.spec.run_policy.gang_scheduling) is None:
+        return None
     metadata = _metadata(job, pod_group_name(job.name, stage, attempt), stage_labels(job, stage, attempt))
-    return gang.pod_group(job.spec.run_policy.gang_scheduling, metadata, job.spec.stage_resources(stage).nodes)
+    nodes = job.spec.stage_resources(stage).nodes
+    resources = gang.min_resources(build_pod(job, stage, attempt, 0, options)["spec"], nodes)
+    return gang.pod_group(job.spec.run_policy.gang_scheduling, metadata, nodes, resources)
 
 
 def build_attempt(
     job: JobRef, stage: StageName, attempt: int, options: BuildOptions = BuildOptions()
 ) -> list[dict[str, Any]]:
     """Everything one attempt needs, in apply order: Service, ConfigMap, the PodGroup (if any), the pods."""
-    group = build_pod_group(job, stage, attempt)
+    group = build_pod_group(job, stage, attempt, options)
     return [build_service(job), build_config_map(job), *([group] if group else []),
             *build_gang(job, stage, attempt, options)]

@@ -343,7 +343,7 @@ class JobController:
     async def _create_gang(self, job: JobRef, stage: StageName, attempt: int) -> CreateFailure | None:
         # Service, ConfigMap and the gang scheduler's PodGroup first (the pods mount one, resolve through
         # another, and are placed as the third says), then every pod of the gang at once.
-        group = build_pod_group(job, stage, attempt)
+        group = build_pod_group(job, stage, attempt, self.settings.build)
         children = [build_service(job), build_config_map(job), *([group] if group else [])]
         pods = build_gang(job, stage, attempt, self.settings.build)
         for batch in (children, pods):

@@ -58,7 +58,7 @@ class Kube:
         self._pool = ThreadPoolExecutor(PARALLEL_CALLS, thread_name_prefix="kube")
 
     async def _call(self, verb: str, resource: str, function: Callable[..., T], *args: Any,
-                    missing_ok: bool = False, **kwargs: Any) -> T | None:
+                    missing_ok: bool = False, exists_ok: bool = False, **kwargs: Any) -> T | None:
         async with self._limit:
             try:
                 call: Callable[[], Any] = functools.partial(function, *args, **kwargs)
@@ -67,7 +67,7 @@ class Kube:
                 result: T | None = await asyncio.get_running_loop().run_in_executor(self._pool, call)
                 return result
             except ApiException as error:
-                if missing_ok and error.status == 404:
+                if (missing_ok and error.status == 404) or (exists_ok and error.status == 409):
                     return None
                 metrics.API_ERRORS.labels(verb=verb, resource=resource, code=str(error.status)).inc()
                 raise
@@ -85,7 +85,8 @@ class Kube:
     # ------------------------------------------------------------------------------ apply
 
     async def apply(self, body: dict[str, Any]) -> None:
-        """Server-side apply (force: this operator owns these fields): a retry never 409s or duplicates."""
+        """Server-side apply (force: this operator owns these fields): a retry never 409s or duplicates.
+        Pods are created instead (see below)."""
         kind, name, namespace = body["kind"], body["metadata"]["name"], body["metadata"]["namespace"]
         if "/" in body["apiVersion"]:  # a custom resource: a gang scheduler's PodGroup (operator/gang.py)
             group, version = body["apiVersion"].split("/")
@@ -94,8 +95,15 @@ class Kube:
                              plural, name, body, field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
                              _preload_content=False)
             return
+        if kind == "Pod":
+            # Created, never re-applied: a retry after a partly created gang leaves the pods already there
+            # as they are. Re-applying one would strip what admission added to it under this field
+            # manager (Kueue's scheduling gate, its finalizer), and a pod's spec of one attempt never
+            # changes anyway. AlreadyExists (409) is the retry's success.
+            await self._call("create", "pods", self.core.create_namespaced_pod, namespace, body,
+                             exists_ok=True, field_manager=FIELD_MANAGER, _preload_content=False)
+            return
         function = {
-            "Pod": self.core.patch_namespaced_pod,
             "Service": self.core.patch_namespaced_service,
             "ConfigMap": self.core.patch_namespaced_config_map,
         }[kind]
@@ -135,7 +143,7 @@ class Kube:
     # ------------------------------------------------------------------------------ delete
 
     async def delete_pods(self, namespace: str, names: Iterable[str], grace_seconds: int | None = None) -> None:
-        options = {} if grace_seconds is None else {"grace_period_seconds": grace_seconds}
+        options: dict[str, Any] = {} if grace_seconds is None else {"grace_period_seconds": grace_seconds}
         await self.gather(
             self._call("delete", "pods", self.core.delete_namespaced_pod, name, namespace, missing_ok=True,
                        propagation_policy="Background", _preload_content=False, **options)

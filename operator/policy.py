@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from mmalign.api import conditions
 from mmalign.api.exit_codes import ExitCode
-from mmalign.api.keys import LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
+from mmalign.api.keys import KUEUE_POD_GROUP, LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
 from mmalign.api.spec import RunPolicy
 from mmalign.api.status import PendingPod
 from mmalign.operator.builders import CONTAINER as TRAINER_CONTAINER
@@ -43,6 +43,12 @@ FINISHED_PHASES = (SUCCEEDED, FAILED)
 _DISRUPTION_REASONS = {"Evicted", "Preempting", "Preempted", "DeletionByTaintManager", "NodeLost",
                        "Terminated", "Shutdown", "NodeShutdown", "UnexpectedAdmissionError"}
 _PLAIN_EXIT_REASONS = ("Error", "Completed")
+# The pod conditions that say something outside the trainer ended the pod: Kubernetes' DisruptionTarget
+# (eviction, preemption, taint manager), and Kueue's TerminationTarget, which its pod integration sets on
+# the pods of a workload it evicts (preempted by a higher priority, deactivated, ...) before deleting them,
+# reason `WorkloadEvictedDueTo<reason>` (sigs.k8s.io/kueue pkg/controller/jobs/pod, Stop).
+DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"  # on a pod until Kueue admits its Workload
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
             message = message or terminated.get("message") or ""
             finished_at = _time(terminated.get("finishedAt"))
     pod_conditions = status.get("conditions") or []
-    target = next((c for c in pod_conditions if c.get("type") == "DisruptionTarget" and c.get("status") == "True"),
+    target = next((c for c in pod_conditions if c.get("type") in DISRUPTION_CONDITIONS and c.get("status") == "True"),
                   None)
     disrupted = target is not None
     if target is not None:  # who disrupted it says more than the exit of a SIGTERMed container
@@ -103,6 +109,11 @@ def observe_pod(pod: Mapping[str, Any]) -> PodView:
     for condition in pod_conditions:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             waiting = f"{condition.get('reason') or 'Unschedulable'}: {condition.get('message') or ''}".rstrip(": ")
+    gates = [gate.get("name") for gate in (pod.get("spec") or {}).get("schedulingGates") or []]
+    if KUEUE_ADMISSION_GATE in gates:  # the API server's message says only "non-empty scheduling gates"
+        group = labels.get(KUEUE_POD_GROUP, "")
+        waiting = (f"SchedulingGated: waiting for Kueue to admit the gang's Workload {group} (`kubectl describe "
+                   f"workload {group}`: its QuotaReserved condition says why, e.g. insufficient unused quota)")
     for container in status.get("containerStatuses") or []:
         state = (container.get("state") or {}).get("waiting") or {}
         if state.get("reason") and state.get("reason") != "ContainerCreating":

@@ -11,7 +11,8 @@ seeded pixel noise so no two images are equal) and a question about its colour, 
 `short` ("What colour is the image?"), `long` ("Describe the image."), `mcq` (four lettered choices),
 32 queries each; every colour appears in every category.
 Each query has 3 pairs: the chosen response names the image's colour, each rejected one names a wrong
-colour; both carry short critiques. Every colour name is chosen for some images and rejected for
+colour; both carry the same annotated critique, what the image shows and no verdict ("The image is
+red.", mcq: "The image is red: B."). Every colour name is chosen for some images and rejected for
 others, so the preference cannot be learned from the text alone: it depends on the image.
 288 pairs in the `dpo_pairs` layout, images under `<category>/<query>.png`; generated once into a cache
 folder (`$MMALIGN_CACHE`, default ~/.cache/mmalign) and read like any JSONL file.
@@ -51,7 +52,7 @@ MODELS = {  # name -> (architecture, size preset in tiny.SIZES)
     "random-text-0.5b": ("text", "0.5b"),
 }
 DATASETS = ("synthetic-colors", "synthetic-shapes", "synthetic-shapes-ranked")
-_DATASET_VERSION = "v2"  # bump when the generator changes: the cache folder name includes it
+_DATASET_VERSION = "v3"  # bump when the generator changes: the cache folder name includes it
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -137,12 +138,22 @@ def _rows(seed: int = 0) -> list[tuple[dict[str, Any], str, tuple[int, int, int]
                     "prompt": prompt,
                     "chosen": chosen,
                     "rejected": rejected,
-                    "chosen_reason": f"Correct: the image is {colour}.",
-                    "rejected_reason": f"Wrong: the image is {colour}, not {other}.",
+                    "chosen_reason": _critique(category, colour, chosen),
+                    "rejected_reason": _critique(category, colour, chosen),
                 }
                 out.append((row, path, COLOURS[colour]))
             query += 1
     return out
+
+
+def _critique(category: str, colour: str, right_answer: str) -> str:
+    """The annotated critique of either response: what the image shows (for mcq, which choice that
+    is), with no verdict. The same text for chosen and rejected, so the score head cannot read the
+    label from a teacher-forced critique: it has to compare the critique with the response, which is
+    what it does at inference on a critique it generated (docs/paper.md, "The demo's reward model")."""
+    if category == "mcq":
+        return f"The image is {colour}: {right_answer.removeprefix('Answer: ')}."
+    return f"The image is {colour}."
 
 
 def _texts(category: str, colour: str, other: str, rng: random.Random) -> tuple[str, str, str]:

@@ -11,8 +11,17 @@ the names are mmalign.api.layout's):
 1. `save(step, last=...)` (all ranks, after every optimizer step): the checkpointer owns the schedule
    and does nothing unless a save is due (every `everySteps` steps, and at the last step). When it is,
    DeepSpeed writes this rank's shards to a node-local folder; then the rank uploads them (parallel
-   multipart, checksums verified, transfer.upload_file) and writes its `_done/rank-N.json`. With `async_upload` the upload runs in a background thread, joined before the
-   next save and at `finish()`; training goes on meanwhile.
+   multipart, checksums verified, transfer.upload_file) and writes its `_done/rank-N.json`.
+   With `async_upload` the step waits only for a copy of the rank's states in host memory
+   (engine.snapshot: the states DeepSpeed would write, copied as it hands them over); a background
+   thread then writes the same files into the local folder, uploads them and (rank 0) commits, while
+   training goes on. One save is in flight at most: the next save, `finish()` (the stage's end) and
+   the SIGTERM save join it first, and its failure is raised there (StorageError naming the step).
+   The cost: one host copy of the rank's checkpoint (its optimizer partition and, under ZeRO-0/1/2,
+   the model on rank 0) while the write runs. DeepSpeed's own decoupled checkpoint engine (0.19) was
+   not used: it commits before the next optimizer step, so the loop still waits for the write
+   whenever the write outlasts one forward and backward (runtime/engine.py, `_commit_decoupled_checkpoint`
+   in `step`), and it needs its FastCheckpointEngine writers and a spawned process per rank.
 2. Rank 0 waits until every rank's `_done` object of THIS run (nonce) exists, then writes `latest`
    (step, tag, files with sizes and sha256, world size) and deletes all but the newest `keep_last`
    checkpoints. A failed or partial upload never writes `latest`; the previous checkpoint stays the
@@ -62,10 +71,18 @@ log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(layout.CHECKPOINT_TAG_PATTERN)
 
 
+class WritesLater(Protocol):
+    """A rank's checkpoint files held in memory (engine.Snapshot): `write()` puts them on disk."""
+
+    def write(self) -> None: ...
+
+
 class SavesShards(Protocol):
     """What the checkpointer needs from an engine (engine.Engine has it)."""
 
     def save(self, folder: str, tag: str, client_state: dict[str, Any] | None = None) -> None: ...
+
+    def snapshot(self, folder: str, tag: str, client_state: dict[str, Any] | None = None) -> WritesLater: ...
 
     def load(self, folder: str, tag: str) -> dict[str, Any]: ...
 
@@ -82,8 +99,16 @@ class CheckpointInfo:
 class Checkpointer:
     """Saves and restores one stage's checkpoints under `uri` (see the module docstring)."""
 
-    def __init__(self, uri: str, dist: Distributed, local_root: Path, every_steps: int, keep_last: int,
-                 async_upload: bool, commit_timeout_seconds: float | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        dist: Distributed,
+        local_root: Path,
+        every_steps: int,
+        keep_last: int,
+        async_upload: bool,
+        commit_timeout_seconds: float | None = None,
+    ) -> None:
         self.uri = uri if uri.endswith("/") else uri + "/"
         self.dist = dist
         self.local_root = Path(local_root)
@@ -96,7 +121,7 @@ class Checkpointer:
         # One nonce per run of the gang, agreed by broadcast (see the module docstring).
         self.nonce = dist.broadcast_object(uuid.uuid4().hex)
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._error: tuple[CheckpointInfo, BaseException] | None = None
         self.last_committed: CheckpointInfo | None = None
         # pairs per optimizer step, recorded in the marker (the loop sets it): a resize keeps it
         self.global_batch: int | None = None
@@ -106,33 +131,49 @@ class Checkpointer:
     @classmethod
     def for_stage(cls, spec: Any, job_name: str, stage: str, dist: Distributed) -> Checkpointer:
         c = spec.checkpoint
-        return cls(spec.checkpoint_uri(stage), dist, scratch_root(job_name, stage), c.every_steps,
-                   c.keep_last, c.async_upload)
+        return cls(
+            spec.checkpoint_uri(stage),
+            dist,
+            scratch_root(job_name, stage),
+            c.every_steps,
+            c.keep_last,
+            c.async_upload,
+        )
 
     # ------------------------------------------------------------------------------ save
 
-    def save(self, engine: SavesShards, step: int, client_state: dict[str, Any], last: bool = False,
-             ) -> CheckpointInfo | None:
+    def save(
+        self,
+        engine: SavesShards,
+        step: int,
+        client_state: dict[str, Any],
+        last: bool = False,
+    ) -> CheckpointInfo | None:
         """Called after every optimizer step; saves when one is due (every `every_steps` steps, and at
         the `last` step, so a finished stage always ends on a checkpoint), else returns None. Writes
-        this rank's shards for `step` and uploads them (in the background if async)."""
+        this rank's shards for `step` and uploads them; async: copies the states and returns, the
+        write and upload run in the background (see the module docstring)."""
         if not (last or (step > 0 and step % self.every_steps == 0)):
             return None
-        self.wait()  # the previous upload must finish (and its errors surface) first
+        self.wait()  # the previous save must finish (and its errors surface) first
         started = time.monotonic()
         tag = layout.checkpoint_tag(step)
         rank_folder = self.local_root / "save" / f"rank-{self.dist.rank:05d}"
         shutil.rmtree(rank_folder / tag, ignore_errors=True)
-        engine.save(str(rank_folder), tag, {**client_state, "step": step})
-        torch.save(_rng_state(), rank_folder / tag / layout.rank_rng_name(self.dist.rank))
         info = CheckpointInfo(step, tag, storage.join(self.uri, tag) + "/")
         if self.async_upload:
+            snapshot = engine.snapshot(str(rank_folder), tag, {**client_state, "step": step})
+            rng = _rng_state()  # now: the steps that follow draw from it
             self._thread = threading.Thread(
-                target=self._upload_guarded, args=(rank_folder / tag, info, started), name=f"ckpt-upload-{tag}",
+                target=self._in_background,
+                args=(snapshot, rng, rank_folder / tag, info, started),
+                name=f"ckpt-save-{tag}",
                 daemon=True,
             )
             self._thread.start()
         else:
+            engine.save(str(rank_folder), tag, {**client_state, "step": step})
+            torch.save(_rng_state(), rank_folder / tag / layout.rank_rng_name(self.dist.rank))
             self._upload(rank_folder / tag, info)
             self.dist.barrier()  # every rank's _done object exists: rank 0's commit finds them at once
             if self.dist.is_rank_0:
@@ -141,30 +182,45 @@ class Checkpointer:
         return info
 
     def wait(self) -> None:
-        """Join a background upload; raise its error (StorageError) if it failed."""
+        """Join a background save; raise its error (StorageError) if it failed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
-            error, self._error = self._error, None
-            if isinstance(error, storage.StorageError):
-                raise error
-            raise storage.StorageError(f"checkpoint upload failed: {error}") from error
+            (info, error), self._error = self._error, None
+            marker = (
+                "`latest` names it (pruning the older ones failed)"
+                if self.last_committed == info
+                else "`latest` still names the previous checkpoint"
+            )
+            # the type the synchronous save would have raised (failures.classify reads it): StorageError
+            # (its cause says whether it is permanent), anything else (a full disk, host OOM) a plain error
+            kind = storage.StorageError if isinstance(error, storage.StorageError) else RuntimeError
+            raise kind(
+                f"checkpoint {info.tag} (saved in the background: checkpoint.asyncUpload) failed: "
+                f"{type(error).__name__}: {error}; {marker}"
+            ) from error
 
     def finish(self) -> None:
-        """At the end of the stage: wait for the last upload and commit on every rank."""
+        """At the end of the stage (and on SIGTERM): wait for the last save's write, upload and commit
+        on every rank; raise its error."""
         self.wait()
         self.dist.barrier()
 
-    def _upload_guarded(self, folder: Path, info: CheckpointInfo, started: float) -> None:
+    def _in_background(
+        self, snapshot: WritesLater, rng: dict[str, Any], folder: Path, info: CheckpointInfo, started: float
+    ) -> None:
+        """The async save's thread: write the snapshot's files (freeing its memory), upload, commit."""
         try:
+            snapshot.write()  # frees each file's host copy once it is on disk
+            torch.save(rng, folder / layout.rank_rng_name(self.dist.rank))
             self._upload(folder, info)
             if self.dist.is_rank_0:
                 self._commit(info)
             self.last_save_seconds = time.monotonic() - started
         except BaseException as error:  # noqa: BLE001 - re-raised in the training thread by wait()
-            log.error("checkpoint %s: upload failed: %s", info.tag, error)
-            self._error = error
+            log.error("checkpoint %s: background save failed: %s", info.tag, error)
+            self._error = (info, error)
 
     def _upload(self, folder: Path, info: CheckpointInfo) -> None:
         files = transfer.upload_folder(folder, info.uri)
@@ -212,10 +268,11 @@ class Checkpointer:
         self._prune(info.step)
 
     def _prune(self, latest_step: int) -> None:
-        steps = sorted({int(m.group(1)) for o in storage.list_prefix(self.uri)
-                        if (m := _STEP_DIR.match(o.relative))})
+        steps = sorted(
+            {int(m.group(1)) for o in storage.list_prefix(self.uri) if (m := _STEP_DIR.match(o.relative))}
+        )
         older = [s for s in steps if s <= latest_step]
-        for step in older[:-self.keep_last]:
+        for step in older[: -self.keep_last]:
             storage.delete_prefix(storage.join(self.uri, layout.checkpoint_tag(step)) + "/")
 
     # ------------------------------------------------------------------------------ restore
@@ -246,8 +303,12 @@ class Checkpointer:
             self._download(marker["uri"], files, folder / tag)
         self.dist.barrier()
         if resized:
-            log.warning("checkpoint %s was written by %s ranks, this gang has %d: converting it",
-                        marker["uri"], marker["world_size"], self.dist.world_size)
+            log.warning(
+                "checkpoint %s was written by %s ranks, this gang has %d: converting it",
+                marker["uri"],
+                marker["world_size"],
+                self.dist.world_size,
+            )
             client_state = engine.load_resized(str(folder), tag)
         else:
             client_state = engine.load(str(folder), tag)
@@ -265,8 +326,12 @@ class Checkpointer:
         """The marker's `files` (name, sha256) below `uri` into `folder`, in parallel, each verified."""
         workers = max(1, min(len(files), s3client.settings().concurrency))
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(transfer.download_file, storage.join(uri, f["name"]), folder / f["name"],
-                                   f["sha256"]) for f in files]
+            futures = [
+                pool.submit(
+                    transfer.download_file, storage.join(uri, f["name"]), folder / f["name"], f["sha256"]
+                )
+                for f in files
+            ]
             for future in futures:
                 future.result()
 

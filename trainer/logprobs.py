@@ -12,9 +12,9 @@ token at its plain row's position); the results are the plain path's to float to
 
 The naive way (TRL, the MM-RLHF reference loop) computes `model(...).logits.float()`: R·T·V floats
 (2 rows x 2048 tokens x 152k vocab = 2.5 GB in float32 per pair) and keeps them for backward. Here the
-LM head runs on chunks of `chunk_size` positions; each chunk's logits live only inside a
+LM head runs on chunks of `chunk_size` positions; each chunk's logits but the last live only inside a
 `torch.utils.checkpoint` region, so backward recomputes them chunk by chunk: peak extra memory is
-R·chunk_size·V floats. Only positions whose NEXT token is a response (or critique) token are computed.
+R·chunk_size·V floats (the last chunk's are kept: backward begins with them, see token_logprobs). Only positions whose NEXT token is a response (or critique) token are computed.
 
 Measured on one H100 (torch 2.11, transformers 5.23, bf16, no gradient checkpointing, 2026-11-26), 4 pairs
 with 448x448 images, 10.8k response tokens, vocabulary 151,936, forward+backward of the policy:
@@ -41,9 +41,53 @@ def _backbone(model: Any) -> Any:
     return model.model
 
 
-def encode_vision(model: Any, batch: Batch, repeats: int | None = None) -> dict[str, Any] | None:
+_QWEN_INPUTS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
+
+
+@dataclasses.dataclass
+class TowerHandoff:
+    """The frozen vision tower's output (before the trained projector) of the batch one pass just ran,
+    handed to the next pass over the SAME batch: DPO's reference model runs only its own projector
+    (Qwen2-VL / Qwen2.5-VL's merger) instead of a second tower forward. Valid only when both models'
+    towers hold the same frozen weights (stages.dpo: `tower_handoff`). One-shot: `take` empties it, so
+    a pass never reuses an output across steps (a benchmark re-running one batch would skip its tower)."""
+
+    key: Any = None  # the batch's pixel tensor the states were computed from (identity, kept alive)
+    states: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # kind -> (patches, width)
+
+    def keep(self, batch: Batch, states: dict[str, torch.Tensor]) -> None:
+        self.key, self.states = _pixels(batch), {kind: s.detach() for kind, s in states.items()}
+
+    def take(self, batch: Batch) -> dict[str, torch.Tensor] | None:
+        found = self.states if self.key is not None and self.key is _pixels(batch) else None
+        self.key, self.states = None, {}
+        return found
+
+
+def _pixels(batch: Batch) -> Any:
+    return batch.vision.get("pixel_values", batch.vision.get("pixel_values_videos"))
+
+
+def _qwen_projected(visual: Any, states: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What Qwen2-VL / Qwen2.5-VL's tower forward returns after its blocks: the merger over the blocks'
+    (patches, width) output, Qwen2.5-VL's window order undone, split per image/video (get_*_features)."""
+    merged = visual.merger(states)  # (patches / merge², H)
+    if getattr(visual, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: blocks ran in window order
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                  visual.patch_size)
+        merged = merged[torch.argsort(window_index.to(merged.device))]
+    sizes = (grid.prod(-1) // visual.spatial_merge_size**2).tolist()
+    return tuple(torch.split(merged, sizes))
+
+
+def encode_vision(model: Any, batch: Batch, repeats: int | None = None,
+                  handoff: TowerHandoff | None = None) -> dict[str, Any] | None:
     """Run the vision encoder ONCE per pair; repeat its features for every row of the pair (`repeats`
-    times, default batch.repeats; 1 for a prefix-shared batch, whose image tokens appear once)."""
+    times, default batch.repeats; 1 for a prefix-shared batch, whose image tokens appear once).
+    `handoff` (Qwen families): take the frozen tower's output of this batch from it when another pass
+    left it there (then only the projector runs here), else keep this pass's output in it."""
     if not batch.vision:
         return None
     from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -51,12 +95,18 @@ def encode_vision(model: Any, batch: Batch, repeats: int | None = None) -> dict[
     backbone = _backbone(model)
     outputs: dict[str, Any] = {}  # "image" / "video" -> the encoder's output for the P pairs
     if batch.kind == "qwen":
-        if "pixel_values" in batch.vision:
-            outputs["image"] = backbone.get_image_features(batch.vision["pixel_values"],
-                                                           batch.vision["image_grid_thw"], return_dict=True)
-        if "pixel_values_videos" in batch.vision:  # the model's own video input (collate.py)
-            outputs["video"] = backbone.get_video_features(batch.vision["pixel_values_videos"],
-                                                           batch.vision["video_grid_thw"], return_dict=True)
+        reused = handoff.take(batch) if handoff is not None else None
+        for kind, (pixels, grid) in _QWEN_INPUTS.items():
+            if pixels not in batch.vision:
+                continue
+            if reused is not None:
+                pooled = _qwen_projected(backbone.visual, reused[kind], batch.vision[grid])
+                outputs[kind] = BaseModelOutputWithPooling(pooler_output=pooled)  # type: ignore[arg-type]
+            else:  # the model's own image / video input (collate.py)
+                features = backbone.get_image_features if kind == "image" else backbone.get_video_features
+                outputs[kind] = features(batch.vision[pixels], batch.vision[grid], return_dict=True)
+        if handoff is not None and reused is None:
+            handoff.keep(batch, {kind: out.last_hidden_state for kind, out in outputs.items()})
     else:
         config = model.config
         if "pixel_values" in batch.vision:
@@ -127,13 +177,15 @@ def vision_token_ids(model: Any) -> frozenset[int]:
     return frozenset(int(value) for value in found if value is not None)
 
 
-def forward_hidden(model: Any, batch: Batch, layout: Layout | None = None) -> torch.Tensor:
-    """(R, T, H) last hidden states of every row; the vision tower runs once per pair. With a
-    prefix-sharing `layout`: (N, S, H), the layout's rows (one per pair, or packed pairs: prefix.py)."""
+def forward_hidden(model: Any, batch: Batch, layout: Layout | None = None,
+                   handoff: TowerHandoff | None = None) -> torch.Tensor:
+    """(R, T, H) last hidden states of every row; the vision tower runs once per pair (or not at all:
+    `handoff`, encode_vision). With a prefix-sharing `layout`: (N, S, H), the layout's rows (one per
+    pair, or packed pairs: prefix.py)."""
     if layout is not None:
-        return _forward_shared(model, batch, layout)
+        return _forward_shared(model, batch, layout, handoff)
     kwargs: dict[str, Any] = batch.text_inputs()
-    features = encode_vision(model, batch)
+    features = encode_vision(model, batch, handoff=handoff)
     if features is not None:
         kwargs["mm_encoder_outputs"] = features
         if batch.kind == "qwen":  # 3-D RoPE positions need the grids, repeated per row
@@ -144,7 +196,7 @@ def forward_hidden(model: Any, batch: Batch, layout: Layout | None = None) -> to
     return _backbone(model)(**kwargs).last_hidden_state
 
 
-def _forward_shared(model: Any, batch: Batch, layout: Layout) -> torch.Tensor:
+def _forward_shared(model: Any, batch: Batch, layout: Layout, handoff: TowerHandoff | None) -> torch.Tensor:
     """(N, S, H): one forward of the layout's rows; positions gathered from the plain rows' (so they
     restart per pair in a packed row). Vision features go to the image tokens in row-major order,
     which prefix.share keeps in pair order."""
@@ -153,7 +205,7 @@ def _forward_shared(model: Any, batch: Batch, layout: Layout) -> torch.Tensor:
     mask = _attention_mask(model, layout, backbone.get_input_embeddings().weight.dtype)  # (N, 1, S, S)
     kwargs: dict[str, Any] = {"input_ids": layout.input_ids, "position_ids": positions, "attention_mask": mask,
                               "use_cache": False}
-    features = encode_vision(model, batch, repeats=1)
+    features = encode_vision(model, batch, repeats=1, handoff=handoff)
     if features is not None:
         if layout.packed_order != list(range(layout.pairs)):
             features = _in_packed_order(model, batch, features, layout.packed_order)
@@ -229,10 +281,13 @@ def token_logprobs(model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, ma
         states = hidden[layout.pair_of_row(rows), layout.slot[rows, cols - 1]]  # (N, H)
     targets = input_ids[rows, cols]  # (N,)
     pieces = []
-    for start in range(0, targets.shape[0], chunk_size):
+    starts = range(0, targets.shape[0], chunk_size)
+    for start in starts:
         piece = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and states.requires_grad:
-            # Recompute the (chunk, V) logits in backward instead of keeping them.
+        # Recompute the (chunk, V) logits in backward instead of keeping them; except the last chunk's:
+        # backward starts with it, while every activation is still alive, so its recomputation would
+        # allocate the same logits at the same moment: keeping them saves one LM-head pass at no peak.
+        if torch.is_grad_enabled() and states.requires_grad and start != starts[-1]:
             pieces.append(checkpoint(_chunk_logps, head, states[piece], targets[piece], use_reentrant=False))
         else:
             pieces.append(_chunk_logps(head, states[piece], targets[piece]))
@@ -259,12 +314,13 @@ def naive_sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, mask:
 
 
 def policy_logprobs(model: Any, batch: Batch, chunk_size: int = 1024, prefix_sharing: bool = False,
-                    packing: bool = False) -> SequenceLogprobs:
+                    packing: bool = False, handoff: TowerHandoff | None = None) -> SequenceLogprobs:
     """forward_hidden + sequence_logprobs: what the DPO stage calls for policy and reference.
     `prefix_sharing`: one prompt pass per (chosen, rejected) pair (prefix.py); `packing`: and several
-    pairs per row (needs prefix_sharing)."""
+    pairs per row (needs prefix_sharing); `handoff`: the frozen tower's output shared with the other
+    pass over the same batch (TowerHandoff)."""
     if packing and not prefix_sharing:
         raise ValueError("packing needs prefix sharing (stages.dpo.packing needs stages.dpo.prefixSharing)")
     layout = share(batch, vision_token_ids(model), pack=packing) if prefix_sharing else None
-    return sequence_logprobs(model, forward_hidden(model, batch, layout), batch, chunk_size=chunk_size,
+    return sequence_logprobs(model, forward_hidden(model, batch, layout, handoff), batch, chunk_size=chunk_size,
                              layout=layout)

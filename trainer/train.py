@@ -66,13 +66,9 @@ def load_manifest(path: str, storage_uri: str | None) -> Any:
 def main(argv: list[str] | None = None) -> int:
     code = run_stage(argv)
     if os.environ.get("TORCHELASTIC_RUN_ID"):
-        # A torchrun worker ends here, skipping the interpreter's teardown: with the stage's output saved
-        # and the process group destroyed, C++ threads left by gloo/DeepSpeed can still abort it
-        # ("terminate called without an active exception", SIGABRT; seen once in CI after the score
-        # stage), which would turn a finished stage into exit 134 and a pointless gang restart.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from mmalign.trainer.engine import end_worker
+
+        end_worker(code)  # a torchrun worker skips the interpreter's teardown (see end_worker)
     return code
 
 

@@ -8,7 +8,7 @@ Python) or as a Python check next to the CEL rule that does the same (mmalign/ap
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 
 from mmalign.api import keys
 
@@ -72,6 +72,22 @@ def parse_quantity(value: int | str) -> Decimal | None:
         return Decimal(number) * Decimal(_SUFFIX[suffix])
     except (InvalidOperation, KeyError):
         return None
+
+
+def format_quantity(value: Decimal) -> str:
+    """parse_quantity's inverse, the way Kubernetes writes a quantity: 0.2 -> 200m, 268435456 -> 256Mi, 3 -> 3."""
+    if value == value.to_integral_value():
+        whole = int(value)
+        for suffix in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki"):
+            unit = int(_SUFFIX[suffix])
+            if whole and whole % unit == 0:
+                return f"{whole // unit}{suffix}"
+        return str(whole)
+    for suffix, scale in (("m", 10**3), ("u", 10**6), ("n", 10**9)):
+        scaled = value * scale
+        if scaled == scaled.to_integral_value():
+            return f"{int(scaled)}{suffix}"
+    return f"{int((value * 10**9).to_integral_value(rounding=ROUND_CEILING))}n"  # Kubernetes rounds up too
 
 
 def is_extended_resource(name: str) -> bool:

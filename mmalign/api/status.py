@@ -14,6 +14,9 @@ from mmalign.api.conditions import CONDITION_TYPES, ConditionStatus, ConditionTy
 
 JobPhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 StagePhase = Literal["Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Skipped"]
+# Phases nothing follows: a client waiting on a job or a stage stops at these.
+JOB_OVER: tuple[JobPhase, ...] = ("Succeeded", "Failed")
+STAGE_OVER: tuple[StagePhase, ...] = ("Succeeded", "Failed", "Skipped")
 
 
 class StatusModel(BaseModel):
@@ -42,7 +45,9 @@ class StageProgress(StatusModel):
 
 class PendingPod(StatusModel):
     name: str = Field(description="The pod.")
-    reason: str = Field(default="", description="Why it waits: Unschedulable, ImagePullBackOff, ... (empty: starting).")
+    reason: str = Field(
+        default="", description="Why it waits: Unschedulable, ImagePullBackOff, ... (empty: starting)."
+    )
     message: str = Field(default="", description="The scheduler's or the kubelet's message.")
 
 

@@ -26,13 +26,11 @@ from typing import Any, TextIO, cast
 import yaml
 
 from mmalign.api.groupversion import API_GROUP, API_VERSION, KIND, PLURAL
-from mmalign.api.status import AlignmentJobStatus
+from mmalign.api.status import JOB_OVER, AlignmentJobStatus
 from mmalign.client import tables
 from mmalign.client.logs import LogLine, follow_logs, read_logs
 
 __all__ = ["Client", "InvalidJob", "JobFailed", "LogLine"]
-
-FINISHED = ("Succeeded", "Failed")
 
 
 class InvalidJob(ValueError):
@@ -166,7 +164,7 @@ class Client:
                 status = self.status(name)
                 if show is not None:
                     show(status)
-                if status.phase in FINISHED:
+                if status.phase in JOB_OVER:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(

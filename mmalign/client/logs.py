@@ -15,11 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmalign.api import keys, podtemplate
-from mmalign.api.status import AlignmentJobStatus
+from mmalign.api.status import JOB_OVER, STAGE_OVER, AlignmentJobStatus
 from mmalign.operator.builders import object_name
-
-STAGE_OVER = ("Succeeded", "Failed", "Skipped")
-JOB_OVER = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,11 @@ from the pod's env (set through the job's podTemplate.env):
       real trainer ends: its own `report_failure` prints `mmalign: NAN_LOSS (exit 4): loss is nan at
       step 2` (code 4; other codes `mmalign: <KIND> (exit N): stub failure at step 2`) on stderr and
       writes it to the termination-message file.
+  STUB_CHECKPOINT_DIR                           a checkpoint: rank 0 writes the step it finished to
+      DIR/<job>-<stage> after every step and names it in its progress lines (`checkpoint`); every rank
+      starts after the step found there (`stub-resume <step>` in the log; rank 0 also appends
+      `<attempt> <step>` to DIR/<job>-<stage>.resumes), as the real trainer resumes from `latest`. Every
+      step is committed, so a SIGTERM (exit 143) loses none.
 
 On the real node (MMALIGN_NODE=real) it runs in containers of the project's slim operator image, from a
 ConfigMap mounted at /stub (tests/integration/test_operator_lifecycle.py, `StubTrainer`).
@@ -83,18 +88,33 @@ def main(argv: list[str]) -> int:
     fails = (fail_code and rank == int(env.get("STUB_FAIL_RANK", "0"))
              and env.get("STUB_FAIL_STAGE", stage) == stage
              and attempt < int(env.get("STUB_FAIL_ATTEMPTS", "1000")))
+    checkpoint = (os.path.join(env["STUB_CHECKPOINT_DIR"], f"{job.metadata['name']}-{stage}")
+                  if env.get("STUB_CHECKPOINT_DIR") else None)
+    first = 1
+    if checkpoint and os.path.exists(checkpoint):
+        with open(checkpoint) as saved:
+            first = int(saved.read()) + 1
+        print(f"stub-resume {first - 1}", flush=True)
+        if rank == 0:
+            with open(checkpoint + ".resumes", "a") as resumes:
+                resumes.write(f"{attempt} {first - 1}\n")
     started = time.monotonic()
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         time.sleep(pause)
         if fails and step == 2:
             if fail_code >= 128:
                 os.kill(os.getpid(), fail_code - 128)
             return fail(fail_code, step)
         if rank == 0:
-            eta = (time.monotonic() - started) / step * (steps - step)
+            if checkpoint:  # written whole, then renamed: a reader never sees half a number
+                with open(checkpoint + ".tmp", "w") as out:
+                    out.write(str(step))
+                os.replace(checkpoint + ".tmp", checkpoint)
+            eta = (time.monotonic() - started) / (step - first + 1) * (steps - step)
             print("mmalign-progress " + json.dumps({
                 "stage": stage, "step": step, "total": steps, "loss": 1.0 / step, "eta_seconds": eta,
                 "epoch": 0, "metrics": {"reward_accuracy": 0.5 + step / (2 * steps)},
+                **({"checkpoint": f"file://{checkpoint}/step-{step}"} if checkpoint else {}),
             }), flush=True)
     return 0
 

@@ -81,6 +81,7 @@ def test_a_coscheduled_gang_gets_its_podgroup_which_goes_with_the_gang(
     assert list(groups) == ["cosched-reward-0"]
     group = groups["cosched-reward-0"]
     assert group["spec"]["minMember"] == 2 and group["spec"]["scheduleTimeoutSeconds"] == 30
+    assert group["spec"]["minResources"] == {"cpu": "200m", "memory": "256Mi"}  # the gang's requests, summed
     assert group["metadata"]["ownerReferences"][0]["name"] == "cosched"
     pods = wait_for("the gang", lambda: (lambda p: p if len(p) == 2 else None)(env.live_pods("cosched")))
     for pod in pods:

@@ -51,22 +51,22 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     binaries.ensure_all()
     binaries.ensure_real_node()
     image = images.project_image(REPO, target="operator")
-    archive = images.export_archive(image)
     started = time.monotonic()
     dev = cluster.up(tmp_path_factory.mktemp("real"), node="real", timeout=180)
     print(f"\n[real node] up in {time.monotonic() - started:.1f}s")
     try:
-        images.import_archive(dev.node_layout, archive)
+        timings = images.ensure_pulled(dev.node_layout, image)
+        print(f"[real node] operator image {image} through the node's registry: {timings}")
         yield RealNode(dev, image)
     finally:
         dev.down()
 
 
-def _pod(name: str, image: str, command: list[str], **spec: Any) -> dict[str, Any]:
+def _pod(name: str, image: str, command: list[str], pull: str = "Never", **spec: Any) -> dict[str, Any]:
     container = {
         "name": "main",
         "image": image,
-        "imagePullPolicy": "Never",
+        "imagePullPolicy": pull,
         "command": command,
         "securityContext": VALUES["securityContext"],
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
@@ -108,7 +108,10 @@ def test_the_node_is_a_real_kubelet_on_containerd(real: RealNode) -> None:
 
 def test_the_project_image_runs_as_non_root_under_the_charts_security_context(real: RealNode) -> None:
     namespace = create_namespace(real.dev, "nonroot")
-    _create(real, namespace, _pod("version", real.image, ["sh", "-c", "id -u; id -g; mmalign --version"]))
+    # Always: the kubelet asks the node's registry for the manifest (containerd's hosts.toml maps the
+    # image's `localhost` host there); a wrong mapping is ErrImagePull, not a pod that runs.
+    command = ["sh", "-c", "id -u; id -g; mmalign --version"]
+    _create(real, namespace, _pod("version", real.image, command, pull="Always"))
     assert wait_pod_phase(real.dev, namespace, "version", ("Succeeded", "Failed"), 120) == "Succeeded"
     assert _logs(real, namespace, "version").split() == ["1000", "1000", __version__]
 
@@ -330,13 +333,13 @@ def test_helm_installs_the_operator_as_a_real_pod_that_creates_a_jobs_pods(real:
 @pytest.fixture(scope="module")
 def trainer(real: RealNode) -> str:
     """The Dockerfile's runtime target (PyPI's CUDA torch stack, installed from the host's wheel cache)
-    in the node's containerd; its GB-sized archive is deleted after the import."""
+    in the node's containerd, through the node's registry (only the layers it lacks move)."""
     started = time.monotonic()
     # MMALIGN_TEST_TRAINER_IMAGE: an image already built (e.g. from an earlier content key), to run the
     # stage tests without rebuilding after every source edit.
     image = os.environ.get("MMALIGN_TEST_TRAINER_IMAGE") or images.project_image(REPO, target="runtime")
     built = time.monotonic() - started
-    timings = images.ensure_imported(real.dev.node_layout, image)
+    timings = images.ensure_pulled(real.dev.node_layout, image)
     size = images.image_size(image)
     print(f"\n[real node] trainer image {image}: {size}, build {built:.1f}s, {timings}")
     return image

@@ -5,8 +5,9 @@ write what it cost this rank into `OUT/rank-R.json`.
 
 It loads the policy (engine.training_placement) and then the frozen reference (engine.frozen_placement,
 shard=True), as `stages.dpo` with `reference: model` does, and records this rank's peak anonymous memory
-(RssAnon, sampled every 20 ms: the process's own copies) and peak resident set (VmHWM: RssAnon plus the
-memory-mapped checkpoint pages, which the page cache shares between the ranks of a node) during each load,
+(RssAnon, sampled every 20 ms: the process's own copies), what it keeps after (RssAnon with the free heap
+trimmed) and peak resident set (VmHWM: RssAnon plus the memory-mapped checkpoint pages, which the page
+cache shares between the ranks of a node) during each load,
 the elements of the parameters it holds, and a check that the weights are the saved ones.
 """
 
@@ -28,6 +29,18 @@ def _status(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def _kept_anon() -> int:
+    """RssAnon once the garbage is collected and glibc has handed its free heap back (malloc_trim): what
+    the process still holds. Without the trim, memory a load freed stays in malloc's arenas for a while
+    (one arena per thread), and a rank's "kept" bytes moved by ~200 MB between identical runs (CI)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return _status("RssAnon")
 
 
 class PeakAnon:
@@ -65,7 +78,7 @@ def main(folder: str, out: str, zero_stage: int, bf16: bool) -> None:
 
     transformers.AutoModelForCausalLM  # noqa: B018 - the lazy module imports its classes here
     record: dict[str, object] = {"rank": dist.rank, "world_size": dist.world_size,
-                                 "baseline_anon": _status("RssAnon")}
+                                 "baseline_anon": _kept_anon()}
     loaded = {}
     for name, placement in (("policy", engine.training_placement(optim, deepspeed_spec, dist)),
                             ("reference", engine.frozen_placement(deepspeed_spec, dist, shard=True))):
@@ -78,7 +91,7 @@ def main(folder: str, out: str, zero_stage: int, bf16: bool) -> None:
         held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in parameters)
         full = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in parameters)
         record[name] = {"seconds": round(time.monotonic() - started, 1), "anon_before": before,
-                        "peak_anon": anon.peak, "anon_after": _status("RssAnon"),
+                        "peak_anon": anon.peak, "anon_after": _kept_anon(),
                         "vm_hwm": _status("VmHWM"), "held_elements": held, "elements": full,
                         "dtypes": sorted({str(p.dtype) for p in parameters}),
                         "partitioned": all(hasattr(p, "ds_tensor") for p in parameters)}
@@ -102,7 +115,7 @@ def main(folder: str, out: str, zero_stage: int, bf16: bool) -> None:
     record["weights_match"] = checks
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank-{dist.rank}.json").write_text(json.dumps(record, indent=1))
-    engine.shutdown_distributed()
+    engine.end_worker(0)
 
 
 if __name__ == "__main__":

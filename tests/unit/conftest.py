@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 
-from mmalign.trainer import s3client
+from mmalign.trainer import models, s3client, tiny
 from tests.s3_server import S3Server, require_weed
 
 
@@ -29,3 +31,28 @@ def bucket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.environ[key] = value
     s3client.configure()
     server.stop()
+
+
+# The model families prefix sharing and packing must match the plain path for (test_prefix_sharing.py,
+# test_packing.py).
+FAMILIES = ("tiny-text", "tiny-llama", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision")
+
+
+def _llama() -> tuple[Any, Any]:
+    """A LLaMA-architecture decoder on the tiny text tokenizer (the builtins' text LM is Qwen2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny.build_tokenizer("text")
+    torch.manual_seed(0)
+    config = LlamaConfig(**tiny._text_config(tokenizer, tiny.SIZES["tiny"]))
+    return LlamaForCausalLM(config).float(), tokenizer
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> tuple[str, Any, Any]:
+    """(name, model, processor) for each family in FAMILIES, built once per module."""
+    if request.param == "tiny-llama":
+        model, processor = _llama()
+    else:
+        model, processor = models.load_model(f"builtin://{request.param}")
+    return request.param, model, processor

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import checkpoint as bench
+from bench import checkpoint_plot
 
 
 def test_the_best_sweep_point_and_the_stall_ratios() -> None:
@@ -41,5 +42,5 @@ def test_the_plot_reads_a_report(tmp_path: Path) -> None:
         },
     }
     report = {"model": "m", "environment": {"date": "d", "machine": "vm"}, "stages": [stage]}
-    png = bench.plot(report, tmp_path / "c.json")
+    png = checkpoint_plot.plot(report, tmp_path / "c.json")
     assert png is not None and png.stat().st_size > 0

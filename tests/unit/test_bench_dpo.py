@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +49,66 @@ def test_trl_rows_hold_the_tokens_mmalign_trains_on() -> None:
         ids += tokenizer(row["chosen"], add_special_tokens=False)["input_ids"]
         assert batch.input_ids[index, :len(ids)].tolist() == ids
         assert int(batch.attention_mask[index].sum()) == len(ids)
+
+
+def test_frozen_tower_trains_alike_with_and_without_the_reference_tower_handoff() -> None:
+    """--freeze-vision: the reference over the policy's tower output (the default) or its own tower
+    (`:tower-twice`) gives the same losses, and the driver reports what the handoff buys."""
+    cfg = dataclasses.replace(TINY, freeze_vision=True)
+    _, handed = bench.mmalign_steps(cfg, "model", steps=2)
+    _, twice = bench.mmalign_steps(cfg, "model", steps=2, tower_handoff=False)
+    assert handed[0] == pytest.approx(math.log(2), abs=1e-5)
+    assert handed == pytest.approx(twice, abs=1e-6)
+    report = bench.run_bench(dataclasses.replace(cfg, steps=1), ["mmalign:ref-model", "mmalign:ref-model:tower-twice"])
+    assert report["variants"]["mmalign:ref-model"]["speedup_vs_tower_twice"] > 0
+
+
+def _report(trl: list[float], mine: list[float]) -> dict[str, object]:
+    """A dpo_vs_trl report of 2 rounds x 2 timed steps, as run_bench writes it."""
+    def result(times: list[float], peak: float) -> dict[str, object]:
+        ordered = sorted(times)
+        return {"times": times, "peak_gib": peak, "s_per_step": (ordered[1] + ordered[2]) / 2}
+
+    return {"config": {"steps": 2, "data": "image", "pairs": 1, "device": "cpu", "image_side": 448},
+            "uri": "builtin://tiny-qwen2-vl", "environment": {"torch": "t", "trl": "1.16.0", "threads": 2},
+            "variants": {"trl:ref-model": result(trl, 13.0), "mmalign:precomputed": result(mine, 10.4),
+                         "trl:precomputed": {"error": "ValueError: not supported for vision datasets"}}}
+
+
+def test_the_docs_table_reads_the_ratios_from_the_runs() -> None:
+    from bench import dpo_plot
+
+    first, second = _report([70, 72, 68, 71], [26, 27, 25, 28]), _report([64, 66, 70, 69], [30, 33, 32, 31])
+    assert dpo_plot.rounds_of(first, "trl:ref-model") == [[70, 72], [68, 71]]
+    speed, memory = dpo_plot.ratios(first, "mmalign:precomputed")
+    assert speed == pytest.approx(70.5 / 26.5) and memory == pytest.approx(0.8)
+    rows = dpo_plot.table([first, second]).splitlines()
+    assert rows[0].count("| × TRL |") == 2 and len(rows) == 4  # header, rule, the 2 timed variants (not the refusal)
+    mine = next(r for r in rows if "mmalign:precomputed" in r)
+    assert "26.5 (26.0, 27.0, 25.0, 28.0)" in mine and "**2.66**" in mine  # run 1: 70.5 / 26.5
+    assert "**2.14**" in mine and mine.endswith("0.80 / 0.80 |")  # run 2: 67.5 / 31.5
+
+
+def test_the_plot_reads_a_report(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the bench extra (`make bench`) brings matplotlib")
+    from bench import dpo_plot
+
+    png = dpo_plot.plot(_report([70, 72, 68, 71], [26, 27, 25, 28]), tmp_path / "run.json")
+    assert png == tmp_path / "run.png" and png.stat().st_size > 0
+
+
+def test_the_step_flops_are_counted_once_and_credited_alike() -> None:
+    from bench import flops
+
+    counted = flops.plain_step_flops(TINY)
+    # backward: the input gradients and the weight gradients of every trained matmul, about 2x the forward
+    assert 1.2 * counted["forward"] < counted["backward"] < 2.5 * counted["forward"]
+    assert flops.step_flops(counted, "model") == pytest.approx(2 * counted["forward"] + counted["backward"])
+    assert flops.step_flops(counted, "precomputed") == counted["forward"] + counted["backward"]
+    report = bench.run_bench(dataclasses.replace(TINY, steps=1), ["mmalign:precomputed"])
+    row = report["variants"]["mmalign:precomputed"]
+    assert row["mfu"] == pytest.approx(
+        flops.step_flops(report["flops"]["plain_step"], "precomputed")
+        / (row["s_per_step"] * report["flops"]["matmul_peak_tflops"] * 1e12)
+    )
+    assert 0 < row["mfu"] < 1 and row["tokens_per_s"] == report["batch"]["real_tokens"] / row["s_per_step"]

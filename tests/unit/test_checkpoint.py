@@ -1,4 +1,5 @@
-"""trainer/checkpoint.py: the `latest` marker protocol, pruning, resume, and a failed upload.
+"""trainer/checkpoint.py: the `latest` marker protocol, pruning, resume, a failed upload, a failed
+background write; engine.host_copy (what an async save's snapshot holds).
 
 A fake engine stands in for DeepSpeed (it writes two "shard" files and reads them back); the real
 engine is exercised by tests/trainer/. One process, world size 1.
@@ -9,13 +10,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
 from mmalign.trainer import checkpoint, s3client, storage, transfer
-from mmalign.trainer.engine import Distributed
+from mmalign.trainer.engine import Distributed, host_copy
 from tests.s3_server import S3Server, require_weed
 
 SINGLE = Distributed(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
@@ -32,6 +34,11 @@ class FakeEngine:
         (path / "model.bin").write_bytes(bytes([self.value % 256]) * self.shard_bytes)
         (path / "client.json").write_text(json.dumps({"value": self.value, **(client_state or {})}))
 
+    def snapshot(self, folder: str, tag: str, client_state: dict[str, Any] | None = None) -> Any:
+        """As engine.Engine.snapshot: the state now, the files when `write()` runs."""
+        frozen = FakeEngine(self.value, self.shard_bytes)
+        return SimpleNamespace(write=lambda: frozen.save(folder, tag, client_state))
+
     def load(self, folder: str, tag: str) -> dict[str, Any]:
         state = json.loads((Path(folder) / tag / "client.json").read_text())
         self.value = state.pop("value")
@@ -39,9 +46,12 @@ class FakeEngine:
         return state
 
 
-def _checkpointer(uri: str, tmp_path: Path, async_upload: bool, keep_last: int = 2) -> checkpoint.Checkpointer:
-    return checkpoint.Checkpointer(uri, SINGLE, tmp_path / "local", every_steps=2, keep_last=keep_last,
-                                   async_upload=async_upload)
+def _checkpointer(
+    uri: str, tmp_path: Path, async_upload: bool, keep_last: int = 2
+) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(
+        uri, SINGLE, tmp_path / "local", every_steps=2, keep_last=keep_last, async_upload=async_upload
+    )
 
 
 @pytest.mark.parametrize("async_upload", [False, True])
@@ -62,7 +72,9 @@ def test_save_marker_prune_restore(tmp_path: Path, async_upload: bool) -> None:
     names = {f["name"] for f in marker["files"]}
     assert names == {"model.bin", "client.json", "rng-rank-00000.pt"}
     assert all(len(f["sha256"]) == 64 for f in marker["files"])
-    steps = sorted({o.relative.split("/")[0] for o in storage.list_prefix(uri) if o.relative.startswith("step-")})
+    steps = sorted(
+        {o.relative.split("/")[0] for o in storage.list_prefix(uri) if o.relative.startswith("step-")}
+    )
     assert steps == ["step-00000004", "step-00000006"]  # keep_last=2
 
     torch.rand(5)  # disturb the RNG: restore must bring it back
@@ -150,3 +162,56 @@ def test_failed_upload_keeps_previous_latest(tmp_path: Path, monkeypatch: pytest
         server.stop()
         s3client.configure()
         os.environ.pop("MMALIGN_STORAGE_RETRY_SECONDS", None)
+
+
+def test_failed_background_write_is_raised_by_the_next_save_and_by_finish(tmp_path: Path) -> None:
+    """asyncUpload: the local write of step 4's files fails in the background (a full disk): the next
+    save raises it, naming the step, before it saves anything; `latest` still names step 2; a failure
+    of the stage's last save is raised by finish()."""
+    uri = (tmp_path / "ckpt").as_uri() + "/"
+    saver = _checkpointer(uri, tmp_path, async_upload=True)
+    saver.save(FakeEngine(1), 2, {})
+
+    class FullDisk(FakeEngine):
+        def snapshot(self, folder: str, tag: str, client_state: dict[str, Any] | None = None) -> Any:
+            def write() -> None:
+                raise OSError(28, "No space left on device")
+
+            return SimpleNamespace(write=write)
+
+    saver.save(FullDisk(2), 4, {})  # returns at once: the write fails in the background
+    with pytest.raises(RuntimeError, match=r"checkpoint step-00000004 .*No space left on device.*previous"):
+        saver.save(FakeEngine(3), 6, {})
+    assert storage.read_json(uri + "latest")["step"] == 2
+    assert not any(o.relative.startswith("step-00000006") for o in storage.list_prefix(uri))  # not started
+
+    saver.save(FullDisk(4), 8, {}, last=True)
+    with pytest.raises(RuntimeError, match="step-00000008"):
+        saver.finish()
+    assert storage.read_json(uri + "latest")["step"] == 2
+
+
+def test_host_copy_is_a_compact_frozen_copy_that_keeps_ties() -> None:
+    """What Engine.snapshot keeps of each file DeepSpeed saves: tensors copied (the training step that
+    follows changes the originals in place, not the copy), a view of a flat buffer copied as its own
+    elements only, a tensor met twice (tied weights) copied once, other objects deep-copied."""
+    flat = torch.arange(10, dtype=torch.float32)  # a ZeRO flat buffer
+    view = flat[2:4]
+    tied = torch.ones(3)
+    scaler = SimpleNamespace(cur_scale=1.0)
+    state = {
+        "module": {"embed": tied, "lm_head": tied, "part": view},
+        "optimizer": [flat],
+        "shapes": (torch.Size([2]), 3),
+        "scaler": scaler,
+    }
+    copied = host_copy(state, {})
+    flat.add_(100.0)
+    tied.mul_(5.0)
+    scaler.cur_scale = 2.0
+    assert torch.equal(copied["module"]["part"], torch.tensor([2.0, 3.0]))
+    assert copied["module"]["part"].untyped_storage().nbytes() == 2 * 4  # not the whole buffer
+    assert torch.equal(copied["optimizer"][0], torch.arange(10, dtype=torch.float32))
+    assert copied["module"]["embed"] is copied["module"]["lm_head"]
+    assert torch.equal(copied["module"]["embed"], torch.ones(3))
+    assert copied["shapes"] == (torch.Size([2]), 3) and copied["scaler"].cur_scale == 1.0

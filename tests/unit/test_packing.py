@@ -11,16 +11,7 @@ import torch
 from PIL import Image
 
 from mmalign.trainer import collate, logprobs, models, prefix
-from tests.unit.test_prefix_sharing import FAMILIES, _assert_equal, _examples, _grads, _llama
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> tuple[str, Any, Any]:
-    if request.param == "tiny-llama":
-        model, processor = _llama()
-    else:
-        model, processor = models.load_model(f"builtin://{request.param}")
-    return request.param, model, processor
+from tests.unit.test_prefix_sharing import _assert_equal, _examples, _grads
 
 
 def _mixed(images: bool) -> list[collate.Example]:

@@ -10,29 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.trainer import collate, logprobs, models, prefix, tiny
+from mmalign.trainer import collate, logprobs, models, prefix
 
 CPU = torch.device("cpu")
-FAMILIES = ("tiny-text", "tiny-llama", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-llava-onevision")
-
-
-def _llama() -> tuple[Any, Any]:
-    """A LLaMA-architecture decoder on the tiny text tokenizer (the builtins' text LM is Qwen2)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny.build_tokenizer("text")
-    torch.manual_seed(0)
-    config = LlamaConfig(**tiny._text_config(tokenizer, tiny.SIZES["tiny"]))
-    return LlamaForCausalLM(config).float(), tokenizer
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> tuple[str, Any, Any]:
-    if request.param == "tiny-llama":
-        model, processor = _llama()
-    else:
-        model, processor = models.load_model(f"builtin://{request.param}")
-    return request.param, model, processor
 
 
 def _examples(images: bool) -> list[collate.Example]:

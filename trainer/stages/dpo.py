@@ -88,18 +88,47 @@ class SequenceLogps(nn.Module):
     """The model as DeepSpeed sees it: batch -> (logps, tokens), per-row summed response log-probs and
     token counts (logprobs.py). Plain tensors out: ZeRO-3's backward hooks only see tensors.
     `prefix_sharing` (stages.dpo.prefixSharing): one prompt pass per pair (prefix.py); `packing`
-    (stages.dpo.packing): several pairs per row, no padding between them."""
+    (stages.dpo.packing): several pairs per row, no padding between them; `handoff` (tower_handoff):
+    shared by the policy's and the reference's wrappers, the reference runs only its projector over the
+    policy's frozen vision-tower output of the same batch."""
 
-    def __init__(self, model: nn.Module, prefix_sharing: bool = True, packing: bool = False) -> None:
+    def __init__(self, model: nn.Module, prefix_sharing: bool = True, packing: bool = False,
+                 handoff: logprobs.TowerHandoff | None = None) -> None:
         super().__init__()
         self.model = model
         self.prefix_sharing = prefix_sharing
         self.packing = packing and prefix_sharing
+        self.handoff = handoff
 
     def forward(self, batch: collate.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         out = logprobs.policy_logprobs(self.model, batch, prefix_sharing=self.prefix_sharing,
-                                       packing=self.packing)
+                                       packing=self.packing, handoff=self.handoff)
         return out.logps, out.tokens
+
+
+def tower_handoff(policy: nn.Module, reference: nn.Module) -> tuple[logprobs.TowerHandoff | None, str]:
+    """A TowerHandoff for the policy and a `reference: model` pass (the same module under LoRA), or
+    None, and why. Reusing the policy's tower output is exact only if the reference's tower computes
+    the same function all along: a Qwen2-VL / Qwen2.5-VL tower (the merger stays each model's own), frozen
+    in the policy with no adapter or trainable weight inside (so it never changes), and weight for
+    weight equal to the reference's (the same base checkpoint). ZeRO-3 partitions the weights, so
+    they cannot be compared here: no handoff there."""
+    config: Any = getattr(policy, "config", None)
+    if getattr(config, "model_type", None) not in ("qwen2_vl", "qwen2_5_vl"):
+        return None, "not a Qwen2-VL / Qwen2.5-VL model"
+    frozen_names, kept = adapters.vision_tower(policy, "stages.dpo")
+    def tower(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(f"{name}.{key}", p) for name in frozen_names for key, p in model.get_submodule(name).named_parameters()
+                if not any(f"{name}.{key}".startswith(f"{k}.") for k in kept)]
+    mine, theirs = tower(policy), dict(tower(reference))
+    if any(p.requires_grad for _, p in mine):
+        return None, "the policy trains its vision tower (freezeVisionTower: false, or adapters in it)"
+    if any(hasattr(p, "ds_id") for _, p in mine):
+        return None, "ZeRO-3 partitions the towers' weights"
+    if reference is not policy and (set(theirs) != {n for n, _ in mine} or not all(
+            torch.equal(p, theirs[n]) for n, p in mine)):
+        return None, "the reference's vision tower differs from the policy's"
+    return logprobs.TowerHandoff(), "the reference reuses the policy's frozen vision-tower output"
 
 
 def bind_loss(config: DpoStage) -> losses.DpoLoss:
@@ -364,6 +393,7 @@ def run(ctx: Context) -> dict[str, Any]:
         total = budget_steps(order, config)
     started = time.monotonic()
     reference = Reference()  # reference: model under LoRA: the policy's engine, set below
+    wrapped: SequenceLogps | None = None  # the reference model's wrapper (reference: model, no LoRA)
     if config.reference == "precomputed":
         reference = Reference(table=precompute_reference(ctx, pairs, loader, config.micro_batch_size, made_by,
                                                                tokens))
@@ -383,6 +413,14 @@ def run(ctx: Context) -> dict[str, Any]:
     wrapper = SequenceLogps(policy, config.prefix_sharing, config.packing)
     register_external_parameters(wrapper, spec.deepspeed)
     engine = Engine(wrapper, config, spec.deepspeed, dist, total)
+    if config.reference == "model" and getattr(policy.config, "vision_config", None) is not None:
+        # one tower forward per batch, not two; checked after the engine cast the policy's precision
+        handoff, why = tower_handoff(policy, wrapped.model if wrapped is not None else policy)
+        wrapper.handoff = handoff
+        if wrapped is not None:
+            wrapped.handoff = handoff
+        if dist.is_rank_0:
+            say(f"dpo: reference vision tower: {why}")
     if reference.table is None and reference.model is None:
         reference = Reference(model=engine.model, lora=lora)  # the base model = adapters disabled
     checkpointer, state, progress = resume(ctx, engine, train, total, made_by)
