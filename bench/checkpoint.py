@@ -145,7 +145,7 @@ class _TimedWrites:
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from mmalign.api import spec
+    from mmalign.api import runtime, stages
     from mmalign.trainer import checkpoint, engine, models, s3client, transfer
     from tests import s3_server
 
@@ -279,8 +279,8 @@ def _worker(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"less than {args.min_free_gib} GiB of memory available for 10 minutes: not loading the model"
         )
-    deepspeed_spec = spec.DeepSpeedSpec.model_validate({"zeroStage": args.zero, "bf16": False})
-    optim = spec.DpoStage.model_validate({"learningRate": 1e-5})
+    deepspeed_spec = runtime.DeepSpeedSpec.model_validate({"zeroStage": args.zero, "bf16": False})
+    optim = stages.DpoStage.model_validate({"learningRate": 1e-5})
     placement = engine.training_placement(optim, deepspeed_spec, dist)
     model, _ = models.load_model(args.model, placement=placement)
     trained = engine.Engine(model, optim, deepspeed_spec, dist, total_steps=10_000)

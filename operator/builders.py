@@ -24,7 +24,8 @@ from typing import Any
 from mmalign.api import jobfile, keys, podtemplate
 from mmalign.api.groupversion import API_VERSION_FULL, KIND
 from mmalign.api.layout import StageName
-from mmalign.api.spec import AlignmentJobSpec, Resources
+from mmalign.api.runtime import Resources
+from mmalign.api.spec import AlignmentJobSpec
 from mmalign.operator import gang
 
 FIELD_MANAGER = "mmalign-operator"

@@ -22,7 +22,8 @@ from pydantic import ValidationError
 
 from mmalign.api import conditions, jobfile, progress
 from mmalign.api.layout import StageName
-from mmalign.api.spec import STAGE_ORDER, AlignmentJobSpec
+from mmalign.api.spec import AlignmentJobSpec
+from mmalign.api.stages import STAGE_ORDER
 from mmalign.api.status import AlignmentJobStatus, JobPhase, StageStatus
 from mmalign.operator import gang, metrics
 from mmalign.operator.builders import (

@@ -33,7 +33,7 @@ from decimal import Decimal
 from typing import Any
 
 from mmalign.api import formats, keys
-from mmalign.api.spec import GangScheduling
+from mmalign.api.runtime import GangScheduling
 
 
 @dataclass(frozen=True)

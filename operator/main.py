@@ -82,7 +82,7 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
     import kopf
 
     from mmalign.api.keys import LABEL_JOB
-    from mmalign.api.spec import PodTemplate
+    from mmalign.api.runtime import PodTemplate
     from mmalign.operator import handlers
     from mmalign.operator.builders import BuildOptions
     from mmalign.operator.controller import LoopSettings

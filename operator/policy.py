@@ -25,7 +25,7 @@ from typing import Any, Literal
 from mmalign.api import conditions
 from mmalign.api.exit_codes import ExitCode
 from mmalign.api.keys import KUEUE_POD_GROUP, LABEL_ATTEMPT, LABEL_NODE_RANK, LABEL_STAGE
-from mmalign.api.spec import RunPolicy
+from mmalign.api.runtime import RunPolicy
 from mmalign.api.status import PendingPod
 from mmalign.operator.builders import CONTAINER as TRAINER_CONTAINER
 

@@ -22,7 +22,8 @@ from mmalign.api import conditions, layout
 from mmalign.api.conditions import ConditionStatus, ConditionType
 from mmalign.api.layout import StageName
 from mmalign.api.progress import MAX_NOTICES, ProgressReport
-from mmalign.api.spec import STAGE_ORDER, AlignmentJobSpec
+from mmalign.api.spec import AlignmentJobSpec
+from mmalign.api.stages import STAGE_ORDER
 from mmalign.api.status import AlignmentJobStatus, Condition, StageProgress, StageStatus
 from mmalign.operator.builders import pod_name
 from mmalign.operator.policy import (

@@ -43,7 +43,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mmalign.api.exit_codes import ExitCode
-from mmalign.api.spec import DataSource
+from mmalign.api.inputs import DataSource
 from mmalign.trainer import storage
 
 UNCATEGORIZED = "uncategorized"

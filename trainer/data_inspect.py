@@ -38,7 +38,7 @@ def _media_exists(pair: Any) -> tuple[bool, str]:
 
 
 def summarize(uri: str, media_uri: str | None = None, fmt: str = "auto", check_media: bool = True) -> dict[str, Any]:
-    from mmalign.api.spec import DataSource
+    from mmalign.api.inputs import DataSource
     from mmalign.trainer import data
 
     stats = data.ReadStats()

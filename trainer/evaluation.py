@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from mmalign.api.spec import RewardStage
+from mmalign.api.stages import RewardStage
 from mmalign.trainer import adapters, collate, data, media, models, preflight, scoring, storage
 from mmalign.trainer.context import Context, say
 from mmalign.trainer.engine import frozen, frozen_placement

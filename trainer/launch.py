@@ -178,7 +178,7 @@ def grace_period(job: str) -> int:
     """spec.podTemplate.terminationGracePeriodSeconds of the job file; its default when the file does not
     load (the worker then reports why, with its exit code)."""
     from mmalign.api.jobfile import load_job
-    from mmalign.api.spec import PodTemplate
+    from mmalign.api.runtime import PodTemplate
 
     try:
         return int(load_job(job).spec.pod_template.termination_grace_period_seconds)

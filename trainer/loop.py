@@ -32,7 +32,7 @@ import torch
 
 from mmalign.api import layout
 from mmalign.api.exit_codes import ExitCode
-from mmalign.api.spec import DpoStage, RewardStage
+from mmalign.api.stages import DpoStage, RewardStage
 from mmalign.trainer import data, identity, storage
 from mmalign.trainer.checkpoint import Checkpointer, CheckpointInfo
 from mmalign.trainer.context import Context, StageConfigError, say

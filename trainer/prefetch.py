@@ -57,7 +57,7 @@ import torch
 from mmalign.trainer import s3client
 
 if TYPE_CHECKING:
-    from mmalign.api.spec import DataSource
+    from mmalign.api.inputs import DataSource
     from mmalign.trainer.collate import Batch, Collator
     from mmalign.trainer.order import DataOrder
 

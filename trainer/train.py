@@ -26,7 +26,7 @@ import sys
 import traceback
 from typing import Any
 
-from mmalign.api.spec import STAGE_ORDER
+from mmalign.api.stages import STAGE_ORDER
 from mmalign.trainer.failures import classify, failure_message, report_failure
 
 STAGE_MODULES = {name: f"mmalign.trainer.stages.{name}" for name in STAGE_ORDER}

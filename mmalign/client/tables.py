@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from mmalign.api.spec import STAGE_ORDER
+from mmalign.api.stages import STAGE_ORDER
 from mmalign.api.status import AlignmentJobStatus, StageStatus
 
 NONE = "-"  # an empty cell, as in `kubectl get`

@@ -21,7 +21,7 @@ from tests.integration import fault_table
 from tests.integration.test_operator_lifecycle import Env, Operator, StubTrainer, wait_for
 
 STEPS = 14  # optimizer steps of every job's reward stage
-EVERY = 4  # checkpoint.everySteps: a SIGKILL loses at most EVERY steps (when it interrupts a save)
+EVERY = 4  # checkpoint.everySteps
 FAULT_AT = 5  # inject once rank 0 reported this step (past the first checkpoint)
 BUCKET = "faults"
 GRACE = 60  # terminationGracePeriodSeconds: a step plus a save on this loaded machine
@@ -202,7 +202,7 @@ class Suite:
                 # rank (2 cpu-light pods per job); the data order and resume position do not depend on it
                 "data": {"uri": self.data, "evalFraction": 0.25, "maxLength": 256, "loaderWorkers": 0},
                 "storage": {
-                    "uri": storage or f"s3://{BUCKET}/{namespace}/",
+                    "uri": storage or self.storage(namespace),
                     "credentialsSecret": "s3-credentials",
                 },
                 "resources": {
@@ -240,6 +240,18 @@ class Suite:
         self.jobs.append(job)
         return job
 
+    def storage(self, namespace: str) -> str:
+        """A fault job's storage.uri (the default of `document`)."""
+        return f"s3://{BUCKET}/{namespace}/"
+
+    def committed_step(self, storage: str, stage: str = "reward") -> int:
+        """The step of the stage's last COMMITTED checkpoint in S3 (its `latest` marker), 0 when none yet."""
+        from mmalign.api import layout
+
+        bucket = storage.removeprefix("s3://").partition("/")[0]
+        marker = _read_json(self.s3, bucket, layout.marker_uri(storage, stage).removeprefix(f"s3://{bucket}/"))
+        return int(marker["step"]) if marker else 0
+
     def data_lost(self, storage: str, s3: Any = None, stage: str = "reward") -> str:
         """ "none" when the stage's model folder and its last checkpoint are whole in S3, else what is not."""
         from mmalign.api import layout
@@ -254,10 +266,7 @@ class Suite:
                 return None
 
         def read(key: str) -> dict[str, Any] | None:
-            try:
-                return dict(json.loads((s3 or self.s3).get_object(Bucket=bucket, Key=key)["Body"].read()))
-            except Exception:  # noqa: BLE001
-                return None
+            return _read_json(s3 or self.s3, bucket, key)
 
         model = layout.artifact_uri(storage, stage).removeprefix(f"s3://{bucket}/")
         complete = read(model.rstrip("/") + "/" + layout.COMPLETE)
@@ -287,6 +296,13 @@ class Suite:
             job.stop.set()
         for operator in self.operators:
             operator.stop()
+
+
+def _read_json(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read()))
+    except Exception:  # noqa: BLE001 - missing (404) or unreadable
+        return None
 
 
 def stage(status: dict[str, Any]) -> dict[str, Any]:
@@ -368,8 +384,10 @@ def restarted_row(
     fault_at: float,
     notes: str = "",
     s3: Any = None,
+    committed: int | None = None,
 ) -> fault_table.Row:
-    """The row of a fault after which the gang resumes and the job should finish."""
+    """The row of a fault after which the gang resumes and the job should finish. `committed`: the step of
+    the last committed checkpoint in S3 read just before the fault, when the fault reads it."""
     before = job.attempt_at(fault_at)
     resumed_from, training_again = job.resumed(fault_at)
     status = job.final()
@@ -387,5 +405,8 @@ def restarted_row(
         restarts=entry.get("restarts"),
         disruptions=entry.get("disruptions"),
         date=today(),
-        notes=notes or f"step {last} reached, resumed from step {resumed_from}",
+        notes=notes
+        or f"step {last} reached, resumed from step {resumed_from}"
+        + (f"; the last committed checkpoint at the fault: step {committed}" if committed is not None else ""),
+        steps_uncommitted=None if committed is None else max(0, last - committed),
     )

@@ -49,6 +49,10 @@ class Row:
     disruptions: int | None  # status.stages.<s>.disruptions (not counted against backoffLimit)
     date: str  # YYYY-MM-DD, when it was measured
     notes: str = ""
+    # the steps reported before the fault that no checkpoint committed in S3 held yet (last step - the
+    # `latest` marker's step, read just before the fault): what a kill without SIGTERM may lose at most;
+    # None where the fault did not read it
+    steps_uncommitted: int | None = None
 
     def cells(self) -> list[str]:
         what = self.outcome + (f"; {self.notes}" if self.notes else "")

@@ -57,10 +57,13 @@ def fault_rank_sigkill(suite: Suite, env: Env) -> fault_table.Row:
     job.wait_step(FAULT_AT)
     pod = "kill-reward-0-1"
     pids = wait_for("rank 1's worker process", lambda: worker_pids(pod), 30)
+    committed = suite.committed_step(suite.storage(env.namespace))
     at = time.monotonic()
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    return restarted_row(suite, env, job, "rank SIGKILL", "SIGKILL to rank 1's `mmalign train` process", at)
+    return restarted_row(
+        suite, env, job, "rank SIGKILL", "SIGKILL to rank 1's `mmalign train` process", at, committed=committed
+    )
 
 
 def fault_pod_deleted(suite: Suite, env: Env) -> fault_table.Row:
@@ -475,8 +478,13 @@ def test_a_killed_rank_resumes_from_the_last_checkpoint(rows: dict[str, Any]) ->
     row = row_of(rows, "rank-sigkill")
     assert row.outcome.startswith("Succeeded") and row.data_lost == "none", row
     assert (row.restarts, row.disruptions) == (1, 0), row
-    # the policy: the steps since the last committed checkpoint (a save the kill interrupted included)
-    assert row.steps_lost is not None and row.steps_lost <= EVERY, row
+    # the policy: a kill without SIGTERM loses the steps since the last COMMITTED checkpoint, never one
+    # committed: the gang resumes from the checkpoint S3 held at the kill, or from a later one (rank 0
+    # may still commit a save whose every rank had uploaded). asyncUpload (the default) commits a save
+    # while the next steps train, so a kill during that upload (CI, load 7: killed at step 9 while step
+    # 8's upload was in flight) loses up to two intervals; the next save joins the upload first.
+    assert row.steps_uncommitted is not None and row.steps_lost is not None, row
+    assert row.steps_lost <= row.steps_uncommitted <= 2 * EVERY, row
 
 
 def test_a_deleted_pod_restarts_the_gang(rows: dict[str, Any]) -> None:

@@ -53,13 +53,13 @@ class HeldWrites:
 
 
 def main(out: str, zero_stage: int) -> None:
-    from mmalign.api import spec
+    from mmalign.api import runtime, stages
     from mmalign.trainer import checkpoint, engine, models
 
     torch.set_num_threads(1)
     dist = engine.init_distributed()
-    deepspeed_spec = spec.DeepSpeedSpec.model_validate({"zeroStage": zero_stage, "bf16": False})
-    optim = spec.DpoStage.model_validate({"learningRate": 1e-2, "warmupRatio": 0.0, "microBatchSize": 2})
+    deepspeed_spec = runtime.DeepSpeedSpec.model_validate({"zeroStage": zero_stage, "bf16": False})
+    optim = stages.DpoStage.model_validate({"learningRate": 1e-2, "warmupRatio": 0.0, "microBatchSize": 2})
     placement = engine.training_placement(optim, deepspeed_spec, dist)
     root = Path(out)
     uri = (root / "checkpoints").as_uri() + "/"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.api.spec import DpoLora, DpoStage, Lora, RewardStage
+from mmalign.api.stages import DpoLora, DpoStage, Lora, RewardStage
 from mmalign.trainer import adapters, collate, logprobs, models
 from mmalign.trainer.context import StageConfigError
 from mmalign.trainer.stages.dpo import Reference, SequenceLogps

@@ -64,7 +64,7 @@ def test_every_problem_reported_not_just_the_first() -> None:
 
 
 def test_crd_matches_committed_yaml() -> None:
-    """Drift test: run `make crds` after changing mmalign/api/spec.py or mmalign/api/status.py."""
+    """Drift test: run `make crds` after changing the spec models (mmalign/api/spec.py and its parts) or status.py."""
     expected = crds.render()
     for path in crds.OUTPUTS:
         assert path.read_text() == expected, f"{path} is stale: run `make crds`"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.api.spec import DataSource
+from mmalign.api.inputs import DataSource
 from mmalign.trainer import collate, data, logprobs, media, tiny
 
 RED = (200, 20, 20)

@@ -373,7 +373,7 @@ def test_trainer_pods_run_under_the_charts_security_context() -> None:
 
 def test_pod_defaults_have_the_fields_of_an_alignment_jobs_pod_template() -> None:
     """The operator reads MMALIGN_POD_DEFAULTS with the same model as spec.podTemplate."""
-    from mmalign.api.spec import PodTemplate
+    from mmalign.api.runtime import PodTemplate
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     fields = set(PodTemplate.model_json_schema(by_alias=True)["properties"])

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmalign.api.exit_codes import ExitCode
-from mmalign.api.spec import DataSource
+from mmalign.api.inputs import DataSource
 from mmalign.trainer import data, media
 
 BENCH = Path(__file__).resolve().parents[1] / "data" / "mm_reward_bench.jsonl"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.api.spec import DataSource
+from mmalign.api.inputs import DataSource
 from mmalign.trainer import builtin, collate, data, logprobs, media, models, prefetch, tiny, transfer
 
 

@@ -15,7 +15,8 @@ from botocore.exceptions import ClientError
 from mmalign.api.conditions import exit_reason
 from mmalign.api.exit_codes import ExitCode
 from mmalign.api.jobfile import load_job
-from mmalign.api.spec import RewardStage, RunPolicy, ScoreStage
+from mmalign.api.runtime import RunPolicy
+from mmalign.api.stages import RewardStage, ScoreStage
 from mmalign.trainer import launch, s3client, storage
 from mmalign.trainer.failures import classify, failure_message
 

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from mmalign import __version__
-from mmalign.api import jobfile, spec
+from mmalign.api import jobfile, runtime, stages
 from mmalign.api.keys import ANNOTATION_JOB_FILE_FORMAT, ANNOTATION_OPERATOR_VERSION
 from mmalign.operator.builders import JOB_FILE_KEY, JobRef, build_config_map
 
@@ -27,10 +27,10 @@ def test_the_config_map_carries_every_default_the_operator_validated() -> None:
     document = _config_map_document()
     dpo = document["spec"]["stages"]["dpo"]
     # values the user never wrote are there, so another trainer version cannot pick its own
-    defaults = spec.DpoStage()
+    defaults = stages.DpoStage()
     assert dpo["learningRate"] == 1.0e-3  # the user's value
     assert dpo["warmupRatio"] == defaults.warmup_ratio and dpo["maxGradNorm"] == defaults.max_grad_norm
-    assert document["spec"]["checkpoint"]["asyncUpload"] == spec.CheckpointSpec().async_upload
+    assert document["spec"]["checkpoint"]["asyncUpload"] == runtime.CheckpointSpec().async_upload
     assert document["spec"]["runPolicy"]["retryableExitCodes"] == [5, 6, 9, 10]
     annotations = document["metadata"]["annotations"]
     assert annotations[ANNOTATION_OPERATOR_VERSION] == __version__

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mmalign.api.spec import DpoStage, RewardStage
+from mmalign.api.stages import DpoStage, RewardStage
 from mmalign.trainer import losses
 
 SHAPES = (1, 2, 7, 64)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from mmalign.api.exit_codes import ExitCode
-from mmalign.api.spec import RunPolicy
+from mmalign.api.runtime import RunPolicy
 from mmalign.operator.policy import (
     SETTLE_SECONDS,
     PodView,

@@ -158,7 +158,8 @@ def test_token_budget_order_is_deterministic_world_size_independent_and_within_b
 
 
 def test_the_token_budget_is_an_alternative_to_the_pair_count() -> None:
-    from mmalign.api.spec import TOKEN_BUDGET_RULES, AlignmentJobSpec, DpoStage
+    from mmalign.api.spec import AlignmentJobSpec
+    from mmalign.api.stages import TOKEN_BUDGET_RULES, DpoStage
 
     assert DpoStage().packing is True and DpoStage().max_tokens_per_batch is None
     base = {

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.api.spec import DataSource
+from mmalign.api.inputs import DataSource
 from mmalign.trainer import collate, data, media, prefetch, tiny
 from mmalign.trainer.order import DataOrder
 

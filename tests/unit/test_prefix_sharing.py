@@ -162,7 +162,7 @@ def test_the_language_model_sees_each_prompt_once() -> None:
 
 
 def test_the_dpo_stage_shares_by_default_and_can_turn_it_off() -> None:
-    from mmalign.api.spec import DpoStage
+    from mmalign.api.stages import DpoStage
     from mmalign.trainer.stages.dpo import SequenceLogps
 
     assert DpoStage().prefix_sharing is True

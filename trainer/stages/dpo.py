@@ -45,7 +45,8 @@ import torch
 from torch import nn
 
 from mmalign.api import layout
-from mmalign.api.spec import DataSource, DpoStage
+from mmalign.api.inputs import DataSource
+from mmalign.api.stages import DpoStage
 from mmalign.trainer import (
     adapters,
     collate,

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmalign.api.spec import RewardStage
+from mmalign.api.stages import RewardStage
 from mmalign.trainer import (
     adapters,
     collate,
