@@ -16,8 +16,6 @@ from mmalign.api.runtime import StagePlacement
 STAGE_ORDER: tuple[StageName, ...] = ("reward", "score", "dpo")
 
 
-
-
 class _Optimization(Model):
     learning_rate: float = Field(default=1.0e-6, gt=0, description="AdamW peak learning rate.")
     epochs: int = Field(default=1, ge=1, description="Passes over the training pairs.")
