@@ -122,8 +122,11 @@ class Kube:
     # ------------------------------------------------------------------------------ read
 
     async def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
-        pod = await self._call("get", "pods", self.core.read_namespaced_pod, name, namespace, missing_ok=True)
-        return None if pod is None else self._plain(pod)
+        # unparsed: the pod's JSON as the API sends it (what kopf hands the handlers), not client models
+        # turned back into a dict (a GET per pod the watch has not shown yet, ~100 in a 256-pod start)
+        raw: Any = await self._call("get", "pods", self.core.read_namespaced_pod, name, namespace,
+                                    missing_ok=True, _preload_content=False)
+        return None if raw is None else dict(json.loads(raw))
 
     async def get_config_map(self, namespace: str, name: str) -> dict[str, Any] | None:
         found = await self._call("get", "configmaps", self.core.read_namespaced_config_map, name, namespace,
@@ -175,12 +178,13 @@ class Kube:
                          namespace, PLURAL, name, missing_ok=True, propagation_policy="Background")
 
 
-def _drained(call: Callable[[], Any]) -> None:
+def _drained(call: Callable[[], Any]) -> bytes:
     """Run a `_preload_content=False` call: read its answer's bytes (unparsed) so that the connection
-    goes back to the pool."""
+    goes back to the pool; return them."""
     response = call()
-    response.read()
+    data: bytes = response.read()
     response.release_conn()
+    return data
 
 
 def error_details(error: BaseException) -> tuple[int | None, str, str]:

@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace, stop_flag: asyncio.Event | None = None,
     operator_settings = kopf.OperatorSettings()
     operator_settings.persistence.finalizer = "mmalign.io/finalizer"
     operator_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="mmalign.io")
-    operator_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    operator_settings.persistence.diffbase_storage = handlers.JobsDiffBase(
         prefix="mmalign.io", key="last-handled-configuration")
     operator_settings.watching.label_selectors["", "v1", "pods"] = LABEL_JOB  # server-side filter
     # Resources are discovered once at start (the CRD is installed first): no watch on CRDs/namespaces,
